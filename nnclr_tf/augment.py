@@ -1,0 +1,152 @@
+"""Stateless image augmentations and the BYOL asymmetric pipeline.
+
+Every op is a pure function of (image, seed, parameters): `image` is float32 [H, W, 3] in [0, 1],
+`seed` an int32/int64 tensor of shape [2]. Nothing here draws from a stateful generator, so the same
+seed gives the same image on any machine, replica count or tf.data parallelism.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import tensorflow as tf
+
+from nnclr_tf.config import AugmentConfig
+
+
+def split_seed(seed, num):
+  """`num` independent seeds [num, 2] derived from one."""
+  return tf.random.experimental.stateless_split(seed, num=num)
+
+
+def example_seed(base_seed, epoch, index):
+  """The per-example seed: a function of the run seed, the epoch and the example's index only."""
+  s = tf.stack([tf.cast(base_seed, tf.int64), tf.constant(0x5EED, tf.int64)])
+  s = tf.random.experimental.stateless_fold_in(s, tf.cast(epoch, tf.int64))
+  return tf.random.experimental.stateless_fold_in(s, tf.cast(index, tf.int64))
+
+
+def random_apply(fn, image, seed, p):
+  """Applies `fn(image)` with probability `p` (static p=0 / p=1 skip the coin)."""
+  if p <= 0.0:
+    return image
+  if p >= 1.0:
+    return fn(image)
+  coin = tf.random.stateless_uniform([], seed=seed)
+  return tf.cond(coin < p, lambda: fn(image), lambda: image)
+
+
+def crop_and_resize(image, seed, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+  """Random resized crop (Szegedy et al. 2015): a box of `scale` of the area, `ratio` aspect."""
+  shape = tf.shape(image)
+  begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
+      shape,
+      bounding_boxes=tf.constant([0.0, 0.0, 1.0, 1.0], tf.float32, [1, 1, 4]),
+      seed=seed,
+      min_object_covered=0.0,
+      aspect_ratio_range=ratio,
+      area_range=scale,
+      max_attempts=10,
+      use_image_if_no_bounding_boxes=True)
+  crop = tf.slice(image, begin, crop_size)
+  out = tf.image.resize(crop[tf.newaxis], [size, size], method="bilinear", antialias=False)[0]
+  return tf.ensure_shape(tf.clip_by_value(out, 0.0, 1.0), [size, size, 3])
+
+
+def center_resize(image, size):
+  """The evaluation transform: resize to size x size, no randomness."""
+  out = tf.image.resize(image[tf.newaxis], [size, size], method="bilinear")[0]
+  return tf.ensure_shape(tf.clip_by_value(out, 0.0, 1.0), [size, size, 3])
+
+
+def flip(image, seed, p=0.5):
+  return random_apply(tf.image.flip_left_right, image, seed, p)
+
+
+def _brightness(image, seed, strength):
+  # Multiplicative, as torchvision's ColorJitter used by BYOL/NNCLR (not tf's additive delta).
+  factor = tf.random.stateless_uniform([], seed, 1.0 - strength, 1.0 + strength)
+  return tf.clip_by_value(image * factor, 0.0, 1.0)
+
+
+def _contrast(image, seed, strength):
+  out = tf.image.stateless_random_contrast(image, 1.0 - strength, 1.0 + strength, seed)
+  return tf.clip_by_value(out, 0.0, 1.0)
+
+
+def _saturation(image, seed, strength):
+  out = tf.image.stateless_random_saturation(image, 1.0 - strength, 1.0 + strength, seed)
+  return tf.clip_by_value(out, 0.0, 1.0)
+
+
+def _hue(image, seed, strength):
+  return tf.clip_by_value(tf.image.stateless_random_hue(image, strength, seed), 0.0, 1.0)
+
+
+def color_jitter(image, seed, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1, p=0.8):
+  """Brightness, contrast, saturation and hue jitter in a random order, applied with prob. `p`."""
+  seeds = split_seed(seed, 6)
+
+  ops = [lambda x: _brightness(x, seeds[1], brightness),
+         lambda x: _contrast(x, seeds[2], contrast),
+         lambda x: _saturation(x, seeds[3], saturation),
+         lambda x: _hue(x, seeds[4], hue)]
+
+  def jitter(img):
+    order = tf.argsort(tf.random.stateless_uniform([4], seeds[5]))
+    for i in range(4):
+      img = tf.switch_case(order[i], [functools.partial(op, img) for op in ops])
+    return img
+
+  return random_apply(jitter, image, seeds[0], p)
+
+
+def grayscale(image, seed, p=0.2):
+  return random_apply(lambda x: tf.tile(tf.image.rgb_to_grayscale(x), [1, 1, 3]), image, seed, p)
+
+
+def gaussian_blur(image, seed, p=1.0, sigma=(0.1, 2.0), kernel_fraction=0.1):
+  """Gaussian blur with sigma ~ U(0.1, 2.0) and a kernel of 10% of the image side (BYOL)."""
+  size = image.shape[0] or 224
+  radius = max(1, int(size * kernel_fraction) // 2)
+  seeds = split_seed(seed, 2)
+
+  def blur(img):
+    s = tf.random.stateless_uniform([], seeds[1], sigma[0], sigma[1])
+    x = tf.range(-radius, radius + 1, dtype=tf.float32)
+    k = tf.exp(-tf.square(x) / (2.0 * tf.square(s)))
+    k = k / tf.reduce_sum(k)
+    kh = tf.tile(tf.reshape(k, [1, -1, 1, 1]), [1, 1, 3, 1])
+    kv = tf.tile(tf.reshape(k, [-1, 1, 1, 1]), [1, 1, 3, 1])
+    out = tf.nn.depthwise_conv2d(img[tf.newaxis], kh, [1, 1, 1, 1], "SAME")
+    out = tf.nn.depthwise_conv2d(out, kv, [1, 1, 1, 1], "SAME")
+    return tf.clip_by_value(out[0], 0.0, 1.0)
+
+  return random_apply(blur, image, seeds[0], p)
+
+
+def solarize(image, seed, p=0.2, threshold=0.5):
+  return random_apply(lambda x: tf.where(x < threshold, x, 1.0 - x), image, seed, p)
+
+
+def augment_view(image, seed, size, cfg: AugmentConfig, view: int):
+  """One view of the BYOL pipeline; `view` 0 or 1 picks the asymmetric blur/solarize odds."""
+  s = split_seed(seed, 6)
+  if cfg.crop:
+    image = crop_and_resize(image, s[0], size, cfg.crop_scale, cfg.crop_ratio)
+  else:
+    image = center_resize(image, size)
+  image = flip(image, s[1], cfg.flip_prob)
+  if cfg.jitter_prob > 0:
+    image = color_jitter(image, s[2], cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue,
+                         cfg.jitter_prob)
+  image = grayscale(image, s[3], cfg.grayscale_prob)
+  image = gaussian_blur(image, s[4], cfg.blur_prob[view])
+  image = solarize(image, s[5], cfg.solarize_prob[view])
+  return tf.ensure_shape(image, [size, size, 3])
+
+
+def two_views(image, seed, size, cfg: AugmentConfig):
+  """(view1, view2) of one image; the two views use independent seeds split from `seed`."""
+  s = split_seed(seed, 2)
+  return augment_view(image, s[0], size, cfg, 0), augment_view(image, s[1], size, cfg, 1)

@@ -1,0 +1,93 @@
+"""Backbones: build_backbone(name, input_shape) -> keras.Model mapping [0,1] images to features.
+
+All BatchNormalization layers come from one factory so that `global_bn=True` makes every one of
+them synchronised across replicas (the paper trains with global BN).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import keras
+from keras import layers
+
+# ImageNet channel statistics; inputs arrive in [0, 1] and are standardised inside the model, so an
+# exported encoder needs no preprocessing beyond scaling uint8 to [0, 1].
+_MEAN = (0.485, 0.456, 0.406)
+_STD = (0.229, 0.224, 0.225)
+
+
+def _bn(global_bn, name, gamma_zero=False):
+  return layers.BatchNormalization(
+      momentum=0.9, epsilon=1e-5, synchronized=global_bn, name=name,
+      gamma_initializer="zeros" if gamma_zero else "ones")
+
+
+def _conv(filters, kernel, stride, name):
+  return layers.Conv2D(filters, kernel, strides=stride, padding="same", use_bias=False,
+                       kernel_initializer="he_normal", name=name)
+
+
+def _standardise(x):
+  return layers.Normalization(mean=_MEAN, variance=[s * s for s in _STD], name="standardise")(x)
+
+
+def _basic_block(x, filters, stride, bn, name):
+  shortcut = x
+  y = _conv(filters, 3, stride, name + "_conv1")(x)
+  y = layers.ReLU()(bn(name + "_bn1")(y))
+  y = _conv(filters, 3, 1, name + "_conv2")(y)
+  y = bn(name + "_bn2", gamma_zero=True)(y)
+  if stride != 1 or x.shape[-1] != filters:
+    shortcut = bn(name + "_down_bn")(_conv(filters, 1, stride, name + "_down")(x))
+  return layers.ReLU()(layers.Add()([y, shortcut]))
+
+
+def _bottleneck(x, filters, stride, bn, name):
+  shortcut = x
+  y = layers.ReLU()(bn(name + "_bn1")(_conv(filters, 1, 1, name + "_conv1")(x)))
+  y = layers.ReLU()(bn(name + "_bn2")(_conv(filters, 3, stride, name + "_conv2")(y)))
+  y = bn(name + "_bn3", gamma_zero=True)(_conv(filters * 4, 1, 1, name + "_conv3")(y))
+  if stride != 1 or x.shape[-1] != filters * 4:
+    shortcut = bn(name + "_down_bn")(_conv(filters * 4, 1, stride, name + "_down")(x))
+  return layers.ReLU()(layers.Add()([y, shortcut]))
+
+
+def _resnet(inputs, block, depths, width, bn, cifar_stem):
+  x = _standardise(inputs)
+  if cifar_stem:  # 3x3 stride-1 stem, no max-pool: keeps 32x32 resolution for CIFAR
+    x = layers.ReLU()(bn("stem_bn")(_conv(width, 3, 1, "stem_conv")(x)))
+  else:
+    x = layers.ReLU()(bn("stem_bn")(_conv(width, 7, 2, "stem_conv")(x)))
+    x = layers.MaxPooling2D(3, 2, padding="same")(x)
+  for stage, depth in enumerate(depths):
+    for i in range(depth):
+      stride = 2 if (i == 0 and stage > 0) else 1
+      x = block(x, width * 2 ** stage, stride, bn, f"stage{stage + 1}_block{i + 1}")
+  return layers.GlobalAveragePooling2D(name="avg_pool")(x)
+
+
+def _small_cnn(inputs, width, bn):
+  x = _standardise(inputs)
+  for i, mult in enumerate((1, 2, 4)):
+    x = _conv(width * mult, 3, 1 if i == 0 else 2, f"conv{i + 1}")(x)
+    x = layers.ReLU()(bn(f"bn{i + 1}")(x))
+  return layers.GlobalAveragePooling2D(name="avg_pool")(x)
+
+
+BACKBONES = ("resnet50", "resnet18_cifar", "small_cnn")
+
+
+def build_backbone(name, input_shape, global_bn=True, width=64):
+  """Returns a keras.Model: float images in [0, 1] of `input_shape` -> pooled features [N, D]."""
+  bn = functools.partial(_bn, global_bn)
+  inputs = keras.Input(shape=tuple(input_shape), name="images")
+  if name == "resnet50":
+    out = _resnet(inputs, _bottleneck, (3, 4, 6, 3), width, bn, cifar_stem=False)
+  elif name == "resnet18_cifar":
+    out = _resnet(inputs, _basic_block, (2, 2, 2, 2), width, bn, cifar_stem=True)
+  elif name == "small_cnn":
+    out = _small_cnn(inputs, width, bn)
+  else:
+    raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
+  return keras.Model(inputs, out, name=name)

@@ -1,0 +1,306 @@
+"""Data sources and tf.data pipelines.
+
+A *source* is the list of training examples: decoded uint8 images held in memory, or image files
+decoded on the fly, with integer labels (-1 when unknown). Sources come from scikit-learn's bundled
+digits, a folder of images, numpy arrays, or a tfds dataset.
+
+The pretraining pipeline is a pure function of (seed, global step): element `i` of the global stream
+is example `index_shuffle(i mod E, seed, epoch)` of the epoch `i // E` (E = steps_per_epoch x global
+batch), augmented with a seed derived from (seed, epoch, example index). Each input pipeline builds
+only the rows of its own replicas, so the global batch of step s is the same whatever the number of
+replicas or workers, and a run resumed at step s sees exactly the batches an uninterrupted run sees.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import List, Optional
+
+import numpy as np
+import tensorflow as tf
+
+from nnclr_tf import augment
+from nnclr_tf.config import AugmentConfig, DataConfig
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+AUTOTUNE = tf.data.AUTOTUNE
+
+
+class DataError(ValueError):
+  """A user-facing data problem: the message names the file or flag and the fix."""
+
+
+@dataclasses.dataclass
+class Source:
+  """Training examples: `images` (uint8 [N, H, W, 3] in memory) or `paths` (decoded lazily)."""
+  labels: np.ndarray
+  images: Optional[np.ndarray] = None
+  paths: Optional[np.ndarray] = None
+  class_names: List[str] = dataclasses.field(default_factory=list)
+  name: str = ""
+  skipped: int = 0  # unreadable files left out
+
+  def __len__(self):
+    return len(self.labels)
+
+  @property
+  def has_labels(self):
+    return bool(len(self.labels)) and bool(np.all(self.labels >= 0))
+
+  def subset(self, idx, name=None):
+    idx = np.asarray(idx)
+    return Source(labels=self.labels[idx],
+                  images=None if self.images is None else self.images[idx],
+                  paths=None if self.paths is None else self.paths[idx],
+                  class_names=self.class_names, name=name or self.name, skipped=self.skipped)
+
+
+def numpy_source(images, labels=None, class_names=None, name="numpy"):
+  """A source from arrays: images uint8 [N, H, W, C] (C = 1 or 3) or float in [0, 1]."""
+  images = np.asarray(images)
+  if images.ndim == 3:
+    images = images[..., None]
+  if images.ndim != 4 or images.shape[-1] not in (1, 3):
+    raise DataError(f"images must have shape [N, H, W, 1|3], got {images.shape}")
+  if images.dtype != np.uint8:
+    images = np.clip(np.round(images.astype(np.float32) * 255.0), 0, 255).astype(np.uint8)
+  if images.shape[-1] == 1:
+    images = np.repeat(images, 3, axis=-1)
+  labels = np.full(len(images), -1, np.int32) if labels is None else np.asarray(labels, np.int32)
+  if len(labels) != len(images):
+    raise DataError(f"{len(labels)} labels for {len(images)} images")
+  return Source(labels=labels, images=images, class_names=list(class_names or []), name=name)
+
+
+def digits_source():
+  """scikit-learn's bundled 1,797 8x8 handwritten digits (no download), as RGB uint8."""
+  from sklearn.datasets import load_digits
+  d = load_digits()
+  images = (d.images / 16.0 * 255.0).round().astype(np.uint8)
+  return numpy_source(images, d.target, [str(i) for i in range(10)], name="digits")
+
+
+def split_balanced(source, n, seed):
+  """(rest, held_out): a seeded held-out set of `n` examples with equal counts per class (±1)."""
+  if n <= 0:
+    raise DataError("--val_images must be > 0 to carve a validation split")
+  if n >= len(source):
+    raise DataError(f"--val_images={n} must be smaller than the {len(source)} training images")
+  rng = np.random.default_rng(seed)
+  classes = np.unique(source.labels)
+  per_class = {c: rng.permutation(np.flatnonzero(source.labels == c)) for c in classes}
+  take = {c: n // len(classes) for c in classes}
+  for c in rng.permutation(classes)[: n % len(classes)]:
+    take[c] += 1
+  short = [c for c in classes if take[c] > len(per_class[c])]
+  if short:
+    raise DataError(f"--val_images={n} asks for more images of class {short[0]} than it has")
+  held = np.sort(np.concatenate([per_class[c][: take[c]] for c in classes]))
+  rest = np.setdiff1d(np.arange(len(source)), held)
+  return source.subset(rest), source.subset(held, name=source.name + "-val")
+
+
+def folder_source(image_dir, flag="--image_dir"):
+  """Images under `image_dir`: class sub-folders (labels from folder names) or a flat folder."""
+  if not image_dir or not os.path.isdir(image_dir):
+    raise DataError(f"{flag}={image_dir!r} is not a directory; point it at a folder of images")
+  is_image = lambda f: f.lower().endswith(IMAGE_EXTENSIONS)
+  subdirs = sorted(d for d in os.listdir(image_dir) if os.path.isdir(os.path.join(image_dir, d)))
+  paths, labels, names = [], [], []
+  for d in subdirs:
+    files = sorted(f for f in os.listdir(os.path.join(image_dir, d)) if is_image(f))
+    if files:
+      labels += [len(names)] * len(files)
+      paths += [os.path.join(image_dir, d, f) for f in files]
+      names.append(d)
+  if not paths:
+    paths = [os.path.join(image_dir, f) for f in sorted(os.listdir(image_dir)) if is_image(f)]
+    labels = [-1] * len(paths)
+  if not paths:
+    raise DataError(f"{flag}={image_dir!r} holds no images ({', '.join(IMAGE_EXTENSIONS)}); "
+                    "put images in class sub-folders or directly in it")
+  return Source(labels=np.asarray(labels, np.int32), paths=np.asarray(paths), class_names=names,
+                name=os.path.basename(os.path.normpath(image_dir)))
+
+
+def decode_image(data):
+  """Encoded bytes (JPEG/PNG/GIF/BMP; gray, RGBA or palette) -> uint8 [H, W, 3]."""
+  image = tf.io.decode_image(data, channels=3, expand_animations=False)
+  image.set_shape([None, None, 3])
+  return image
+
+
+def cache_decoded(source, size, limit_mb):
+  """Decodes a file source into memory at size x size when it fits `limit_mb`; unreadable files
+  are left out and counted in `skipped`. Returns the source unchanged when it does not fit."""
+  if source.images is not None or len(source) * size * size * 3 > limit_mb * 2 ** 20:
+    return source
+  ds = tf.data.Dataset.from_tensor_slices((np.arange(len(source)), source.paths))
+
+  def load(i, path):
+    image = decode_image(tf.io.read_file(path))
+    resized = tf.image.resize(image[None], [size, size], method="area")[0]
+    return i, tf.cast(tf.round(resized), tf.uint8)
+
+  ds = ds.map(load, num_parallel_calls=AUTOTUNE).ignore_errors().batch(1024)
+  idx, images = [], []
+  for i, im in ds.as_numpy_iterator():
+    idx.append(i)
+    images.append(im)
+  if not idx:
+    raise DataError(f"none of the {len(source)} images in {source.name!r} could be decoded")
+  idx = np.concatenate(idx)
+  out = source.subset(idx)
+  out.images, out.paths = np.concatenate(images), None
+  out.skipped = source.skipped + len(source) - len(idx)
+  return out
+
+
+def tfds_source(name, split, data_dir, size, limit_mb):
+  """A tfds image dataset already prepared in `data_dir` (nothing is downloaded), in memory."""
+  import tensorflow_datasets as tfds
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except Exception as e:  # tfds raises its own DatasetNotFoundError for unknown names
+    raise DataError(f"--dataset={name!r} is not a tfds dataset ({type(e).__name__}); use digits, "
+                    "folder, or a name from `tfds.list_builders()`") from None
+  if not builder.is_prepared():
+    raise DataError(f"--dataset={name}: not prepared in --data_dir={data_dir!r} and this run does "
+                    f"not download; run `tfds build {name} --data_dir=DIR` where there is network, "
+                    "or use --dataset=folder")
+  if split not in builder.info.splits:
+    raise DataError(f"split {split!r} not in {name} (has {', '.join(builder.info.splits)}); "
+                    "fix --train_split/--eval_split")
+  n = builder.info.splits[split].num_examples
+  if n * size * size * 3 > limit_mb * 2 ** 20:
+    raise DataError(f"{name}:{split} needs {n * size * size * 3 / 2 ** 20:.0f} MB decoded, over "
+                    f"--cache_limit_mb={limit_mb}; raise it, or export the images to a folder "
+                    "and use --dataset=folder")
+  features = builder.info.features
+  has_label = "label" in features
+  names = list(features["label"].names) if has_label else []
+  ds = builder.as_dataset(split=split, shuffle_files=False)
+
+  def prep(ex):
+    image = ex["image"]
+    if image.shape[-1] == 1:
+      image = tf.image.grayscale_to_rgb(image)
+    image = tf.cast(tf.round(tf.image.resize(image[None], [size, size], method="area")[0]),
+                    tf.uint8)
+    label = tf.cast(ex["label"], tf.int32) if has_label else tf.constant(-1, tf.int32)
+    return image, label
+
+  images, labels = [], []
+  for im, lb in ds.map(prep, num_parallel_calls=AUTOTUNE).batch(1024).as_numpy_iterator():
+    images.append(im)
+    labels.append(lb)
+  return Source(labels=np.concatenate(labels), images=np.concatenate(images),
+                class_names=names, name=f"{name}:{split}")
+
+
+def load_sources(cfg: DataConfig, seed=0):
+  """(train, eval or None) sources for a DataConfig."""
+  if cfg.dataset == "digits":
+    train, held = digits_source(), None
+  elif cfg.dataset == "folder":
+    train = cache_decoded(folder_source(cfg.image_dir), cfg.image_size, cfg.cache_limit_mb)
+    held = None
+    if cfg.eval_image_dir:
+      held = cache_decoded(folder_source(cfg.eval_image_dir, "--eval_image_dir"),
+                           cfg.image_size, cfg.cache_limit_mb)
+  else:
+    train = tfds_source(cfg.dataset, cfg.train_split, cfg.data_dir, cfg.image_size,
+                        cfg.cache_limit_mb)
+    held = None
+    if cfg.eval_split:
+      held = tfds_source(cfg.dataset, cfg.eval_split, cfg.data_dir, cfg.image_size,
+                         cfg.cache_limit_mb)
+  if cfg.val_images:
+    if not train.has_labels:
+      raise DataError("--val_images needs labelled training data (class sub-folders)")
+    train, held = split_balanced(train, cfg.val_images, seed)
+  return train, held
+
+
+def _load_fn(source):
+  """index tensor -> uint8 image [H, W, 3]."""
+  if source.images is not None:
+    images = tf.constant(source.images)
+    return lambda i: tf.gather(images, i)
+  paths = tf.constant(source.paths)
+  return lambda i: decode_image(tf.io.read_file(tf.gather(paths, i)))
+
+
+def steps_per_epoch(num_examples, global_batch):
+  return num_examples // global_batch
+
+
+def pretrain_dataset(source, aug: AugmentConfig, image_size, global_batch, seed, start_step=0,
+                     input_context: Optional[tf.distribute.InputContext] = None):
+  """Per-replica batches {"view1", "view2", "label"} for the replicas of one input pipeline.
+
+  For global step s and global replica r, the rows are stream positions
+  s * global_batch + r * per_replica + [0, per_replica). Batches come out replica after replica,
+  which is the order tf.distribute hands them to a worker's local replicas.
+  """
+  n = len(source)
+  spe = steps_per_epoch(n, global_batch)
+  if spe < 1:
+    raise DataError(f"--batch_size={global_batch} is larger than the {n} training examples; "
+                    "lower it")
+  ctx = input_context or tf.distribute.InputContext()
+  replicas = ctx.num_replicas_in_sync
+  if global_batch % replicas:
+    raise DataError(f"--batch_size={global_batch} must be divisible by the {replicas} replicas")
+  per_replica = global_batch // replicas
+  local = replicas // ctx.num_input_pipelines
+  first = ctx.input_pipeline_id * local
+  epoch_len = spe * global_batch
+  load = _load_fn(source)
+  labels = tf.constant(source.labels, tf.int32)
+
+  # Row offsets within one global batch for this pipeline's replicas, in replica order.
+  offsets = tf.constant(
+      np.concatenate([np.arange(per_replica) + (first + r) * per_replica for r in range(local)]),
+      tf.int64)
+
+  def positions(step):
+    return tf.data.Dataset.from_tensor_slices(step * global_batch + offsets)
+
+  def element(pos):
+    epoch = pos // epoch_len
+    within = pos % epoch_len
+    example = tf.random.experimental.index_shuffle(
+        within, tf.stack([tf.cast(seed, tf.int64), epoch]), tf.constant(n - 1, tf.int64))
+    image = tf.image.convert_image_dtype(load(example), tf.float32)
+    view1, view2 = augment.two_views(image, augment.example_seed(seed, epoch, example),
+                                     image_size, aug)
+    return {"view1": view1, "view2": view2, "label": tf.gather(labels, example)}
+
+  ds = tf.data.Dataset.range(start_step, tf.int64.max).flat_map(positions)
+  ds = ds.map(element, num_parallel_calls=AUTOTUNE, deterministic=True)
+  ds = ds.batch(per_replica, drop_remainder=True)
+  options = tf.data.Options()
+  options.experimental_optimization.map_parallelization = True
+  options.autotune.enabled = True
+  return ds.with_options(options).prefetch(AUTOTUNE)
+
+
+def distributed_pretrain_dataset(strategy, source, aug, image_size, global_batch, seed,
+                                 start_step=0):
+  return strategy.distribute_datasets_from_function(
+      lambda ctx: pretrain_dataset(source, aug, image_size, global_batch, seed, start_step, ctx))
+
+
+def eval_dataset(source, image_size, batch_size=256):
+  """(images float [b, S, S, 3] in [0, 1], labels) in source order, no augmentation."""
+  load = _load_fn(source)
+  labels = tf.constant(source.labels, tf.int32)
+
+  def element(i):
+    image = tf.image.convert_image_dtype(load(i), tf.float32)
+    return augment.center_resize(image, image_size), tf.gather(labels, i)
+
+  ds = tf.data.Dataset.range(len(source)).map(element, num_parallel_calls=AUTOTUNE)
+  return ds.batch(batch_size).prefetch(AUTOTUNE)

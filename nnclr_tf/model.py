@@ -1,0 +1,138 @@
+"""NNCLR as a keras.Model with a custom train_step, usable with `model.fit`.
+
+Per step (NNCLR paper, Algorithm 1), on each replica with its local batch of b pairs:
+  z = normalize(projector(encoder(view)))       p = normalize(predictor(projector(...)))
+  nn1 = NN(z1, Q), nn2 = NN(z2, Q)              looked up in the queue as it was before this step
+  loss = 0.5 * (InfoNCE(nn1, p2) + InfoNCE(nn2, p1)), negatives from the global batch
+  Q <- enqueue(all_gather(z1))                  after the loss
+
+Gradient path: the neighbours are constants (tf.stop_gradient inside SupportSet.nearest_neighbour);
+gradients reach the encoder only through the predictions p (and p's all_gather is differentiable,
+so a replica's p also receives gradient from the other replicas' rows). Each replica's loss is
+divided by the replica count because Keras sums gradients over replicas.
+"""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+from nnclr_tf import distributed
+from nnclr_tf.backbones import build_backbone
+from nnclr_tf.heads import prediction_head, projection_head
+from nnclr_tf.losses import nnclr_loss
+from nnclr_tf.support_set import SupportSet
+
+
+@keras.saving.register_keras_serializable(package="nnclr_tf")
+class NNCLR(keras.Model):
+
+  def __init__(self, backbone="small_cnn", image_size=32, width=64, proj_hidden_dim=2048,
+               proj_layers=3, pred_hidden_dim=4096, embedding_dim=256, global_bn=True,
+               queue_size=98304, nn_topk=1, use_nn=True, temperature=0.1, seed=0, **kwargs):
+    super().__init__(**kwargs)
+    if temperature <= 0:
+      raise ValueError(f"temperature must be > 0, got {temperature}")
+    if not 1 <= nn_topk <= queue_size:
+      raise ValueError(f"nn_topk must be in [1, queue_size={queue_size}], got {nn_topk}")
+    self._config = dict(backbone=backbone, image_size=image_size, width=width,
+                        proj_hidden_dim=proj_hidden_dim, proj_layers=proj_layers,
+                        pred_hidden_dim=pred_hidden_dim, embedding_dim=embedding_dim,
+                        global_bn=global_bn, queue_size=queue_size, nn_topk=nn_topk,
+                        use_nn=use_nn, temperature=temperature, seed=seed)
+    self.image_size = image_size
+    self.nn_topk = nn_topk
+    self.use_nn = use_nn
+    self.temperature = temperature
+    self.seed = seed
+    self.encoder = build_backbone(backbone, (image_size, image_size, 3), global_bn, width)
+    feat_dim = self.encoder.output.shape[-1]
+    self.projector = projection_head(feat_dim, proj_hidden_dim, embedding_dim, proj_layers,
+                                     global_bn)
+    self.predictor = prediction_head(embedding_dim, pred_hidden_dim, global_bn)
+    self.support_set = SupportSet(queue_size, embedding_dim, seed=seed, name="support_set")
+    self.loss_tracker = keras.metrics.Mean(name="loss")
+    self.hit_tracker = keras.metrics.Mean(name="nn_label_hit")
+    self.acc_tracker = keras.metrics.Mean(name="contrastive_acc")
+    self.sim_tracker = keras.metrics.Mean(name="nn_similarity")
+    self.built = True  # every sub-model is built at construction; fit must not trace call()
+
+  @classmethod
+  def from_configs(cls, model_cfg, support_cfg, image_size, temperature, seed):
+    return cls(backbone=model_cfg.backbone, image_size=image_size, width=model_cfg.width,
+               proj_hidden_dim=model_cfg.proj_hidden_dim, proj_layers=model_cfg.proj_layers,
+               pred_hidden_dim=model_cfg.pred_hidden_dim, embedding_dim=model_cfg.embedding_dim,
+               global_bn=model_cfg.global_bn, queue_size=support_cfg.queue_size,
+               nn_topk=support_cfg.nn_topk, use_nn=support_cfg.use_nn, temperature=temperature,
+               seed=seed)
+
+  def get_config(self):
+    return {**super().get_config(), **self._config}
+
+  @property
+  def metrics(self):
+    return [self.loss_tracker, self.hit_tracker, self.acc_tracker, self.sim_tracker]
+
+  def call(self, images, training=False):
+    """Backbone features of float images in [0, 1]."""
+    return self.encoder(images, training=training)
+
+  def embed(self, images, training=False):
+    """(features, z, p): backbone features, L2-normalised projection and prediction."""
+    h = self.encoder(images, training=training)
+    z = self.projector(h, training=training)
+    p = self.predictor(z, training=training)
+    return h, tf.math.l2_normalize(z, axis=-1), tf.math.l2_normalize(p, axis=-1)
+
+  def _topk_choice(self, step, local_batch, global_batch, view):
+    """Uniform draws in [0, k) over the global batch, sliced to this replica's rows, so the
+    draw for a given example does not depend on how many replicas there are."""
+    if self.nn_topk == 1:
+      return None
+    seed = tf.stack([tf.cast(self.seed * 2 + view, tf.int64), tf.cast(step, tf.int64)])
+    draws = tf.random.stateless_uniform([global_batch], seed, 0, self.nn_topk, dtype=tf.int32)
+    return distributed.local_rows(draws, local_batch)
+
+  def _positives(self, z, choice):
+    if not self.use_nn:
+      return z, None  # SimCLR ablation: the positive is the other view's own embedding
+    return self.support_set.nearest_neighbour(z, self.nn_topk, choice)
+
+  def train_step(self, data):
+    view1, view2 = data["view1"], data["view2"]
+    labels = data["label"]
+    b = view1.shape[0]
+    replicas = distributed.num_replicas()
+    global_batch = b * replicas
+    offset = distributed.replica_id() * b
+    step = self.optimizer.iterations
+
+    with tf.GradientTape() as tape:
+      _, z, p = self.embed(tf.concat([view1, view2], axis=0), training=True)
+      z1, z2 = z[:b], z[b:]
+      p1, p2 = p[:b], p[b:]
+      nn1, idx1 = self._positives(z1, self._topk_choice(step, b, global_batch, 0))
+      nn2, _ = self._positives(z2, self._topk_choice(step, b, global_batch, 1))
+      loss1, logits1, targets = nnclr_loss(nn1, distributed.all_gather(p2), self.temperature,
+                                           offset)
+      loss2, _, _ = nnclr_loss(nn2, distributed.all_gather(p1), self.temperature, offset)
+      loss = 0.5 * (loss1 + loss2)
+      scaled = self.optimizer.scale_loss(loss / replicas)
+
+    variables = self.trainable_variables
+    grads = tape.gradient(scaled, variables)
+    self.optimizer.apply_gradients(zip(grads, variables))
+
+    if self.use_nn:
+      nn_labels = self.support_set.neighbour_labels(idx1)
+      valid = tf.cast(tf.logical_and(labels >= 0, nn_labels >= 0), tf.float32)
+      self.hit_tracker.update_state(tf.cast(tf.equal(nn_labels, labels), tf.float32), valid)
+      # Enqueue after the lookup and the loss: this step's queries saw the old queue.
+      self.support_set.update(distributed.all_gather(tf.stop_gradient(z1)),
+                              distributed.all_gather(labels))
+
+    self.loss_tracker.update_state(loss)
+    self.acc_tracker.update_state(
+        tf.cast(tf.equal(tf.argmax(logits1, axis=1, output_type=tf.int32), targets), tf.float32))
+    self.sim_tracker.update_state(tf.reduce_sum(tf.cast(nn1, tf.float32) * z1, axis=1))
+    return {m.name: m.result() for m in self.metrics}

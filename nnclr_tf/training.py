@@ -1,0 +1,177 @@
+"""Pretraining with model.fit: optimizer and schedule, checkpoints that resume, timing."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import keras
+import tensorflow as tf
+
+from nnclr_tf import data as data_lib
+from nnclr_tf import distributed
+from nnclr_tf.config import OptimConfig
+from nnclr_tf.lars import LARS, is_excluded
+from nnclr_tf.schedules import WarmupCosine, scaled_learning_rate
+
+
+class ConfigError(ValueError):
+  """A user-facing configuration problem: the message names the flag and the fix."""
+
+
+def build_optimizer(cfg: OptimConfig, variables, global_batch, total_steps, steps_per_epoch):
+  peak = scaled_learning_rate(cfg.learning_rate, global_batch, cfg.lr_scaling)
+  warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
+  schedule = WarmupCosine(peak, min(warmup, total_steps), total_steps)
+  if cfg.optimizer == "lars":
+    return LARS(schedule, momentum=cfg.momentum, eta=cfg.lars_eta,
+                weight_decay_rate=cfg.weight_decay)
+  no_decay = [v for v in variables if is_excluded(v)]
+  if cfg.optimizer == "sgd":
+    opt = keras.optimizers.SGD(schedule, momentum=cfg.momentum,
+                               weight_decay=cfg.weight_decay or None)
+  elif cfg.optimizer == "adamw":
+    opt = keras.optimizers.AdamW(schedule, weight_decay=cfg.weight_decay)
+  else:
+    raise ConfigError(f"--optimizer={cfg.optimizer!r} is unknown; choose lars, sgd or adamw")
+  if cfg.weight_decay:
+    opt.exclude_from_weight_decay(var_list=no_decay)  # biases and BN, by structure
+  return opt
+
+
+def validate_batch(global_batch, queue_size, replicas, nn_topk=1):
+  if global_batch <= 0:
+    raise ConfigError(f"--batch_size={global_batch} must be positive")
+  if global_batch % replicas:
+    raise ConfigError(f"--batch_size={global_batch} must be divisible by the {replicas} replicas; "
+                      f"use a multiple of {replicas}")
+  if queue_size < global_batch:
+    raise ConfigError(f"--queue_size={queue_size} is smaller than --batch_size={global_batch}; "
+                      "the support set must hold at least one global batch")
+  if queue_size % global_batch:
+    raise ConfigError(f"--queue_size={queue_size} must be a multiple of --batch_size="
+                      f"{global_batch} (static-shape enqueue); try "
+                      f"{max(1, queue_size // global_batch) * global_batch}")
+  if not 1 <= nn_topk <= queue_size:
+    raise ConfigError(f"--nn_topk={nn_topk} must be between 1 and --queue_size={queue_size}")
+
+
+def make_checkpoint(model):
+  return tf.train.Checkpoint(model=model, optimizer=model.optimizer)
+
+
+def restore_latest(model, ckpt_dir):
+  """Restores the newest checkpoint in ckpt_dir, if any. Returns its path or None."""
+  latest = tf.train.latest_checkpoint(ckpt_dir)
+  if latest:
+    make_checkpoint(model).restore(latest).assert_existing_objects_matched()
+  return latest
+
+
+class CheckpointCallback(keras.callbacks.Callback):
+  """Saves (model incl. support set, optimizer incl. step) every N steps and at each epoch end."""
+
+  def __init__(self, model_dir, every_steps=0, keep=3):
+    super().__init__()
+    self.model_dir = model_dir
+    self.every_steps = every_steps
+    self.keep = keep
+    self.manager = None
+
+  def on_train_begin(self, logs=None):
+    if self.manager is None:
+      self.manager = tf.train.CheckpointManager(make_checkpoint(self.model), self.model_dir,
+                                                max_to_keep=self.keep)
+
+  def _save(self):
+    step = int(self.model.optimizer.iterations.numpy())
+    if self.manager.latest_checkpoint and self.manager.latest_checkpoint.endswith(f"-{step}"):
+      return
+    self.manager.save(checkpoint_number=step)
+
+  def on_train_batch_end(self, batch, logs=None):
+    if self.every_steps and int(self.model.optimizer.iterations.numpy()) % self.every_steps == 0:
+      self._save()
+
+  def on_epoch_end(self, epoch, logs=None):
+    self._save()
+
+
+class TimingCallback(keras.callbacks.Callback):
+  """Wall time of the training steps after the first (which includes tracing/compilation)."""
+
+  def __init__(self):
+    super().__init__()
+    self.steps = 0
+    self.seconds = 0.0
+    self._t = None
+    self.last_logs = {}
+
+  def on_train_batch_begin(self, batch, logs=None):
+    self._t = time.perf_counter()
+
+  def on_train_batch_end(self, batch, logs=None):
+    self.steps += 1
+    if self.steps > 1:
+      self.seconds += time.perf_counter() - self._t
+    self.last_logs = dict(logs or {})
+
+
+def pretrain(model, strategy, source, data_cfg, aug_cfg, train_cfg, optim_cfg, callbacks=()):
+  """Compiles `model` (built in `strategy.scope()`), resumes from train_cfg.model_dir if it holds
+  a checkpoint, and trains to the target step with model.fit. Returns a dict of figures."""
+  global_batch = train_cfg.batch_size
+  replicas = strategy.num_replicas_in_sync
+  validate_batch(global_batch, model.support_set.size, replicas, model.nn_topk)
+  spe = data_lib.steps_per_epoch(len(source), global_batch)
+  if spe < 1:
+    raise ConfigError(f"--batch_size={global_batch} is larger than the {len(source)} training "
+                      "examples; lower it")
+  total = train_cfg.train_steps or train_cfg.train_epochs * spe
+  out_dir = distributed.worker_dir(train_cfg.model_dir, strategy)
+  with strategy.scope():
+    optimizer = build_optimizer(optim_cfg, model.trainable_variables, global_batch, total, spe)
+    model.compile(optimizer=optimizer, jit_compile=train_cfg.jit_compile,
+                  steps_per_execution=train_cfg.steps_per_execution)
+    optimizer.build(model.trainable_variables)
+  restored = restore_latest(model, out_dir)
+  start = int(model.optimizer.iterations.numpy())
+  timing = TimingCallback()
+  cbs = [CheckpointCallback(out_dir, train_cfg.checkpoint_every_steps, train_cfg.keep_checkpoints),
+         keras.callbacks.TensorBoard(os.path.join(out_dir, "logs"), update_freq=max(1, spe // 10)),
+         timing, *callbacks]
+  step = start
+  while step < total:
+    epoch = step // spe
+    ds = data_lib.distributed_pretrain_dataset(strategy, source, aug_cfg, data_cfg.image_size,
+                                               global_batch, train_cfg.seed, step)
+    if step % spe or total - step < spe:
+      # A partial epoch (a run resumed mid-epoch, or --train_steps not a multiple of the epoch).
+      n = min(spe - step % spe, total - step)
+      model.fit(ds, epochs=epoch + 1, initial_epoch=epoch, steps_per_epoch=n,
+                verbose=train_cfg.verbose, callbacks=cbs, shuffle=False)
+    else:
+      model.fit(ds, epochs=epoch + (total - step) // spe, initial_epoch=epoch,
+                steps_per_epoch=spe, verbose=train_cfg.verbose, callbacks=cbs, shuffle=False)
+    step = int(model.optimizer.iterations.numpy())
+  logs = {k: float(v) for k, v in timing.last_logs.items()}
+  return {
+      "steps": step,
+      "epochs": step / spe,
+      "steps_per_epoch": spe,
+      "resumed_from_step": start if restored else 0,
+      "final_loss": logs.get("loss"),
+      "nn_label_hit": logs.get("nn_label_hit") if source.has_labels and model.use_nn else None,
+      "contrastive_acc": logs.get("contrastive_acc"),
+      "nn_similarity": logs.get("nn_similarity"),
+      "pairs_per_sec": (timing.steps - 1) * global_batch / timing.seconds
+                       if timing.seconds > 0 else None,
+  }
+
+
+def write_json(path, obj):
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)

@@ -1,0 +1,282 @@
+"""nnclr_tf command line: the only place flags are defined and read.
+
+  python run.py --mode=pretrain --flagfile=flags/quickstart.cfg
+  python run.py --mode=knn_eval --flagfile=flags/quickstart.cfg
+
+Flags become config dataclasses (nnclr_tf/config.py); library code never reads FLAGS.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, flags, logging  # noqa: E402
+
+F = flags.FLAGS
+MODES = ("pretrain", "knn_eval")
+
+flags.DEFINE_enum("mode", "pretrain", MODES, "What to run.")
+flags.DEFINE_string("model_dir", "/tmp/nnclr", "Checkpoints, logs, exports and results go here.")
+# Data
+flags.DEFINE_string("dataset", "digits", "digits | folder | any prepared tfds image dataset name.")
+flags.DEFINE_string("image_dir", None, "--dataset=folder: class sub-folders or a flat folder.")
+flags.DEFINE_string("eval_image_dir", None, "--dataset=folder: held-out images for evaluation.")
+flags.DEFINE_integer("val_images", 0, "Carve a seeded class-balanced held-out set of this size.")
+flags.DEFINE_string("data_dir", None, "tfds data_dir (nothing is downloaded).")
+flags.DEFINE_string("train_split", "train", "tfds split to pretrain on.")
+flags.DEFINE_string("eval_split", "test", "tfds split to evaluate on ('' for none).")
+flags.DEFINE_integer("image_size", 32, "Training resolution (square).")
+flags.DEFINE_integer("cache_limit_mb", 2048, "Hold decoded images in memory up to this size.")
+# Augmentation (BYOL asymmetric pipeline; pairs are view1,view2)
+flags.DEFINE_float("crop_min_scale", 0.08, "Random resized crop: smallest area fraction.")
+flags.DEFINE_float("flip_prob", 0.5, "Horizontal flip probability.")
+flags.DEFINE_float("jitter_prob", 0.8, "Colour jitter probability.")
+flags.DEFINE_float("brightness", 0.4, "Colour jitter brightness strength.")
+flags.DEFINE_float("contrast", 0.4, "Colour jitter contrast strength.")
+flags.DEFINE_float("saturation", 0.2, "Colour jitter saturation strength.")
+flags.DEFINE_float("hue", 0.1, "Colour jitter hue strength.")
+flags.DEFINE_float("grayscale_prob", 0.2, "Grayscale probability.")
+flags.DEFINE_list("blur_prob", ["1.0", "0.1"], "Gaussian blur probability for view1,view2.")
+flags.DEFINE_list("solarize_prob", ["0.0", "0.2"], "Solarize probability for view1,view2.")
+# Model
+flags.DEFINE_enum("backbone", "resnet50", ["resnet50", "resnet18_cifar", "small_cnn"], "Encoder.")
+flags.DEFINE_integer("width", 64, "Base channel width of the backbone.")
+flags.DEFINE_integer("proj_hidden_dim", 2048, "Projection MLP hidden size.")
+flags.DEFINE_integer("proj_layers", 3, "Projection MLP depth (paper: 3).")
+flags.DEFINE_integer("pred_hidden_dim", 4096, "Prediction MLP hidden size.")
+flags.DEFINE_integer("embedding_dim", 256, "Embedding size d.")
+flags.DEFINE_bool("global_bn", True, "Synchronise BatchNorm statistics across replicas.")
+# NNCLR
+flags.DEFINE_integer("queue_size", 98304, "Support set size; a multiple of --batch_size.")
+flags.DEFINE_float("temperature", 0.1, "InfoNCE temperature.")
+flags.DEFINE_integer("nn_topk", 1, "Sample the positive uniformly from the top-k neighbours.")
+flags.DEFINE_bool("use_nn", True, "False: the positive is the other view (SimCLR ablation).")
+# Optimisation
+flags.DEFINE_integer("batch_size", 4096, "Global batch size (all replicas and workers).")
+flags.DEFINE_integer("train_epochs", 1000, "Epochs to train.")
+flags.DEFINE_integer("train_steps", 0, "If > 0, overrides --train_epochs.")
+flags.DEFINE_enum("optimizer", "lars", ["lars", "sgd", "adamw"], "Optimizer.")
+flags.DEFINE_float("learning_rate", 0.3, "Base learning rate (scaled by --lr_scaling).")
+flags.DEFINE_enum("lr_scaling", "linear", ["linear", "sqrt", "none"], "x B/256, x sqrt(B/256).")
+flags.DEFINE_float("weight_decay", 1e-6, "Weight decay (biases and BN excluded).")
+flags.DEFINE_float("momentum", 0.9, "Momentum (LARS, SGD).")
+flags.DEFINE_float("lars_eta", 0.001, "LARS trust coefficient.")
+flags.DEFINE_float("warmup_epochs", 10, "Linear warm-up length in epochs.")
+flags.DEFINE_integer("seed", 0, "Seed for weights, data order and augmentation.")
+# Runtime
+flags.DEFINE_enum("strategy", "auto", ["auto", "mirrored", "multi_worker", "tpu", "one_device"],
+                  "Distribution strategy.")
+flags.DEFINE_integer("cpu_replicas", 1, "Split the CPU into N logical devices (Mirrored tests).")
+flags.DEFINE_string("tpu", None, "TPU name or address for --strategy=tpu.")
+flags.DEFINE_bool("jit_compile", False, "Compile the train step with XLA.")
+flags.DEFINE_enum("mixed_precision", "none", ["none", "bf16", "fp16"], "Compute dtype.")
+flags.DEFINE_integer("checkpoint_every_steps", 0, "Also checkpoint every N steps (0: epochs only).")
+flags.DEFINE_integer("keep_checkpoints", 3, "How many checkpoints to keep.")
+flags.DEFINE_integer("verbose", 1, "Keras progress: 0 silent, 1 bar, 2 one line per epoch.")
+# Evaluation
+flags.DEFINE_integer("knn_k", 200, "kNN neighbours.")
+flags.DEFINE_float("knn_temperature", 0.1, "kNN vote temperature.")
+flags.DEFINE_integer("eval_batch_size", 256, "Batch size for feature extraction.")
+
+
+class UsageError(Exception):
+  pass
+
+
+def _pair(name):
+  values = getattr(F, name)
+  try:
+    pair = tuple(float(v) for v in values)
+  except ValueError:
+    pair = ()
+  if len(pair) != 2 or not all(0.0 <= v <= 1.0 for v in pair):
+    raise UsageError(f"--{name}={','.join(values)}: give two probabilities in [0,1], e.g. 1.0,0.1")
+  return pair
+
+
+def configs():
+  from nnclr_tf import config as c
+  if F.temperature <= 0:
+    raise UsageError(f"--temperature={F.temperature} must be > 0 (the paper uses 0.1)")
+  if F.image_size < 8:
+    raise UsageError(f"--image_size={F.image_size} is too small; use 8 or more")
+  if not 0 < F.crop_min_scale <= 1:
+    raise UsageError(f"--crop_min_scale={F.crop_min_scale} must be in (0, 1]")
+  if F.train_steps < 0 or F.train_epochs < 0:
+    raise UsageError("--train_steps and --train_epochs must be >= 0")
+  if F.dataset == "folder" and not F.image_dir:
+    raise UsageError("--dataset=folder needs --image_dir=<folder of images>")
+  for name in ("flip_prob", "jitter_prob", "grayscale_prob"):
+    if not 0 <= getattr(F, name) <= 1:
+      raise UsageError(f"--{name}={getattr(F, name)} must be a probability in [0, 1]")
+  return dict(
+      data=c.DataConfig(dataset=F.dataset, image_dir=F.image_dir, eval_image_dir=F.eval_image_dir,
+                        val_images=F.val_images, data_dir=F.data_dir, train_split=F.train_split,
+                        eval_split=F.eval_split, image_size=F.image_size,
+                        cache_limit_mb=F.cache_limit_mb),
+      augment=c.AugmentConfig(crop_scale=(F.crop_min_scale, 1.0), flip_prob=F.flip_prob,
+                              jitter_prob=F.jitter_prob, brightness=F.brightness,
+                              contrast=F.contrast, saturation=F.saturation, hue=F.hue,
+                              grayscale_prob=F.grayscale_prob, blur_prob=_pair("blur_prob"),
+                              solarize_prob=_pair("solarize_prob")),
+      model=c.ModelConfig(backbone=F.backbone, proj_hidden_dim=F.proj_hidden_dim,
+                          proj_layers=F.proj_layers, pred_hidden_dim=F.pred_hidden_dim,
+                          embedding_dim=F.embedding_dim, global_bn=F.global_bn, width=F.width),
+      support=c.SupportSetConfig(queue_size=F.queue_size, nn_topk=F.nn_topk, use_nn=F.use_nn),
+      optim=c.OptimConfig(optimizer=F.optimizer, learning_rate=F.learning_rate,
+                          lr_scaling=F.lr_scaling, weight_decay=F.weight_decay,
+                          momentum=F.momentum, lars_eta=F.lars_eta,
+                          warmup_epochs=F.warmup_epochs),
+      train=c.TrainConfig(model_dir=F.model_dir, batch_size=F.batch_size,
+                          train_epochs=F.train_epochs, train_steps=F.train_steps,
+                          temperature=F.temperature, seed=F.seed,
+                          checkpoint_every_steps=F.checkpoint_every_steps,
+                          keep_checkpoints=F.keep_checkpoints, jit_compile=F.jit_compile,
+                          verbose=F.verbose),
+      eval=c.EvalConfig(knn_k=F.knn_k, knn_temperature=F.knn_temperature,
+                        batch_size=F.eval_batch_size),
+  )
+
+
+def prepare_model_dir(model_dir, model_config):
+  """Creates model_dir, refuses one that holds a different architecture, records the config."""
+  import json
+  try:
+    os.makedirs(model_dir, exist_ok=True)
+    probe = os.path.join(model_dir, ".write_test")
+    with open(probe, "w") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise UsageError(f"--model_dir={model_dir} is not writable ({e.strerror}); choose another")
+  path = os.path.join(model_dir, "model_config.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      old = json.load(f)
+    diff = sorted(k for k in set(old) | set(model_config) if old.get(k) != model_config.get(k))
+    if diff:
+      raise UsageError(
+          f"--model_dir={model_dir} holds a model with different {', '.join(diff)} "
+          f"({', '.join(f'{k}={old.get(k)!r}' for k in diff)}); use a new --model_dir or the "
+          "same flags")
+  else:
+    with open(path, "w") as f:
+      json.dump(model_config, f, indent=2, sort_keys=True)
+
+
+def build_model(cfg, strategy):
+  import keras
+  from nnclr_tf.model import NNCLR
+  keras.utils.set_random_seed(cfg["train"].seed)
+  with strategy.scope():
+    return NNCLR.from_configs(cfg["model"], cfg["support"], cfg["data"].image_size,
+                              cfg["train"].temperature, cfg["train"].seed)
+
+
+def knn_results(cfg, model, train, held):
+  """kNN of the trained encoder and of the same architecture at random initialisation."""
+  import keras
+  from nnclr_tf import data, evaluation
+  from nnclr_tf.backbones import build_backbone
+  if held is None or not train.has_labels or not held.has_labels:
+    logging.info("no labelled eval split: kNN skipped")
+    return {}
+  e, size = cfg["eval"], cfg["data"].image_size
+  num_classes = int(max(train.labels.max(), held.labels.max())) + 1
+  train_ds = data.eval_dataset(train, size, e.batch_size)
+  held_ds = data.eval_dataset(held, size, e.batch_size)
+  out = evaluation.knn_eval(model.encoder, train_ds, held_ds, num_classes, e.knn_k,
+                            e.knn_temperature)
+  keras.utils.set_random_seed(cfg["train"].seed + 1)
+  fresh = build_backbone(cfg["model"].backbone, (size, size, 3), False, cfg["model"].width)
+  rand = evaluation.knn_eval(fresh, train_ds, held_ds, num_classes, e.knn_k, e.knn_temperature)
+  out.update(knn_top1_random_init=rand["knn_top1"], knn_top5_random_init=rand["knn_top5"],
+             knn_k=e.knn_k, knn_temperature=e.knn_temperature, eval_examples=len(held))
+  return out
+
+
+def next_version_dir(base):
+  versions = [int(d) for d in os.listdir(base) if d.isdigit()] if os.path.isdir(base) else []
+  return os.path.join(base, str(max(versions, default=0) + 1))
+
+
+def run_pretrain(cfg, strategy):
+  from nnclr_tf import data, distributed, export, training
+  t = cfg["train"]
+  model = build_model(cfg, strategy)
+  training.validate_batch(t.batch_size, model.support_set.size, strategy.num_replicas_in_sync,
+                          model.nn_topk)
+  chief = distributed.is_chief(strategy)
+  if chief:
+    prepare_model_dir(t.model_dir, model.get_config())
+    with open(os.path.join(t.model_dir, "flags.txt"), "w") as f:
+      f.write(F.flags_into_string())
+  train, held = data.load_sources(cfg["data"], t.seed)
+  logging.info("training on %d images (%s), %d held out, %d unreadable skipped", len(train),
+               train.name, 0 if held is None else len(held), train.skipped)
+  results = training.pretrain(model, strategy, train, cfg["data"], cfg["augment"], t,
+                              cfg["optim"])
+  if not chief:
+    return results
+  export_dir = next_version_dir(os.path.join(t.model_dir, "export", "encoder"))
+  export.export_encoder(model.encoder, cfg["data"].image_size, export_dir)
+  results.update(knn_results(cfg, model, train, held))
+  results.update(export_dir=export_dir, train_examples=len(train), skipped_images=train.skipped,
+                 global_batch=t.batch_size, replicas=strategy.num_replicas_in_sync)
+  training.write_json(os.path.join(t.model_dir, "pretrain_results.json"), results)
+  return results
+
+
+def run_knn_eval(cfg, strategy):
+  import tensorflow as tf
+  from nnclr_tf import data, training
+  t = cfg["train"]
+  latest = tf.train.latest_checkpoint(t.model_dir)
+  if not latest:
+    raise UsageError(f"--model_dir={t.model_dir} holds no checkpoint; run --mode=pretrain first")
+  model = build_model(cfg, strategy)
+  tf.train.Checkpoint(model=model).restore(latest).expect_partial()
+  train, held = data.load_sources(cfg["data"], t.seed)
+  results = knn_results(cfg, model, train, held)
+  results["checkpoint"] = latest
+  training.write_json(os.path.join(t.model_dir, "knn_results.json"), results)
+  return results
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise UsageError(f"unexpected arguments {' '.join(argv[1:])}; flags look like --name=value")
+  cfg = configs()
+  import tensorflow as tf
+  tf.get_logger().setLevel("ERROR")
+  logging.set_verbosity(logging.WARNING if F.verbose < 2 else logging.INFO)
+  from nnclr_tf import distributed
+  distributed.split_cpu(F.cpu_replicas)
+  import json
+  import keras
+  if F.mixed_precision != "none":
+    keras.mixed_precision.set_global_policy(
+        {"bf16": "mixed_bfloat16", "fp16": "mixed_float16"}[F.mixed_precision])
+  strategy = distributed.make_strategy(F.strategy, F.cpu_replicas, F.tpu)
+  logging.info("strategy %s with %d replicas", type(strategy).__name__,
+               strategy.num_replicas_in_sync)
+  results = {"pretrain": run_pretrain, "knn_eval": run_knn_eval}[F.mode](cfg, strategy)
+  print(json.dumps(results, sort_keys=True))
+
+
+def run_main(argv):
+  from nnclr_tf.data import DataError
+  from nnclr_tf.training import ConfigError
+  try:
+    main(argv)
+  except (UsageError, DataError, ConfigError, FileExistsError, RuntimeError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  app.run(run_main)

@@ -1,0 +1,24 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="nnclr_tf",
+    version="0.1.0",
+    description="NNCLR (Nearest-Neighbor Contrastive Learning of Visual Representations) in "
+                "TensorFlow 2 / Keras 3",
+    packages=find_packages(include=["nnclr_tf", "nnclr_tf.*"]),
+    python_requires=">=3.11,<3.12",
+    install_requires=[
+        "tensorflow>=2.21,<2.22",
+        "keras>=3.10,<4",
+        "tensorboard>=2.20,<3",
+        "tensorflow-datasets>=4.9.9,<5",
+        "absl-py>=2.1,<3",
+        "numpy>=1.26,<3",
+        "scikit-learn>=1.4,<2",
+        "matplotlib>=3.8,<4",
+    ],
+    extras_require={
+        "test": ["pytest>=8,<10", "pytest-timeout>=2.3,<3"],
+        "serving": ["tensorflow-serving-api>=2.21,<2.22"],
+    },
+)

@@ -1,0 +1,30 @@
+"""Test session set-up: the CPU is split into 4 logical devices before TensorFlow initialises, so
+MirroredStrategy tests can run 1, 2 and 4 replicas in this one process."""
+
+import os
+import sys
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import pytest  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from nnclr_tf import distributed  # noqa: E402
+
+LOGICAL_CPUS = 4
+distributed.split_cpu(LOGICAL_CPUS)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def mirrored(n):
+  """MirroredStrategy over the first n logical CPUs."""
+  devices = [d.name for d in tf.config.list_logical_devices("CPU")[:n]]
+  return tf.distribute.MirroredStrategy(devices)
+
+
+@pytest.fixture
+def repo():
+  return REPO

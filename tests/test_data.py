@@ -1,0 +1,149 @@
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from nnclr_tf import data
+from nnclr_tf.config import AugmentConfig, DataConfig
+
+AUG = AugmentConfig(blur_prob=(0.0, 0.0))
+
+
+def _toy(n=40, size=12, classes=4):
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 255, size=(n, size, size, 3), dtype=np.uint8)
+  return data.numpy_source(images, np.arange(n) % classes)
+
+
+def _take(ds, k):
+  return [tf.nest.map_structure(lambda t: t.numpy(), b) for b in ds.take(k)]
+
+
+def test_digits_source_is_bundled_rgb():
+  s = data.digits_source()
+  assert len(s) == 1797 and s.images.shape == (1797, 8, 8, 3) and s.images.dtype == np.uint8
+  assert sorted(set(s.labels.tolist())) == list(range(10)) and s.has_labels
+
+
+def test_split_balanced_is_class_balanced_and_seeded():
+  s = _toy(100, classes=4)
+  rest, held = data.split_balanced(s, 22, seed=1)
+  counts = np.bincount(held.labels, minlength=4)
+  assert counts.sum() == 22 and counts.max() - counts.min() <= 1
+  assert len(rest) == 78
+  _, again = data.split_balanced(s, 22, seed=1)
+  np.testing.assert_array_equal(held.images, again.images)
+  _, other = data.split_balanced(s, 22, seed=2)
+  assert not np.array_equal(held.images, other.images)
+  with pytest.raises(data.DataError):
+    data.split_balanced(s, 100, seed=0)
+
+
+def test_same_seed_gives_identical_batches_twice():
+  s = _toy()
+  a = _take(data.pretrain_dataset(s, AUG, 8, 8, seed=5), 3)
+  b = _take(data.pretrain_dataset(s, AUG, 8, 8, seed=5), 3)
+  c = _take(data.pretrain_dataset(s, AUG, 8, 8, seed=6), 1)
+  for x, y in zip(a, b):
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k])
+  assert not np.array_equal(a[0]["view1"], c[0]["view1"])
+  assert a[0]["view1"].shape == (8, 8, 8, 3) and a[0]["label"].dtype == np.int32
+
+
+def test_epoch_is_a_permutation_and_resume_matches():
+  s = _toy(40)
+  ds = data.pretrain_dataset(s, AUG, 8, 10, seed=1)
+  batches = _take(ds, 8)
+  # One epoch = 4 steps of 10: every example's label appears exactly its class count (10 each).
+  epoch_labels = np.concatenate([b["label"] for b in batches[:4]])
+  np.testing.assert_array_equal(np.bincount(epoch_labels), [10, 10, 10, 10])
+  # The next epoch is shuffled differently.
+  assert not np.array_equal(epoch_labels, np.concatenate([b["label"] for b in batches[4:]]))
+  # Starting at step 5 yields exactly batches 5.. of the uninterrupted stream.
+  resumed = _take(data.pretrain_dataset(s, AUG, 8, 10, seed=1, start_step=5), 2)
+  for x, y in zip(resumed, batches[5:7]):
+    np.testing.assert_array_equal(x["view1"], y["view1"])
+
+
+def test_global_batch_does_not_depend_on_replica_split():
+  s = _toy(48)
+  one = _take(data.pretrain_dataset(s, AUG, 8, 12, seed=3), 2)
+  # Two workers with 2 replicas each: each pipeline yields its two replicas' 3-row batches.
+  per_pipeline = []
+  for pid in range(2):
+    ctx = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=pid,
+                                     num_replicas_in_sync=4)
+    per_pipeline.append(_take(data.pretrain_dataset(s, AUG, 8, 12, seed=3, input_context=ctx), 4))
+  for step in range(2):
+    rows = [per_pipeline[pid][step * 2 + r]["view1"] for pid in range(2) for r in range(2)]
+    np.testing.assert_array_equal(np.concatenate(rows), one[step]["view1"])
+
+
+def test_folder_source_labels_formats_and_cache(tmp_path):
+  rng = np.random.default_rng(0)
+  for cls in ("cat", "dog"):
+    os.makedirs(tmp_path / cls)
+    for i in range(3):
+      img = rng.integers(0, 255, size=(10, 14, 3), dtype=np.uint8)
+      enc = tf.io.encode_png(img) if i % 2 else tf.io.encode_jpeg(img)
+      ext = "png" if i % 2 else "jpg"
+      tf.io.write_file(str(tmp_path / cls / f"{i}.{ext}"), enc)
+  # A grayscale PNG mixed in, and a corrupt file that must be skipped and counted.
+  tf.io.write_file(str(tmp_path / "dog" / "gray.png"),
+                   tf.io.encode_png(rng.integers(0, 255, (9, 9, 1), dtype=np.uint8)))
+  (tmp_path / "dog" / "broken.jpg").write_bytes(b"not a jpeg")
+  s = data.folder_source(str(tmp_path))
+  assert s.class_names == ["cat", "dog"] and len(s) == 8
+  cached = data.cache_decoded(s, 8, limit_mb=10)
+  assert cached.images.shape == (7, 8, 8, 3) and cached.skipped == 1
+  assert list(np.bincount(cached.labels)) == [3, 4]
+  batch = _take(data.pretrain_dataset(cached, AUG, 8, 4, seed=0), 1)[0]
+  assert batch["view1"].shape == (4, 8, 8, 3)
+
+
+def test_folder_errors_name_the_flag(tmp_path):
+  with pytest.raises(data.DataError, match="--image_dir"):
+    data.folder_source(str(tmp_path / "missing"))
+  with pytest.raises(data.DataError, match="holds no images"):
+    data.folder_source(str(tmp_path))
+
+
+def test_flat_folder_is_unlabelled(tmp_path):
+  for i in range(3):
+    tf.io.write_file(str(tmp_path / f"{i}.png"), tf.io.encode_png(np.zeros((5, 5, 3), np.uint8)))
+  s = data.folder_source(str(tmp_path))
+  assert len(s) == 3 and not s.has_labels
+
+
+def test_tfds_dataset_built_locally(tmp_path):
+  import tensorflow_datasets as tfds
+
+  class TinyShapes(tfds.core.GeneratorBasedBuilder):
+    """A 2-class image dataset built on the spot: exercises the real tfds read path."""
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+          "image": tfds.features.Image(shape=(8, 8, 3)),
+          "label": tfds.features.ClassLabel(names=["dark", "bright"])}))
+
+    def _split_generators(self, dl_manager):
+      return {"train": self._generate_examples(20), "test": self._generate_examples(6)}
+
+    def _generate_examples(self, n):
+      for i in range(n):
+        yield i, {"image": np.full((8, 8, 3), 40 + 170 * (i % 2), np.uint8), "label": i % 2}
+
+  TinyShapes(data_dir=str(tmp_path)).download_and_prepare()
+  cfg = DataConfig(dataset="tiny_shapes", data_dir=str(tmp_path), image_size=8)
+  train, held = data.load_sources(cfg)
+  assert len(train) == 20 and len(held) == 6 and train.class_names == ["dark", "bright"]
+  # tfds reorders examples; the pixels must still go with their labels.
+  np.testing.assert_array_equal(train.images.mean(axis=(1, 2, 3)) > 100, train.labels == 1)
+  assert train.has_labels and np.bincount(train.labels).tolist() == [10, 10]
+  with pytest.raises(data.DataError, match="not prepared"):
+    data.load_sources(DataConfig(dataset="tiny_shapes", data_dir=str(tmp_path / "empty")))
+  with pytest.raises(data.DataError, match="not a tfds dataset"):
+    data.load_sources(DataConfig(dataset="no_such_dataset_xyz", data_dir=str(tmp_path)))
