@@ -20,7 +20,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def mirrored(n):
-  """MirroredStrategy over the first n logical CPUs."""
+  """MirroredStrategy over the first n logical CPUs. TF assigns collective group keys per process,
+  so a process may use only one replica count > 1; other counts run in subprocesses."""
   devices = [d.name for d in tf.config.list_logical_devices("CPU")[:n]]
   return tf.distribute.MirroredStrategy(devices)
 
