@@ -186,7 +186,7 @@ def knn_results(cfg, model, train, held):
     logging.info("no labelled eval split: kNN skipped")
     return {}
   e, size = cfg["eval"], cfg["data"].image_size
-  num_classes = int(max(train.labels.max(), held.labels.max())) + 1
+  num_classes = len(train.class_names) or int(max(train.labels.max(), held.labels.max())) + 1
   train_ds = data.eval_dataset(train, size, e.batch_size)
   held_ds = data.eval_dataset(held, size, e.batch_size)
   out = evaluation.knn_eval(model.encoder, train_ds, held_ds, num_classes, e.knn_k,

@@ -56,6 +56,32 @@ class Source:
                   class_names=self.class_names, name=name or self.name, skipped=self.skipped)
 
 
+@dataclasses.dataclass
+class StreamSource:
+  """A tfds split too large to hold decoded in memory (e.g. imagenet2012), read as a stream.
+
+  Its pipeline shards files per input pipeline (tfds ReadConfig.input_context), shuffles with a
+  seeded buffer and derives augmentation seeds from (seed, pipeline, position). It is reproducible
+  for a fixed number of input pipelines, but unlike in-memory sources its global batch depends on
+  how many workers read it.
+  """
+  builder: object
+  split: str
+  num_examples: int
+  class_names: List[str]
+  labelled: bool
+  name: str = ""
+  skipped: int = 0
+  shuffle_buffer: int = 10_000
+
+  def __len__(self):
+    return self.num_examples
+
+  @property
+  def has_labels(self):
+    return self.labelled
+
+
 def numpy_source(images, labels=None, class_names=None, name="numpy"):
   """A source from arrays: images uint8 [N, H, W, C] (C = 1 or 3) or float in [0, 1]."""
   images = np.asarray(images)
@@ -173,22 +199,18 @@ def tfds_source(name, split, data_dir, size, limit_mb):
     raise DataError(f"split {split!r} not in {name} (has {', '.join(builder.info.splits)}); "
                     "fix --train_split/--eval_split")
   n = builder.info.splits[split].num_examples
-  if n * size * size * 3 > limit_mb * 2 ** 20:
-    raise DataError(f"{name}:{split} needs {n * size * size * 3 / 2 ** 20:.0f} MB decoded, over "
-                    f"--cache_limit_mb={limit_mb}; raise it, or export the images to a folder "
-                    "and use --dataset=folder")
   features = builder.info.features
   has_label = "label" in features
   names = list(features["label"].names) if has_label else []
+  if n * size * size * 3 > limit_mb * 2 ** 20:
+    return StreamSource(builder=builder, split=split, num_examples=n, class_names=names,
+                        labelled=has_label, name=f"{name}:{split}")
   ds = builder.as_dataset(split=split, shuffle_files=False)
 
   def prep(ex):
-    image = ex["image"]
-    if image.shape[-1] == 1:
-      image = tf.image.grayscale_to_rgb(image)
+    image, label = _tfds_example(ex)
     image = tf.cast(tf.round(tf.image.resize(image[None], [size, size], method="area")[0]),
                     tf.uint8)
-    label = tf.cast(ex["label"], tf.int32) if has_label else tf.constant(-1, tf.int32)
     return image, label
 
   images, labels = [], []
@@ -197,6 +219,15 @@ def tfds_source(name, split, data_dir, size, limit_mb):
     labels.append(lb)
   return Source(labels=np.concatenate(labels), images=np.concatenate(images),
                 class_names=names, name=f"{name}:{split}")
+
+
+def _tfds_example(ex):
+  """A tfds example -> (uint8 [H, W, 3], int32 label or -1)."""
+  image = ex["image"]
+  if image.shape[-1] == 1:
+    image = tf.image.grayscale_to_rgb(image)
+  label = tf.cast(ex["label"], tf.int32) if "label" in ex else tf.constant(-1, tf.int32)
+  return image, label
 
 
 def load_sources(cfg: DataConfig, seed=0):
@@ -217,6 +248,9 @@ def load_sources(cfg: DataConfig, seed=0):
       held = tfds_source(cfg.dataset, cfg.eval_split, cfg.data_dir, cfg.image_size,
                          cfg.cache_limit_mb)
   if cfg.val_images:
+    if isinstance(train, StreamSource):
+      raise DataError(f"--val_images needs a dataset held in memory; {train.name} is streamed, "
+                      "use --eval_split instead")
     if not train.has_labels:
       raise DataError("--val_images needs labelled training data (class sub-folders)")
     train, held = split_balanced(train, cfg.val_images, seed)
@@ -255,6 +289,9 @@ def pretrain_dataset(source, aug: AugmentConfig, image_size, global_batch, seed,
     raise DataError(f"--batch_size={global_batch} must be divisible by the {replicas} replicas")
   per_replica = global_batch // replicas
   local = replicas // ctx.num_input_pipelines
+  if isinstance(source, StreamSource):
+    return _stream_pretrain_dataset(source, aug, image_size, per_replica, local, seed,
+                                    start_step, ctx)
   first = ctx.input_pipeline_id * local
   epoch_len = spe * global_batch
   load = _load_fn(source)
@@ -287,6 +324,25 @@ def pretrain_dataset(source, aug: AugmentConfig, image_size, global_batch, seed,
   return ds.with_options(options).prefetch(AUTOTUNE)
 
 
+def _stream_pretrain_dataset(source, aug, image_size, per_replica, local, seed, start_step, ctx):
+  import tensorflow_datasets as tfds
+  read_config = tfds.ReadConfig(input_context=ctx, shuffle_seed=seed, try_autocache=False)
+  ds = source.builder.as_dataset(split=source.split, shuffle_files=True, read_config=read_config)
+  ds = ds.repeat().shuffle(source.shuffle_buffer, seed=seed).enumerate()
+  pipeline = ctx.input_pipeline_id
+
+  def element(position, ex):
+    image, label = _tfds_example(ex)
+    image = tf.image.convert_image_dtype(image, tf.float32)
+    s = augment.example_seed(seed, pipeline, position)
+    view1, view2 = augment.two_views(image, s, image_size, aug)
+    return {"view1": view1, "view2": view2, "label": label}
+
+  ds = ds.skip(start_step * local * per_replica)
+  ds = ds.map(element, num_parallel_calls=AUTOTUNE, deterministic=True)
+  return ds.batch(per_replica, drop_remainder=True).prefetch(AUTOTUNE)
+
+
 def distributed_pretrain_dataset(strategy, source, aug, image_size, global_batch, seed,
                                  start_step=0):
   return strategy.distribute_datasets_from_function(
@@ -295,6 +351,15 @@ def distributed_pretrain_dataset(strategy, source, aug, image_size, global_batch
 
 def eval_dataset(source, image_size, batch_size=256):
   """(images float [b, S, S, 3] in [0, 1], labels) in source order, no augmentation."""
+  if isinstance(source, StreamSource):
+    ds = source.builder.as_dataset(split=source.split, shuffle_files=False)
+
+    def prep(ex):
+      image, label = _tfds_example(ex)
+      return augment.center_resize(tf.image.convert_image_dtype(image, tf.float32),
+                                   image_size), label
+
+    return ds.map(prep, num_parallel_calls=AUTOTUNE).batch(batch_size).prefetch(AUTOTUNE)
   load = _load_fn(source)
   labels = tf.constant(source.labels, tf.int32)
 

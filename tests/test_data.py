@@ -143,6 +143,15 @@ def test_tfds_dataset_built_locally(tmp_path):
   # tfds reorders examples; the pixels must still go with their labels.
   np.testing.assert_array_equal(train.images.mean(axis=(1, 2, 3)) > 100, train.labels == 1)
   assert train.has_labels and np.bincount(train.labels).tolist() == [10, 10]
+  # Over the cache limit the split is streamed through tfds instead of held in memory.
+  stream, _ = data.load_sources(DataConfig(dataset="tiny_shapes", data_dir=str(tmp_path),
+                                           image_size=8, cache_limit_mb=0))
+  assert isinstance(stream, data.StreamSource) and len(stream) == 20 and stream.has_labels
+  batch = _take(data.pretrain_dataset(stream, AUG, 8, 4, seed=0), 1)[0]
+  assert batch["view1"].shape == (4, 8, 8, 3) and set(batch["label"]) <= {0, 1}
+  images, labels = next(iter(data.eval_dataset(stream, 8, 32)))
+  assert images.shape == (20, 8, 8, 3)
+  np.testing.assert_array_equal(images.numpy().mean(axis=(1, 2, 3)) > 0.4, labels.numpy() == 1)
   with pytest.raises(data.DataError, match="not prepared"):
     data.load_sources(DataConfig(dataset="tiny_shapes", data_dir=str(tmp_path / "empty")))
   with pytest.raises(data.DataError, match="not a tfds dataset"):
