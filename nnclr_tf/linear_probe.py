@@ -95,13 +95,14 @@ def standardiser(features):
   return mean.astype(np.float32), std.astype(np.float32)
 
 
-def _fit(x, y, l2, max_iter, tol):
+def _fit(x, y, l2, max_iter, tol, threads):
   from sklearn.exceptions import ConvergenceWarning
   from sklearn.linear_model import LogisticRegression
+  from threadpoolctl import threadpool_limits
   # sklearn minimises C * sum_i CE_i + ||W||^2 / 2; dividing by C * n gives
   # mean CE + l2 / 2 * ||W||^2 when C = 1 / (l2 * n).
   clf = LogisticRegression(C=1.0 / (l2 * len(x)), max_iter=max_iter, tol=tol)
-  with warnings.catch_warnings():
+  with warnings.catch_warnings(), threadpool_limits(threads):
     warnings.simplefilter("ignore", ConvergenceWarning)
     clf.fit(x, y)
   return clf
@@ -126,12 +127,15 @@ def _dense(clf, num_classes):
 
 def fit_probe(features, labels, num_classes, class_names=None, image_size=0,
               l2: Sequence[float] = DEFAULT_L2, val_fraction=0.1, seed=0, max_iter=1000,
-              tol=1e-6):
+              tol=1e-6, threads=1):
   """Fits the probe on labelled features [N, D]. Returns (Probe, info dict).
 
   With several `l2` values, each is fitted on a stratified (1 - val_fraction) of the rows and
   scored on the rest; the best (highest top-1, then the strongest regulariser) is refitted on all
   rows. Rows with label -1 (unknown) are ignored.
+
+  `threads` caps BLAS/OpenMP threads during the fit: on a busy 2-core machine two spinning
+  OpenBLAS threads made a 1,500 x 128 fit 80x slower (106 s vs 1.3 s).
   """
   features = np.asarray(features, np.float32)
   labels = np.asarray(labels)
@@ -150,11 +154,11 @@ def fit_probe(features, labels, num_classes, class_names=None, image_size=0,
     tr, va = train_test_split(np.arange(len(x)), test_size=val_fraction, random_state=seed,
                               stratify=stratify)
     for v in l2:
-      clf = _fit(x[tr], labels[tr], v, max_iter, tol)
+      clf = _fit(x[tr], labels[tr], v, max_iter, tol, threads)
       k, b = _dense(clf, num_classes)
       scores[v] = topk(x[va] @ k + b, labels[va], 1)
   best = max(reversed(l2), key=lambda v: scores.get(v, 0.0))
-  clf = _fit(x, labels, best, max_iter, tol)
+  clf = _fit(x, labels, best, max_iter, tol, threads)
   kernel, bias = _dense(clf, num_classes)
   names = list(class_names or []) or [str(i) for i in range(num_classes)]
   probe = Probe(kernel=kernel, bias=bias, feature_mean=mean, feature_std=std,

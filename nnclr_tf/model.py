@@ -37,7 +37,7 @@ class NNCLR(keras.Model):
   def __init__(self, backbone="small_cnn", image_size=32, width=64, proj_hidden_dim=2048,
                proj_layers=3, pred_hidden_dim=4096, embedding_dim=256, global_bn=True,
                queue_size=98304, nn_topk=1, use_nn=True, temperature=0.1, seed=0,
-               online_probe_classes=0, online_probe_lr=1e-3, **kwargs):
+               online_probe_classes=0, online_probe_lr=1e-2, **kwargs):
     super().__init__(**kwargs)
     if temperature <= 0:
       raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -72,13 +72,14 @@ class NNCLR(keras.Model):
 
   @classmethod
   def from_configs(cls, model_cfg, support_cfg, image_size, temperature, seed,
-                   online_probe_classes=0):
+                   online_probe_classes=0, online_probe_lr=1e-2):
     return cls(backbone=model_cfg.backbone, image_size=image_size, width=model_cfg.width,
                proj_hidden_dim=model_cfg.proj_hidden_dim, proj_layers=model_cfg.proj_layers,
                pred_hidden_dim=model_cfg.pred_hidden_dim, embedding_dim=model_cfg.embedding_dim,
                global_bn=model_cfg.global_bn, queue_size=support_cfg.queue_size,
                nn_topk=support_cfg.nn_topk, use_nn=support_cfg.use_nn, temperature=temperature,
-               seed=seed, online_probe_classes=online_probe_classes)
+               seed=seed, online_probe_classes=online_probe_classes,
+               online_probe_lr=online_probe_lr)
 
   def _build_online_probe(self, feat_dim, num_classes, lr):
     # trainable=False keeps the probe out of trainable_variables (and so out of the pretraining
