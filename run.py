@@ -2,6 +2,7 @@
 
   python run.py --mode=pretrain --flagfile=flags/quickstart.cfg
   python run.py --mode=knn_eval --flagfile=flags/quickstart.cfg
+  python run.py --mode=export --flagfile=flags/quickstart.cfg
 
 Flags become config dataclasses (nnclr_tf/config.py); library code never reads FLAGS.
 """
@@ -17,7 +18,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app, flags, logging  # noqa: E402
 
 F = flags.FLAGS
-MODES = ("pretrain", "knn_eval")
+MODES = ("pretrain", "knn_eval", "export")
 
 flags.DEFINE_enum("mode", "pretrain", MODES, "What to run.")
 flags.DEFINE_string("model_dir", "/tmp/nnclr", "Checkpoints, logs, exports and results go here.")
@@ -81,6 +82,10 @@ flags.DEFINE_integer("verbose", 1, "Keras progress: 0 silent, 1 bar, 2 one line 
 flags.DEFINE_integer("knn_k", 200, "kNN neighbours.")
 flags.DEFINE_float("knn_temperature", 0.1, "kNN vote temperature.")
 flags.DEFINE_integer("eval_batch_size", 256, "Batch size for feature extraction.")
+# Export for TF Serving (issue 5): <export_base>/<encoder|classifier>/<version>/
+flags.DEFINE_string("export_base", None, "TF Serving model base path (default <model_dir>/export).")
+flags.DEFINE_integer("export_version", 0, "Version to write; 0: one past the newest. An existing "
+                     "version is never overwritten.")
 
 
 class UsageError(Exception):
@@ -110,6 +115,8 @@ def configs():
     raise UsageError("--train_steps and --train_epochs must be >= 0")
   if F.dataset == "folder" and not F.image_dir:
     raise UsageError("--dataset=folder needs --image_dir=<folder of images>")
+  if F.export_version < 0:
+    raise UsageError(f"--export_version={F.export_version} must be >= 0 (0: the next version)")
   for name in ("flip_prob", "jitter_prob", "grayscale_prob"):
     if not 0 <= getattr(F, name) <= 1:
       raise UsageError(f"--{name}={getattr(F, name)} must be a probability in [0, 1]")
@@ -139,6 +146,8 @@ def configs():
                           verbose=F.verbose),
       eval=c.EvalConfig(knn_k=F.knn_k, knn_temperature=F.knn_temperature,
                         batch_size=F.eval_batch_size),
+      export=c.ExportConfig(base=F.export_base or os.path.join(F.model_dir, "export"),
+                            version=F.export_version),
   )
 
 
@@ -199,11 +208,6 @@ def knn_results(cfg, model, train, held):
   return out
 
 
-def next_version_dir(base):
-  versions = [int(d) for d in os.listdir(base) if d.isdigit()] if os.path.isdir(base) else []
-  return os.path.join(base, str(max(versions, default=0) + 1))
-
-
 def run_pretrain(cfg, strategy):
   from nnclr_tf import data, distributed, export, training
   t = cfg["train"]
@@ -222,8 +226,8 @@ def run_pretrain(cfg, strategy):
                               cfg["optim"])
   if not chief:
     return results
-  export_dir = next_version_dir(os.path.join(t.model_dir, "export", "encoder"))
-  export.export_encoder(model.encoder, cfg["data"].image_size, export_dir)
+  e = cfg["export"]
+  export_dir = export.export_encoder(model, e.base, e.version, e.warmup)
   results.update(knn_results(cfg, model, train, held))
   results.update(export_dir=export_dir, train_examples=len(train), skipped_images=train.skipped,
                  global_batch=t.batch_size, replicas=strategy.num_replicas_in_sync)
@@ -247,10 +251,59 @@ def run_knn_eval(cfg, strategy):
   return results
 
 
+# Export for TF Serving (issue 5)
+EXPORTING_MODES = ("pretrain", "export")
+
+
+def check_export_version(e):
+  """Refuses an explicit --export_version that exists before any work is done."""
+  from nnclr_tf import export
+  if not e.version:
+    return
+  for name in (export.ENCODER, export.CLASSIFIER):
+    path = export.version_path(e.base, name, e.version)
+    if os.path.exists(path):
+      nxt = max(export.next_version(os.path.join(e.base, n))
+                for n in (export.ENCODER, export.CLASSIFIER))
+      raise UsageError(f"--export_version={e.version}: {path} already exists and a served version "
+                       f"is never overwritten; omit --export_version (next free: {nxt}) or choose "
+                       "another --export_base")
+
+
+def run_export(cfg, strategy):
+  """Encoder (and, when linear_eval has written its probe, classifier) SavedModels of the latest
+  checkpoint, in TF Serving's layout."""
+  import tensorflow as tf
+  from nnclr_tf import export, training
+  t, e = cfg["train"], cfg["export"]
+  latest = tf.train.latest_checkpoint(t.model_dir)
+  if not latest:
+    raise UsageError(f"--model_dir={t.model_dir} holds no checkpoint; run --mode=pretrain first")
+  model = build_model(cfg, strategy)
+  prepare_model_dir(t.model_dir, model.get_config())
+  status = tf.train.Checkpoint(model=model).restore(latest)
+  status.assert_existing_objects_matched().expect_partial()  # the optimizer is not needed
+  out = {"encoder": export.export_encoder(model, e.base, e.version, e.warmup)}
+  probe = os.path.join(t.model_dir, export.PROBE_FILE)
+  if os.path.exists(probe):
+    out["classifier"] = export.export_classifier(model, probe, e.base, e.version, e.warmup)
+  else:
+    logging.warning("no linear probe at %s: classifier not exported (run --mode=linear_eval)",
+                    probe)
+  results = {"checkpoint": latest}
+  for name, path in out.items():
+    results[f"{name}_export_dir"] = path
+    results[f"{name}_export_bytes"] = export.dir_size(path)
+  training.write_json(os.path.join(t.model_dir, "export_results.json"), results)
+  return results
+
+
 def main(argv):
   if len(argv) > 1:
     raise UsageError(f"unexpected arguments {' '.join(argv[1:])}; flags look like --name=value")
   cfg = configs()
+  if F.mode in EXPORTING_MODES:
+    check_export_version(cfg["export"])
   import tensorflow as tf
   tf.get_logger().setLevel("ERROR")
   logging.set_verbosity(logging.WARNING if F.verbose < 2 else logging.INFO)
@@ -264,16 +317,18 @@ def main(argv):
   strategy = distributed.make_strategy(F.strategy, F.cpu_replicas, F.tpu)
   logging.info("strategy %s with %d replicas", type(strategy).__name__,
                strategy.num_replicas_in_sync)
-  results = {"pretrain": run_pretrain, "knn_eval": run_knn_eval}[F.mode](cfg, strategy)
+  results = {"pretrain": run_pretrain, "knn_eval": run_knn_eval,
+             "export": run_export}[F.mode](cfg, strategy)
   print(json.dumps(results, sort_keys=True))
 
 
 def run_main(argv):
   from nnclr_tf.data import DataError
+  from nnclr_tf.export import ExportError
   from nnclr_tf.training import ConfigError
   try:
     main(argv)
-  except (UsageError, DataError, ConfigError, FileExistsError, RuntimeError) as e:
+  except (UsageError, DataError, ConfigError, ExportError, FileExistsError, RuntimeError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
 
