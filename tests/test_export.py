@@ -300,10 +300,10 @@ def tiny_model(seed=3):
 
 
 def test_crash_mid_export_leaves_no_version(tmp_path, monkeypatch):
+  """(A second export leaving version 1 intact is checked end to end in `served`.)"""
   model = tiny_model()
   base = str(tmp_path / "export")
-  first = export.export_encoder(model, base)
-  digest = tree_digest(first)
+  os.makedirs(os.path.join(base, "encoder", "1"))
   with pytest.raises(export.ExportError, match="already exists"):
     export.export_encoder(model, base, version=1)
 
@@ -314,8 +314,14 @@ def test_crash_mid_export_leaves_no_version(tmp_path, monkeypatch):
   monkeypatch.setattr(export, "_write_warmup", crash)
   with pytest.raises(RuntimeError, match="injected"):
     export.export_encoder(model, base)
-  assert os.listdir(os.path.join(base, "encoder")) == ["1"]
-  assert tree_digest(first) == digest
+  assert os.listdir(os.path.join(base, "encoder")) == ["1"]  # no version 2, no temp folder
+  assert os.listdir(os.path.join(base, "encoder", "1")) == []
+
+
+def test_warmup_is_skipped_without_serving_api(tmp_path, monkeypatch):
+  monkeypatch.setitem(sys.modules, "tensorflow_serving", None)  # import raises ImportError
+  export._write_warmup(str(tmp_path), "encoder", 16)
+  assert os.listdir(tmp_path) == []
 
 
 def test_preprocess_is_the_eval_transform():
