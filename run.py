@@ -255,9 +255,17 @@ def run_knn_eval(cfg, strategy):
 EXPORTING_MODES = ("pretrain", "export")
 
 
-def check_export_version(e):
-  """Refuses an explicit --export_version that exists before any work is done."""
+def check_export_flags(e):
+  """Refuses an unwritable --export_base or an existing --export_version before any work."""
+  import tempfile
   from nnclr_tf import export
+  if F.export_base:
+    try:
+      os.makedirs(e.base, exist_ok=True)
+      probe = tempfile.mkdtemp(prefix=".write_test-", dir=e.base)
+      os.rmdir(probe)
+    except OSError as err:
+      raise UsageError(f"--export_base={e.base} is not writable ({err.strerror}); choose another")
   if not e.version:
     return
   for name in (export.ENCODER, export.CLASSIFIER):
@@ -303,7 +311,7 @@ def main(argv):
     raise UsageError(f"unexpected arguments {' '.join(argv[1:])}; flags look like --name=value")
   cfg = configs()
   if F.mode in EXPORTING_MODES:
-    check_export_version(cfg["export"])
+    check_export_flags(cfg["export"])
   import tensorflow as tf
   tf.get_logger().setLevel("ERROR")
   logging.set_verbosity(logging.WARNING if F.verbose < 2 else logging.INFO)

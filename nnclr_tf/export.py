@@ -51,11 +51,11 @@ class ExportError(ValueError):
 
 
 def versions(model_base):
-  """Integer version directories under `<export_base>/<model_name>`, ascending."""
+  """Integer-named entries under `<export_base>/<model_name>`, ascending. Files count too, so the
+  next version never collides with a stray file of that name."""
   if not os.path.isdir(model_base):
     return []
-  return sorted(int(d) for d in os.listdir(model_base)
-                if d.isdigit() and os.path.isdir(os.path.join(model_base, d)))
+  return sorted(int(d) for d in os.listdir(model_base) if d.isdigit())
 
 
 def next_version(model_base):
@@ -79,8 +79,10 @@ def _move_into_place(tmp, model_base, version):
       os.rename(tmp, target)  # atomic; fails rather than replace a non-empty version
       return target
     except OSError as e:
-      if e.errno not in (errno.EEXIST, errno.ENOTEMPTY) or version:
+      if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
         raise
+      if version:
+        raise ExportError(f"{target} already exists; a served version is never overwritten")
 
 
 def _make_readable(path):
@@ -189,9 +191,10 @@ class _Servable(tf.Module):
     super().__init__(name=ENCODER if probe is None else CLASSIFIER)
     self.image_size = int(model.image_size)
     self.encoder = model.encoder
-    self.projector = model.projector
     self.probe = probe is not None
-    if probe is not None:
+    if probe is None:
+      self.projector = model.projector  # the classifier does not carry it
+    else:
       self.kernel = tf.Variable(probe.kernel, trainable=False, name="probe_kernel")
       self.bias = tf.Variable(probe.bias, trainable=False, name="probe_bias")
       self.feature_mean = tf.Variable(probe.feature_mean, trainable=False, name="feature_mean")

@@ -306,6 +306,9 @@ def test_crash_mid_export_leaves_no_version(tmp_path, monkeypatch):
   os.makedirs(os.path.join(base, "encoder", "1"))
   with pytest.raises(export.ExportError, match="already exists"):
     export.export_encoder(model, base, version=1)
+  (tmp_path / "file").write_text("")
+  with pytest.raises(export.ExportError, match="cannot write exports under"):
+    export.export_encoder(model, str(tmp_path / "file" / "export"))
 
   def crash(export_dir, model_name, image_size):
     assert os.path.exists(os.path.join(export_dir, "saved_model.pb"))  # mid-way, not before
