@@ -86,6 +86,14 @@ flags.DEFINE_integer("eval_batch_size", 256, "Batch size for feature extraction.
 flags.DEFINE_string("export_base", None, "TF Serving model base path (default <model_dir>/export).")
 flags.DEFINE_integer("export_version", 0, "Version to write; 0: one past the newest. An existing "
                      "version is never overwritten.")
+# Reliability (issue 6): bad inputs, reproducibility.
+flags.DEFINE_bool("skip_bad_images", True, "Leave undecodable image files out (counted in the "
+                  "results as skipped_images); --noskip_bad_images makes them an error.")
+flags.DEFINE_bool("deterministic", False, "TF op determinism: with --seed, reruns give identical "
+                  "losses and weights (slower).")
+
+EXIT_USAGE = 2     # a flag, file or model_dir problem; the message says what to change
+EXIT_DIVERGED = 3  # NaN/Inf loss; the last good checkpoint is kept
 
 
 class UsageError(Exception):
@@ -117,6 +125,7 @@ def configs():
     raise UsageError("--dataset=folder needs --image_dir=<folder of images>")
   if F.export_version < 0:
     raise UsageError(f"--export_version={F.export_version} must be >= 0 (0: the next version)")
+  _check_reliability_flags()
   for name in ("flip_prob", "jitter_prob", "grayscale_prob"):
     if not 0 <= getattr(F, name) <= 1:
       raise UsageError(f"--{name}={getattr(F, name)} must be a probability in [0, 1]")
@@ -124,7 +133,8 @@ def configs():
       data=c.DataConfig(dataset=F.dataset, image_dir=F.image_dir, eval_image_dir=F.eval_image_dir,
                         val_images=F.val_images, data_dir=F.data_dir, train_split=F.train_split,
                         eval_split=F.eval_split, image_size=F.image_size,
-                        cache_limit_mb=F.cache_limit_mb),
+                        cache_limit_mb=F.cache_limit_mb,
+                        skip_bad_images=F.skip_bad_images),
       augment=c.AugmentConfig(crop_scale=(F.crop_min_scale, 1.0), flip_prob=F.flip_prob,
                               jitter_prob=F.jitter_prob, brightness=F.brightness,
                               contrast=F.contrast, saturation=F.saturation, hue=F.hue,
@@ -151,8 +161,31 @@ def configs():
   )
 
 
-def prepare_model_dir(model_dir, model_config):
-  """Creates model_dir, refuses one that holds a different architecture, records the config."""
+def _check_reliability_flags():
+  import math
+  if not 1 <= F.nn_topk <= F.queue_size:
+    raise UsageError(f"--nn_topk={F.nn_topk} must be between 1 and --queue_size={F.queue_size}")
+  if not (math.isfinite(F.learning_rate) and F.learning_rate > 0):
+    raise UsageError(f"--learning_rate={F.learning_rate} must be a finite number > 0")
+  if F.keep_checkpoints < 1:
+    raise UsageError(f"--keep_checkpoints={F.keep_checkpoints} must be >= 1")
+  if F.checkpoint_every_steps < 0:
+    raise UsageError(f"--checkpoint_every_steps={F.checkpoint_every_steps} must be >= 0 "
+                     "(0: only at epoch ends)")
+
+
+def check_batch(cfg, strategy):
+  """Batch/queue/top-k consistency, before anything is built or written."""
+  from nnclr_tf import training
+  training.validate_batch(cfg["train"].batch_size, cfg["support"].queue_size,
+                          strategy.num_replicas_in_sync, cfg["support"].nn_topk)
+
+
+def prepare_model_dir(model_dir, model_config, model=None):
+  """Creates model_dir, refuses one that holds a different architecture, records the config.
+
+  A model_dir with a checkpoint but no model_config.json (written by the Python API) is checked
+  by loading the checkpoint into `model` when it is given; without it no config is recorded."""
   import json
   try:
     os.makedirs(model_dir, exist_ok=True)
@@ -166,15 +199,24 @@ def prepare_model_dir(model_dir, model_config):
   if os.path.exists(path):
     with open(path) as f:
       old = json.load(f)
-    diff = sorted(k for k in set(old) | set(model_config) if old.get(k) != model_config.get(k))
+    # Keras numbers model names per process (nnclr, nnclr_1, ...): not part of the architecture.
+    diff = sorted(k for k in set(old) | set(model_config)
+                  if k != "name" and old.get(k) != model_config.get(k))
     if diff:
       raise UsageError(
           f"--model_dir={model_dir} holds a model with different {', '.join(diff)} "
           f"({', '.join(f'{k}={old.get(k)!r}' for k in diff)}); use a new --model_dir or the "
           "same flags")
-  else:
+  elif model is not None or not _has_checkpoint(model_dir):
+    if model is not None:
+      from nnclr_tf import training
+      training.check_checkpoint_fits(model, model_dir)
     with open(path, "w") as f:
       json.dump(model_config, f, indent=2, sort_keys=True)
+
+
+def _has_checkpoint(model_dir):
+  return os.path.exists(os.path.join(model_dir, "checkpoint"))
 
 
 def build_model(cfg, strategy):
@@ -194,6 +236,10 @@ def knn_results(cfg, model, train, held):
   if held is None or not train.has_labels or not held.has_labels:
     logging.info("no labelled eval split: kNN skipped")
     return {}
+  if len(set(train.labels.tolist())) < 2:  # one class: every vote is right, a meaningless 100%
+    logging.warning("kNN skipped: the training images have a single class (%s)",
+                    ", ".join(train.class_names) or "0")
+    return {}
   e, size = cfg["eval"], cfg["data"].image_size
   num_classes = len(train.class_names) or int(max(train.labels.max(), held.labels.max())) + 1
   train_ds = data.eval_dataset(train, size, e.batch_size)
@@ -211,12 +257,11 @@ def knn_results(cfg, model, train, held):
 def run_pretrain(cfg, strategy):
   from nnclr_tf import data, distributed, export, training
   t = cfg["train"]
+  check_batch(cfg, strategy)
   model = build_model(cfg, strategy)
-  training.validate_batch(t.batch_size, model.support_set.size, strategy.num_replicas_in_sync,
-                          model.nn_topk)
   chief = distributed.is_chief(strategy)
   if chief:
-    prepare_model_dir(t.model_dir, model.get_config())
+    prepare_model_dir(t.model_dir, model.get_config(), model)
     with open(os.path.join(t.model_dir, "flags.txt"), "w") as f:
       f.write(F.flags_into_string())
   train, held = data.load_sources(cfg["data"], t.seed)
@@ -230,6 +275,7 @@ def run_pretrain(cfg, strategy):
   export_dir = export.export_encoder(model, e.base, e.version, e.warmup)
   results.update(knn_results(cfg, model, train, held))
   results.update(export_dir=export_dir, train_examples=len(train), skipped_images=train.skipped,
+                 skipped_eval_images=0 if held is None else held.skipped,
                  global_batch=t.batch_size, replicas=strategy.num_replicas_in_sync)
   training.write_json(os.path.join(t.model_dir, "pretrain_results.json"), results)
   return results
@@ -319,6 +365,8 @@ def main(argv):
   distributed.split_cpu(F.cpu_replicas)
   import json
   import keras
+  if F.deterministic:
+    tf.config.experimental.enable_op_determinism()
   if F.mixed_precision != "none":
     keras.mixed_precision.set_global_policy(
         {"bf16": "mixed_bfloat16", "fp16": "mixed_float16"}[F.mixed_precision])
@@ -333,13 +381,49 @@ def main(argv):
 def run_main(argv):
   from nnclr_tf.data import DataError
   from nnclr_tf.export import ExportError
-  from nnclr_tf.training import ConfigError
+  from nnclr_tf.training import ConfigError, NonFiniteLossError
   try:
     main(argv)
+  except NonFiniteLossError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(EXIT_DIVERGED)
   except (UsageError, DataError, ConfigError, ExportError, FileExistsError, RuntimeError) as e:
     print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(EXIT_USAGE)
+
+
+def parse_flags(argv):
+  """absl's parser, but a mistyped flag (on the command line or in a --flagfile) is one line and
+  exit code 2 instead of absl's usage text and exit code 1."""
+  try:
+    return F(argv)
+  except flags.Error as e:
+    print(f"error: {_flag_error(e, argv)}", file=sys.stderr)
+    sys.exit(EXIT_USAGE)
+
+
+def _flag_error(e, argv):
+  message = " ".join(str(e).split())
+  name = getattr(e, "flagname", None)
+  if isinstance(e, flags.UnrecognizedFlagError) and name:
+    where = ""
+    for arg in argv[1:]:
+      if arg.startswith("--flagfile="):
+        path = arg.split("=", 1)[1]
+        try:
+          with open(path) as f:
+            if any(line.strip().lstrip("-").split("=")[0] in (name, "no" + name) for line in f):
+              where = f" in --flagfile={path}"
+        except OSError:
+          pass
+    suggestions = message.split("Did you mean:", 1)
+    hint = f"did you mean --{suggestions[1].strip().rstrip('?').strip()}? " if len(
+        suggestions) > 1 else ""
+    return f"unknown flag --{name}{where}; {hint}see python run.py --helpfull"
+  if isinstance(e, flags.CantOpenFlagFileError):
+    return f"--flagfile: cannot open {message.split('flagfile: ', 1)[-1]}; check the path"
+  return f"{message}; see python run.py --helpfull"
 
 
 if __name__ == "__main__":
-  app.run(run_main)
+  app.run(run_main, flags_parser=parse_flags)
