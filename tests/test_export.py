@@ -322,7 +322,9 @@ def test_crash_mid_export_leaves_no_version(tmp_path, monkeypatch):
 
 
 def test_warmup_is_skipped_without_serving_api(tmp_path, monkeypatch):
-  monkeypatch.setitem(sys.modules, "tensorflow_serving", None)  # import raises ImportError
+  loaded = [m for m in sys.modules if m.startswith("tensorflow_serving.")]
+  for name in ["tensorflow_serving", *loaded]:
+    monkeypatch.setitem(sys.modules, name, None)  # importing it raises ImportError
   export._write_warmup(str(tmp_path), "encoder", 16)
   assert os.listdir(tmp_path) == []
 
