@@ -5,6 +5,7 @@
   python run.py --mode=linear_eval --flagfile=flags/quickstart.cfg
   python run.py --mode=finetune --label_fraction=0.1 --flagfile=flags/quickstart.cfg
   python run.py --mode=plots --flagfile=flags/quickstart.cfg
+  python run.py --mode=export --flagfile=flags/quickstart.cfg
 
 Flags become config dataclasses (nnclr_tf/config.py); library code never reads FLAGS.
 """
@@ -20,7 +21,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app, flags, logging  # noqa: E402
 
 F = flags.FLAGS
-MODES = ("pretrain", "knn_eval", "linear_eval", "finetune", "plots")
+MODES = ("pretrain", "knn_eval", "linear_eval", "finetune", "plots", "export")
 
 flags.DEFINE_enum("mode", "pretrain", MODES, "What to run.")
 flags.DEFINE_string("model_dir", "/tmp/nnclr", "Checkpoints, logs, exports and results go here.")
@@ -102,6 +103,19 @@ flags.DEFINE_bool("linear_random_init", True, "--mode=linear_eval: also probe th
 flags.DEFINE_bool("plots", True, "--mode=pretrain: write the plots into model_dir/plots at the end.")
 flags.DEFINE_integer("plot_tsne_points", 2000, "At most this many points in the t-SNE map.")
 
+# Export for TF Serving (issue 5): <export_base>/<encoder|classifier>/<version>/
+flags.DEFINE_string("export_base", None, "TF Serving model base path (default <model_dir>/export).")
+flags.DEFINE_integer("export_version", 0, "Version to write; 0: one past the newest. An existing "
+                     "version is never overwritten.")
+# Reliability (issue 6): bad inputs, reproducibility.
+flags.DEFINE_bool("skip_bad_images", True, "Leave undecodable image files out (counted in the "
+                  "results as skipped_images); --noskip_bad_images makes them an error.")
+flags.DEFINE_bool("deterministic", False, "TF op determinism: with --seed, reruns give identical "
+                  "losses and weights (slower).")
+
+EXIT_USAGE = 2     # a flag, file or model_dir problem; the message says what to change
+EXIT_DIVERGED = 3  # NaN/Inf loss; the last good checkpoint is kept
+
 
 class UsageError(Exception):
   pass
@@ -130,6 +144,9 @@ def configs():
     raise UsageError("--train_steps and --train_epochs must be >= 0")
   if F.dataset == "folder" and not F.image_dir:
     raise UsageError("--dataset=folder needs --image_dir=<folder of images>")
+  if F.export_version < 0:
+    raise UsageError(f"--export_version={F.export_version} must be >= 0 (0: the next version)")
+  _check_reliability_flags()
   for name in ("flip_prob", "jitter_prob", "grayscale_prob"):
     if not 0 <= getattr(F, name) <= 1:
       raise UsageError(f"--{name}={getattr(F, name)} must be a probability in [0, 1]")
@@ -137,7 +154,8 @@ def configs():
       data=c.DataConfig(dataset=F.dataset, image_dir=F.image_dir, eval_image_dir=F.eval_image_dir,
                         val_images=F.val_images, data_dir=F.data_dir, train_split=F.train_split,
                         eval_split=F.eval_split, image_size=F.image_size,
-                        cache_limit_mb=F.cache_limit_mb),
+                        cache_limit_mb=F.cache_limit_mb,
+                        skip_bad_images=F.skip_bad_images),
       augment=c.AugmentConfig(crop_scale=(F.crop_min_scale, 1.0), flip_prob=F.flip_prob,
                               jitter_prob=F.jitter_prob, brightness=F.brightness,
                               contrast=F.contrast, saturation=F.saturation, hue=F.hue,
@@ -159,11 +177,36 @@ def configs():
                           verbose=F.verbose),
       eval=c.EvalConfig(knn_k=F.knn_k, knn_temperature=F.knn_temperature,
                         batch_size=F.eval_batch_size),
+      export=c.ExportConfig(base=F.export_base or os.path.join(F.model_dir, "export"),
+                            version=F.export_version),
   )
 
 
-def prepare_model_dir(model_dir, model_config):
-  """Creates model_dir, refuses one that holds a different architecture, records the config."""
+def _check_reliability_flags():
+  import math
+  if not 1 <= F.nn_topk <= F.queue_size:
+    raise UsageError(f"--nn_topk={F.nn_topk} must be between 1 and --queue_size={F.queue_size}")
+  if not (math.isfinite(F.learning_rate) and F.learning_rate > 0):
+    raise UsageError(f"--learning_rate={F.learning_rate} must be a finite number > 0")
+  if F.keep_checkpoints < 1:
+    raise UsageError(f"--keep_checkpoints={F.keep_checkpoints} must be >= 1")
+  if F.checkpoint_every_steps < 0:
+    raise UsageError(f"--checkpoint_every_steps={F.checkpoint_every_steps} must be >= 0 "
+                     "(0: only at epoch ends)")
+
+
+def check_batch(cfg, strategy):
+  """Batch/queue/top-k consistency, before anything is built or written."""
+  from nnclr_tf import training
+  training.validate_batch(cfg["train"].batch_size, cfg["support"].queue_size,
+                          strategy.num_replicas_in_sync, cfg["support"].nn_topk)
+
+
+def prepare_model_dir(model_dir, model_config, model=None):
+  """Creates model_dir, refuses one that holds a different architecture, records the config.
+
+  A model_dir with a checkpoint but no model_config.json (written by the Python API) is checked
+  by loading the checkpoint into `model` when it is given; without it no config is recorded."""
   import json
   try:
     os.makedirs(model_dir, exist_ok=True)
@@ -177,15 +220,24 @@ def prepare_model_dir(model_dir, model_config):
   if os.path.exists(path):
     with open(path) as f:
       old = json.load(f)
-    diff = sorted(k for k in set(old) | set(model_config) if old.get(k) != model_config.get(k))
+    # Keras numbers model names per process (nnclr, nnclr_1, ...): not part of the architecture.
+    diff = sorted(k for k in set(old) | set(model_config)
+                  if k != "name" and old.get(k) != model_config.get(k))
     if diff:
       raise UsageError(
           f"--model_dir={model_dir} holds a model with different {', '.join(diff)} "
           f"({', '.join(f'{k}={old.get(k)!r}' for k in diff)}); use a new --model_dir or the "
           "same flags")
-  else:
+  elif model is not None or not _has_checkpoint(model_dir):
+    if model is not None:
+      from nnclr_tf import training
+      training.check_checkpoint_fits(model, model_dir)
     with open(path, "w") as f:
       json.dump(model_config, f, indent=2, sort_keys=True)
+
+
+def _has_checkpoint(model_dir):
+  return os.path.exists(os.path.join(model_dir, "checkpoint"))
 
 
 def build_model(cfg, strategy, online_probe_classes=0):
@@ -206,6 +258,10 @@ def knn_results(cfg, model, train, held):
   if held is None or not train.has_labels or not held.has_labels:
     logging.info("no labelled eval split: kNN skipped")
     return {}
+  if len(set(train.labels.tolist())) < 2:  # one class: every vote is right, a meaningless 100%
+    logging.warning("kNN skipped: the training images have a single class (%s)",
+                    ", ".join(train.class_names) or "0")
+    return {}
   e, size = cfg["eval"], cfg["data"].image_size
   num_classes = len(train.class_names) or int(max(train.labels.max(), held.labels.max())) + 1
   train_ds = data.eval_dataset(train, size, e.batch_size)
@@ -220,26 +276,18 @@ def knn_results(cfg, model, train, held):
   return out
 
 
-def next_version_dir(base):
-  versions = [int(d) for d in os.listdir(base) if d.isdigit()] if os.path.isdir(base) else []
-  return os.path.join(base, str(max(versions, default=0) + 1))
-
-
 def run_pretrain(cfg, strategy):
   from nnclr_tf import data, distributed, export, training
   t = cfg["train"]
+  check_batch(cfg, strategy)
   # The online probe's size comes from the data, so the data is loaded before the model is built.
-  training.validate_batch(t.batch_size, cfg["support"].queue_size, strategy.num_replicas_in_sync,
-                          cfg["support"].nn_topk)
   train, held = data.load_sources(cfg["data"], t.seed)
   logging.info("training on %d images (%s), %d held out, %d unreadable skipped", len(train),
                train.name, 0 if held is None else len(held), train.skipped)
-  model = build_model(cfg, strategy, online_probe_classes(train))
-  training.validate_batch(t.batch_size, model.support_set.size, strategy.num_replicas_in_sync,
-                          model.nn_topk)
+  model = build_model(cfg, strategy, online_probe_classes(train, t.model_dir, strategy))
   chief = distributed.is_chief(strategy)
   if chief:
-    prepare_model_dir(t.model_dir, model.get_config())
+    prepare_model_dir(t.model_dir, model.get_config(), model)
     with open(os.path.join(t.model_dir, "flags.txt"), "w") as f:
       f.write(F.flags_into_string())
   curves = curve_logger(t, train, strategy)
@@ -248,12 +296,13 @@ def run_pretrain(cfg, strategy):
   results["online_probe_acc"] = curves.last_logs.get("online_probe_acc")
   if not chief:
     return results
-  export_dir = next_version_dir(os.path.join(t.model_dir, "export", "encoder"))
-  export.export_encoder(model.encoder, cfg["data"].image_size, export_dir)
+  e = cfg["export"]
+  export_dir = export.export_encoder(model, e.base, e.version, e.warmup)
   results.update(knn_results(cfg, model, train, held))
   if F.plots:
     results["plots"] = write_plots(cfg, model, train, held, results["steps"])
   results.update(export_dir=export_dir, train_examples=len(train), skipped_images=train.skipped,
+                 skipped_eval_images=0 if held is None else held.skipped,
                  global_batch=t.batch_size, replicas=strategy.num_replicas_in_sync)
   training.write_json(os.path.join(t.model_dir, "pretrain_results.json"), results)
   return results
@@ -277,11 +326,25 @@ def run_knn_eval(cfg, strategy):
 
 # --- Evaluation modes: linear_eval, finetune, plots (issue 4) ------------------------------------
 
-def online_probe_classes(train):
-  """Number of classes for the online probe: 0 (off) without --online_probe or without labels."""
+def online_probe_classes(train, model_dir, strategy):
+  """Classes of the online probe; 0 (off) without --online_probe or without labels.
+
+  A resumed run keeps what its checkpoint holds (a probe of its size, or none), so that turning
+  the flag on for a model_dir pretrained without it, or a different label count, never breaks
+  the restore; a new run sizes the probe from the training labels."""
   import numpy as np
+  import tensorflow as tf
+  from nnclr_tf import distributed
   if not F.online_probe:
     return 0
+  latest = tf.train.latest_checkpoint(distributed.worker_dir(model_dir, strategy))
+  if latest:
+    try:
+      kernels = [shape for name, shape in tf.train.list_variables(latest)
+                 if name.startswith("model/online_probe/") and "kernel" in name]
+      return int(kernels[0][-1]) if kernels else 0
+    except (tf.errors.OpError, ValueError):
+      pass  # an unreadable checkpoint: the restore reports it
   labels = getattr(train, "labels", None)
   if labels is None:  # a streamed tfds split
     return len(train.class_names) if train.has_labels else 0
@@ -409,10 +472,67 @@ def run_plots(cfg, strategy):
   return {"plots": write_plots(cfg, model, train, held, step), "checkpoint": latest}
 
 
+# Export for TF Serving (issue 5)
+EXPORTING_MODES = ("pretrain", "export")
+
+
+def check_export_flags(e):
+  """Refuses an unwritable --export_base or an existing --export_version before any work."""
+  import tempfile
+  from nnclr_tf import export
+  if F.export_base:
+    try:
+      os.makedirs(e.base, exist_ok=True)
+      probe = tempfile.mkdtemp(prefix=".write_test-", dir=e.base)
+      os.rmdir(probe)
+    except OSError as err:
+      raise UsageError(f"--export_base={e.base} is not writable ({err.strerror}); choose another")
+  if not e.version:
+    return
+  for name in (export.ENCODER, export.CLASSIFIER):
+    path = export.version_path(e.base, name, e.version)
+    if os.path.exists(path):
+      nxt = max(export.next_version(os.path.join(e.base, n))
+                for n in (export.ENCODER, export.CLASSIFIER))
+      raise UsageError(f"--export_version={e.version}: {path} already exists and a served version "
+                       f"is never overwritten; omit --export_version (next free: {nxt}) or choose "
+                       "another --export_base")
+
+
+def run_export(cfg, strategy):
+  """Encoder (and, when linear_eval has written its probe, classifier) SavedModels of the latest
+  checkpoint, in TF Serving's layout."""
+  import tensorflow as tf
+  from nnclr_tf import export, training
+  t, e = cfg["train"], cfg["export"]
+  latest = tf.train.latest_checkpoint(t.model_dir)
+  if not latest:
+    raise UsageError(f"--model_dir={t.model_dir} holds no checkpoint; run --mode=pretrain first")
+  model = build_model(cfg, strategy)
+  prepare_model_dir(t.model_dir, model.get_config())
+  status = tf.train.Checkpoint(model=model).restore(latest)
+  status.assert_existing_objects_matched().expect_partial()  # the optimizer is not needed
+  out = {"encoder": export.export_encoder(model, e.base, e.version, e.warmup)}
+  probe = os.path.join(t.model_dir, export.PROBE_FILE)
+  if os.path.exists(probe):
+    out["classifier"] = export.export_classifier(model, probe, e.base, e.version, e.warmup)
+  else:
+    logging.warning("no linear probe at %s: classifier not exported (run --mode=linear_eval)",
+                    probe)
+  results = {"checkpoint": latest}
+  for name, path in out.items():
+    results[f"{name}_export_dir"] = path
+    results[f"{name}_export_bytes"] = export.dir_size(path)
+  training.write_json(os.path.join(t.model_dir, "export_results.json"), results)
+  return results
+
+
 def main(argv):
   if len(argv) > 1:
     raise UsageError(f"unexpected arguments {' '.join(argv[1:])}; flags look like --name=value")
   cfg = configs()
+  if F.mode in EXPORTING_MODES:
+    check_export_flags(cfg["export"])
   import tensorflow as tf
   tf.get_logger().setLevel("ERROR")
   logging.set_verbosity(logging.WARNING if F.verbose < 2 else logging.INFO)
@@ -420,6 +540,8 @@ def main(argv):
   distributed.split_cpu(F.cpu_replicas)
   import json
   import keras
+  if F.deterministic:
+    tf.config.experimental.enable_op_determinism()
   if F.mixed_precision != "none":
     keras.mixed_precision.set_global_policy(
         {"bf16": "mixed_bfloat16", "fp16": "mixed_float16"}[F.mixed_precision])
@@ -427,19 +549,57 @@ def main(argv):
   logging.info("strategy %s with %d replicas", type(strategy).__name__,
                strategy.num_replicas_in_sync)
   results = {"pretrain": run_pretrain, "knn_eval": run_knn_eval, "linear_eval": run_linear_eval,
-             "finetune": run_finetune, "plots": run_plots}[F.mode](cfg, strategy)
+             "finetune": run_finetune, "plots": run_plots,
+             "export": run_export}[F.mode](cfg, strategy)
   print(json.dumps(results, sort_keys=True))
 
 
 def run_main(argv):
   from nnclr_tf.data import DataError
-  from nnclr_tf.training import ConfigError
+  from nnclr_tf.export import ExportError
+  from nnclr_tf.training import ConfigError, NonFiniteLossError
   try:
     main(argv)
-  except (UsageError, DataError, ConfigError, FileExistsError, RuntimeError) as e:
+  except NonFiniteLossError as e:
     print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(EXIT_DIVERGED)
+  except (UsageError, DataError, ConfigError, ExportError, FileExistsError, RuntimeError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(EXIT_USAGE)
+
+
+def parse_flags(argv):
+  """absl's parser, but a mistyped flag (on the command line or in a --flagfile) is one line and
+  exit code 2 instead of absl's usage text and exit code 1."""
+  try:
+    return F(argv)
+  except flags.Error as e:
+    print(f"error: {_flag_error(e, argv)}", file=sys.stderr)
+    sys.exit(EXIT_USAGE)
+
+
+def _flag_error(e, argv):
+  message = " ".join(str(e).split())
+  name = getattr(e, "flagname", None)
+  if isinstance(e, flags.UnrecognizedFlagError) and name:
+    where = ""
+    for arg in argv[1:]:
+      if arg.startswith("--flagfile="):
+        path = arg.split("=", 1)[1]
+        try:
+          with open(path) as f:
+            if any(line.strip().lstrip("-").split("=")[0] in (name, "no" + name) for line in f):
+              where = f" in --flagfile={path}"
+        except OSError:
+          pass
+    suggestions = message.split("Did you mean:", 1)
+    hint = f"did you mean --{suggestions[1].strip().rstrip('?').strip()}? " if len(
+        suggestions) > 1 else ""
+    return f"unknown flag --{name}{where}; {hint}see python run.py --helpfull"
+  if isinstance(e, flags.CantOpenFlagFileError):
+    return f"--flagfile: cannot open {message.split('flagfile: ', 1)[-1]}; check the path"
+  return f"{message}; see python run.py --helpfull"
 
 
 if __name__ == "__main__":
-  app.run(run_main)
+  app.run(run_main, flags_parser=parse_flags)

@@ -18,7 +18,9 @@ setup(
         "matplotlib>=3.8,<4",
     ],
     extras_require={
-        "test": ["pytest>=8,<10", "pytest-timeout>=2.3,<3"],
+        # tensorflow-serving-api writes the exports' warm-up requests (skipped with a warning
+        # without it) and the tests parse them; it needs nothing beyond what tensorflow pins.
+        "test": ["pytest>=8,<10", "pytest-timeout>=2.3,<3", "tensorflow-serving-api>=2.21,<2.22"],
         "serving": ["tensorflow-serving-api>=2.21,<2.22"],
     },
 )

@@ -103,3 +103,11 @@ def to_dict(*configs) -> dict:
 
 def dumps(*configs) -> str:
   return json.dumps(to_dict(*configs), indent=2, sort_keys=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportConfig:
+  """TF Serving exports: `<base>/<encoder|classifier>/<version>/`."""
+  base: str = "/tmp/nnclr/export"  # run.py: --export_base, default <model_dir>/export
+  version: int = 0                 # 0: one past the newest; an existing version is refused
+  warmup: bool = True              # write assets.extra/tf_serving_warmup_requests

@@ -157,9 +157,45 @@ def decode_image(data):
   return image
 
 
-def cache_decoded(source, size, limit_mb):
+def decode_error(path):
+  """Why `path` cannot be decoded (one line), or None when it decodes."""
+  try:
+    decode_image(tf.io.read_file(path))
+  except (tf.errors.OpError, ValueError) as e:
+    message = getattr(e, "message", str(e))
+    # Eager errors carry a "{{function_node ...}} " prefix and an " [Op:...]" suffix.
+    message = message.split("}} ")[-1].split(" [Op:")[0]
+    return " ".join(message.split()) or type(e).__name__
+  return None
+
+
+def _drop_bad(source, good_idx, skip_bad):
+  """The subset of `source` at `good_idx`; the others are undecodable files: counted and logged
+  as skipped, or a DataError naming the first of them when `skip_bad` is False."""
+  from absl import logging
+  bad = np.setdiff1d(np.arange(len(source)), good_idx)
+  if not len(bad):
+    return source
+  first = str(source.paths[bad[0]])
+  reason = decode_error(first) or "unreadable"
+  more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+  if len(bad) == len(source):
+    raise DataError(f"none of the {len(source)} images in {source.name!r} could be decoded, "
+                    f"e.g. {first}: {reason}; check the folder")
+  if not skip_bad:
+    raise DataError(f"{first}: cannot decode ({reason}){more}; remove or replace it, or pass "
+                    "--skip_bad_images to leave unreadable images out")
+  logging.warning("skipped %d unreadable image(s) in %s, e.g. %s: %s", len(bad), source.name,
+                  first, reason)
+  out = source.subset(good_idx)
+  out.skipped = source.skipped + len(bad)
+  return out
+
+
+def cache_decoded(source, size, limit_mb, skip_bad=True):
   """Decodes a file source into memory at size x size when it fits `limit_mb`; unreadable files
-  are left out and counted in `skipped`. Returns the source unchanged when it does not fit."""
+  are left out and counted in `skipped` (or raise a DataError when `skip_bad` is False). Returns
+  the source unchanged when it does not fit."""
   if source.images is not None or len(source) * size * size * 3 > limit_mb * 2 ** 20:
     return source
   ds = tf.data.Dataset.from_tensor_slices((np.arange(len(source)), source.paths))
@@ -174,13 +210,25 @@ def cache_decoded(source, size, limit_mb):
   for i, im in ds.as_numpy_iterator():
     idx.append(i)
     images.append(im)
-  if not idx:
-    raise DataError(f"none of the {len(source)} images in {source.name!r} could be decoded")
-  idx = np.concatenate(idx)
-  out = source.subset(idx)
+  idx = np.concatenate(idx) if idx else np.zeros([0], np.int64)
+  out = _drop_bad(source, idx, skip_bad)
+  if out is source:
+    out = source.subset(idx)
   out.images, out.paths = np.concatenate(images), None
-  out.skipped = source.skipped + len(source) - len(idx)
   return out
+
+
+def check_decodable(source, skip_bad=True):
+  """For a source decoded lazily during training (too large to cache): decodes every file once up
+  front, so that a corrupt file is skipped (and counted) or reported by name here instead of
+  failing the input pipeline hours into training. Costs one decode pass over the folder."""
+  if source.paths is None:
+    return source
+  ds = tf.data.Dataset.from_tensor_slices((np.arange(len(source)), source.paths))
+  ds = ds.map(lambda i, path: (i, tf.shape(decode_image(tf.io.read_file(path)))[0]),
+              num_parallel_calls=AUTOTUNE).ignore_errors().batch(4096)
+  idx = [i for i, _ in ds.as_numpy_iterator()]
+  return _drop_bad(source, np.concatenate(idx) if idx else np.zeros([0], np.int64), skip_bad)
 
 
 def tfds_source(name, split, data_dir, size, limit_mb):
@@ -235,11 +283,12 @@ def load_sources(cfg: DataConfig, seed=0):
   if cfg.dataset == "digits":
     train, held = digits_source(), None
   elif cfg.dataset == "folder":
-    train = cache_decoded(folder_source(cfg.image_dir), cfg.image_size, cfg.cache_limit_mb)
-    held = None
-    if cfg.eval_image_dir:
-      held = cache_decoded(folder_source(cfg.eval_image_dir, "--eval_image_dir"),
-                           cfg.image_size, cfg.cache_limit_mb)
+    def load(image_dir, flag):
+      source = cache_decoded(folder_source(image_dir, flag), cfg.image_size, cfg.cache_limit_mb,
+                             cfg.skip_bad_images)
+      return check_decodable(source, cfg.skip_bad_images)  # no-op once cached
+    train = load(cfg.image_dir, "--image_dir")
+    held = load(cfg.eval_image_dir, "--eval_image_dir") if cfg.eval_image_dir else None
   else:
     train = tfds_source(cfg.dataset, cfg.train_split, cfg.data_dir, cfg.image_size,
                         cfg.cache_limit_mb)

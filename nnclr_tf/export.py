@@ -1,46 +1,314 @@
-"""SavedModel export of the encoder for TF Serving."""
+"""SavedModel exports that TF Serving loads as they are: the encoder and the probe classifier.
+
+Layout (TF Serving's model base path): `<export_base>/<model_name>/<version>/` with
+`saved_model.pb`, `variables/` and `assets.extra/tf_serving_warmup_requests`; versions are
+integers, a new export takes the next one and never overwrites an old one. Each version is written
+into a hidden temporary sibling (`.tmp-...`, which TF Serving ignores because it is not an integer)
+and renamed into place, so a server never sees a half-written version.
+
+Signatures (identical inputs for both models):
+  serving_default    images       uint8  [N, H, W, 3], any H, W
+  serve_image_bytes  image_bytes  string [N], JPEG/PNG/GIF/BMP, gray/RGBA/palette allowed
+Outputs:
+  encoder     features float32 [N, D] (backbone), projection float32 [N, d] (L2-normalised z)
+  classifier  probabilities float32 [N, C], class_ids int64 [N], class_names string [N]
+
+Images are preprocessed inside the graph as `data.eval_dataset` does (uint8 -> float [0, 1],
+bilinear resize to the training size, clip); the backbone standardises internally. Loading or
+running an export needs only TensorFlow, no nnclr_tf.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 import os
 import shutil
 import tempfile
+from typing import Tuple
 
+import numpy as np
 import tensorflow as tf
 
+from nnclr_tf import augment
+from nnclr_tf.data import decode_image
 
-class _EncoderModule(tf.Module):
-
-  def __init__(self, encoder, image_size):
-    super().__init__()
-    self.encoder = encoder
-    self.image_size = image_size
-
-  @tf.function
-  def serve(self, images):
-    x = tf.image.convert_image_dtype(images, tf.float32)
-    x = tf.image.resize(x, [self.image_size, self.image_size], method="bilinear")
-    return {"features": tf.cast(self.encoder(x, training=False), tf.float32)}
+ENCODER = "encoder"
+CLASSIFIER = "classifier"
+IMAGES_SIGNATURE = "serving_default"
+BYTES_SIGNATURE = "serve_image_bytes"
+WARMUP_FILE = os.path.join("assets.extra", "tf_serving_warmup_requests")
+# The Evaluation helper's linear probe, relative to model_dir (see `load_probe` for the contract).
+PROBE_FILE = os.path.join("linear_probe", "probe.npz")
 
 
-def export_encoder(encoder, image_size, export_dir):
-  """Writes a SavedModel whose `serving_default` maps `images` uint8 [N, S, S, 3] to `features`.
+class ExportError(ValueError):
+  """A refused export (existing version, bad probe file, unwritable base); the message says why."""
 
-  The model is written to a temporary sibling folder and renamed into place, so a crash never
-  leaves a half-written version that a server would load.
-  """
-  module = _EncoderModule(encoder, image_size)
-  spec = tf.TensorSpec([None, image_size, image_size, 3], tf.uint8, name="images")
-  signature = module.serve.get_concrete_function(spec)
-  parent = os.path.dirname(os.path.abspath(export_dir))
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=".tmp-export-", dir=parent)
+
+# ----------------------------------------------------------------------------------------------
+# Versions
+
+
+def versions(model_base):
+  """Integer-named entries under `<export_base>/<model_name>`, ascending. Files count too, so the
+  next version never collides with a stray file of that name."""
+  if not os.path.isdir(model_base):
+    return []
+  return sorted(int(d) for d in os.listdir(model_base) if d.isdigit())
+
+
+def next_version(model_base):
+  return max(versions(model_base), default=0) + 1
+
+
+def version_path(export_base, model_name, version):
+  return os.path.join(export_base, model_name, str(int(version)))
+
+
+def _move_into_place(tmp, model_base, version):
+  """Renames `tmp` to the requested version (or the next free one when version is 0)."""
+  while True:
+    v = version or next_version(model_base)
+    target = os.path.join(model_base, str(v))
+    if os.path.exists(target):
+      if version:
+        raise ExportError(f"{target} already exists; a served version is never overwritten")
+      continue  # another exporter took it between the listing and here
+    try:
+      os.rename(tmp, target)  # atomic; fails rather than replace a non-empty version
+      return target
+    except OSError as e:
+      if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+        raise
+      if version:
+        raise ExportError(f"{target} already exists; a served version is never overwritten")
+
+
+def _make_readable(path):
+  # mkdtemp creates 0700; a server running as another user (e.g. in a container) must read it.
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(path, 0o777 & ~umask)
+
+
+def _save_versioned(module, signatures, export_base, model_name, version, warmup):
+  model_base = os.path.join(export_base, model_name)
+  if version and os.path.exists(os.path.join(model_base, str(version))):
+    raise ExportError(f"{os.path.join(model_base, str(version))} already exists; a served "
+                      "version is never overwritten")
   try:
-    tf.saved_model.save(module, tmp, signatures={"serving_default": signature})
-    if os.path.exists(export_dir):
-      raise FileExistsError(f"export {export_dir} already exists; refusing to overwrite it")
-    os.rename(tmp, export_dir)
+    os.makedirs(model_base, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".tmp-{model_name}-", dir=model_base)
+  except OSError as e:
+    raise ExportError(f"cannot write exports under {export_base} ({e.strerror}); choose another "
+                      "export base") from None
+  try:
+    _make_readable(tmp)
+    tf.saved_model.save(module, tmp, signatures=signatures)
+    if warmup:
+      _write_warmup(tmp, model_name, module.image_size)
+    return _move_into_place(tmp, model_base, version)
   finally:
     if os.path.exists(tmp):
       shutil.rmtree(tmp, ignore_errors=True)
-  return export_dir
+
+
+def dir_size(path):
+  """Bytes on disk of every file under `path`."""
+  return sum(os.path.getsize(os.path.join(root, f))
+             for root, _, files in os.walk(path) for f in files)
+
+
+# ----------------------------------------------------------------------------------------------
+# The linear probe written by linear_eval
+
+
+@dataclasses.dataclass(frozen=True)
+class Probe:
+  """logits = ((features - feature_mean) / feature_std) @ kernel + bias, on backbone features."""
+  kernel: np.ndarray          # float32 [D, C]
+  bias: np.ndarray            # float32 [C]
+  feature_mean: np.ndarray    # float32 [D]
+  feature_std: np.ndarray     # float32 [D]
+  class_names: Tuple[str, ...]
+  image_size: int
+
+  def logits(self, features):
+    f = (np.asarray(features, np.float32) - self.feature_mean) / self.feature_std
+    return f @ self.kernel + self.bias
+
+
+def load_probe(path):
+  """Reads `model_dir/linear_probe/probe.npz`: kernel [D, C], bias [C], feature_mean [D],
+  feature_std [D] (float32), class_names (str, length C), image_size (int scalar)."""
+  try:
+    with np.load(path, allow_pickle=False) as z:
+      arrays = {k: z[k] for k in z.files}
+  except (OSError, ValueError) as e:
+    raise ExportError(f"cannot read the linear probe {path} ({e}); run --mode=linear_eval to "
+                      "write it") from None
+  need = ("kernel", "bias", "feature_mean", "feature_std", "class_names", "image_size")
+  missing = [k for k in need if k not in arrays]
+  if missing:
+    raise ExportError(f"linear probe {path} lacks {', '.join(missing)}; re-run --mode=linear_eval")
+  kernel = arrays["kernel"].astype(np.float32)
+  if kernel.ndim != 2:
+    raise ExportError(f"linear probe {path}: kernel must be [D, C], got shape {kernel.shape}")
+  d, c = kernel.shape
+  probe = Probe(kernel=kernel, bias=arrays["bias"].astype(np.float32),
+                feature_mean=arrays["feature_mean"].astype(np.float32),
+                feature_std=arrays["feature_std"].astype(np.float32),
+                class_names=tuple(str(n) for n in np.ravel(arrays["class_names"])),
+                image_size=int(arrays["image_size"]))
+  shapes = dict(bias=(probe.bias.shape, (c,)), feature_mean=(probe.feature_mean.shape, (d,)),
+                feature_std=(probe.feature_std.shape, (d,)),
+                class_names=((len(probe.class_names),), (c,)))
+  bad = [f"{k} {got} (want {want})" for k, (got, want) in shapes.items() if got != want]
+  if bad:
+    raise ExportError(f"linear probe {path} is inconsistent with kernel [{d}, {c}]: "
+                      f"{'; '.join(bad)}")
+  if not np.all(probe.feature_std > 0):
+    raise ExportError(f"linear probe {path}: feature_std must be > 0")
+  return probe
+
+
+# ----------------------------------------------------------------------------------------------
+# The servable graph
+
+
+def preprocess(images, image_size):
+  """uint8 [N, H, W, 3] -> float [N, S, S, 3] in [0, 1]: `augment.center_resize` on a batch."""
+  x = tf.image.convert_image_dtype(images, tf.float32)
+  x = tf.image.resize(x, [image_size, image_size], method="bilinear")
+  return tf.clip_by_value(x, 0.0, 1.0)
+
+
+class _Servable(tf.Module):
+  """Encoder (+ projector, + optional linear probe) behind the two serving signatures."""
+
+  def __init__(self, model, probe=None):
+    super().__init__(name=ENCODER if probe is None else CLASSIFIER)
+    self.image_size = int(model.image_size)
+    self.encoder = model.encoder
+    self.probe = probe is not None
+    if probe is None:
+      self.projector = model.projector  # the classifier does not carry it
+    else:
+      self.kernel = tf.Variable(probe.kernel, trainable=False, name="probe_kernel")
+      self.bias = tf.Variable(probe.bias, trainable=False, name="probe_bias")
+      self.feature_mean = tf.Variable(probe.feature_mean, trainable=False, name="feature_mean")
+      self.feature_std = tf.Variable(probe.feature_std, trainable=False, name="feature_std")
+      self.class_names = tf.Variable(list(probe.class_names), trainable=False, name="class_names")
+
+  def _outputs(self, x):
+    h = self.encoder(x, training=False)
+    features = tf.cast(h, tf.float32)
+    if not self.probe:
+      z = self.projector(h, training=False)
+      return {"features": features,
+              "projection": tf.math.l2_normalize(tf.cast(z, tf.float32), axis=-1)}
+    logits = tf.matmul((features - self.feature_mean) / self.feature_std, self.kernel) + self.bias
+    class_ids = tf.argmax(logits, axis=-1, output_type=tf.int64)
+    return {"probabilities": tf.nn.softmax(logits, axis=-1), "class_ids": class_ids,
+            "class_names": tf.gather(self.class_names, class_ids)}
+
+  @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")])
+  def serve_images(self, images):
+    return self._outputs(preprocess(images, self.image_size))
+
+  @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
+  def serve_image_bytes(self, image_bytes):
+    size = self.image_size
+
+    def one(data):  # the file path of data.eval_dataset: decode, then center_resize
+      image = tf.image.convert_image_dtype(decode_image(data), tf.float32)
+      return augment.center_resize(image, size)
+
+    x = tf.map_fn(one, image_bytes, fn_output_signature=tf.TensorSpec([size, size, 3], tf.float32))
+    return self._outputs(x)
+
+  def signatures(self):
+    return {IMAGES_SIGNATURE: self.serve_images.get_concrete_function(),
+            BYTES_SIGNATURE: self.serve_image_bytes.get_concrete_function()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Serving warm-up
+
+
+def warmup_inputs(image_size, seed=0):
+  """(signature_name, {input: numpy array}) pairs: a few requests shaped like real traffic."""
+  rng = np.random.default_rng(seed)
+  s = image_size
+
+  def images(n, h, w):
+    return rng.integers(0, 256, (n, h, w, 3), dtype=np.uint8)
+
+  def encoded(image, fmt):
+    enc = tf.io.encode_png if fmt == "png" else tf.io.encode_jpeg
+    return enc(tf.constant(image)).numpy()
+
+  return [
+      (IMAGES_SIGNATURE, {"images": images(1, s, s)}),
+      (IMAGES_SIGNATURE, {"images": images(8, s, s)}),
+      (IMAGES_SIGNATURE, {"images": images(2, 2 * s, 3 * s // 2)}),  # a client sending raw photos
+      (BYTES_SIGNATURE, {"image_bytes": np.array([encoded(im, "png") for im in images(2, s, s)],
+                                                 dtype=object)}),
+      (BYTES_SIGNATURE, {"image_bytes": np.array([encoded(images(1, 2 * s, 2 * s)[0], "jpeg")],
+                                                 dtype=object)}),
+  ]
+
+
+def _write_warmup(export_dir, model_name, image_size):
+  """`assets.extra/tf_serving_warmup_requests`: PredictionLog records TF Serving replays at load,
+  so the first real request does not pay for graph initialisation."""
+  try:
+    from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
+  except ImportError:
+    tf.get_logger().warning("tensorflow-serving-api is not installed: %s written without warm-up "
+                            "requests (pip install tensorflow-serving-api)", export_dir)
+    return
+  path = os.path.join(export_dir, WARMUP_FILE)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with tf.io.TFRecordWriter(path) as writer:
+    for signature, inputs in warmup_inputs(image_size):
+      request = predict_pb2.PredictRequest()
+      request.model_spec.name = model_name
+      request.model_spec.signature_name = signature
+      for key, value in inputs.items():
+        request.inputs[key].CopyFrom(tf.make_tensor_proto(value))
+      log = prediction_log_pb2.PredictionLog(
+          predict_log=prediction_log_pb2.PredictLog(request=request))
+      writer.write(log.SerializeToString())
+
+
+# ----------------------------------------------------------------------------------------------
+# Public API
+
+
+def export_encoder(model, export_base, version=0, warmup=True):
+  """Writes `<export_base>/encoder/<version>/` from an NNCLR model (encoder + projector).
+
+  version 0 takes the next free integer; an existing version raises ExportError. Returns the path.
+  """
+  module = _Servable(model)
+  return _save_versioned(module, module.signatures(), export_base, ENCODER, version, warmup)
+
+
+def export_classifier(model, probe, export_base, version=0, warmup=True):
+  """Writes `<export_base>/classifier/<version>/`: the encoder followed by the linear probe.
+
+  `probe` is a `Probe` or the path of `model_dir/linear_probe/probe.npz`. Returns the path.
+  """
+  if not isinstance(probe, Probe):
+    probe = load_probe(probe)
+  dim = int(model.encoder.output.shape[-1])
+  if probe.kernel.shape[0] != dim:
+    raise ExportError(f"the linear probe takes {probe.kernel.shape[0]}-d features but the "
+                      f"backbone gives {dim}-d; re-run --mode=linear_eval on this model")
+  if probe.image_size != int(model.image_size):
+    raise ExportError(f"the linear probe was trained at image_size {probe.image_size} but the "
+                      f"model at {model.image_size}; re-run --mode=linear_eval on this model")
+  module = _Servable(model, probe)
+  return _save_versioned(module, module.signatures(), export_base, CLASSIFIER, version, warmup)

@@ -7,6 +7,7 @@ import os
 import time
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from nnclr_tf import data as data_lib
@@ -18,6 +19,10 @@ from nnclr_tf.schedules import WarmupCosine, scaled_learning_rate
 
 class ConfigError(ValueError):
   """A user-facing configuration problem: the message names the flag and the fix."""
+
+
+class NonFiniteLossError(RuntimeError):
+  """Training produced a NaN/Inf loss or state; the message names the step and the checkpoint kept."""
 
 
 def build_optimizer(cfg: OptimConfig, variables, global_batch, total_steps, steps_per_epoch):
@@ -62,29 +67,104 @@ def make_checkpoint(model):
 
 
 def restore_latest(model, ckpt_dir):
-  """Restores the newest checkpoint in ckpt_dir, if any. Returns its path or None."""
+  """Restores the newest checkpoint in ckpt_dir, if any. Returns its path or None.
+
+  A checkpoint of a different architecture is refused with a ConfigError (nothing is written)."""
   latest = tf.train.latest_checkpoint(ckpt_dir)
   if latest:
-    make_checkpoint(model).restore(latest).assert_existing_objects_matched()
+    try:
+      make_checkpoint(model).restore(latest).assert_existing_objects_matched()
+    except (ValueError, AssertionError, tf.errors.OpError) as e:
+      raise _does_not_fit(ckpt_dir, latest, e) from None
   return latest
+
+
+def check_checkpoint_fits(model, ckpt_dir):
+  """Raises ConfigError when ckpt_dir's newest checkpoint is not of `model`'s architecture (it
+  loads the model's part of the checkpoint into `model`, which a resume does anyway)."""
+  latest = tf.train.latest_checkpoint(ckpt_dir)
+  if latest:
+    try:
+      tf.train.Checkpoint(model=model).read(latest).assert_existing_objects_matched() \
+          .expect_partial()
+    except (ValueError, AssertionError, tf.errors.OpError) as e:
+      raise _does_not_fit(ckpt_dir, latest, e) from None
+  return latest
+
+
+def _does_not_fit(ckpt_dir, latest, error):
+  reason = " ".join(str(error).split())[:300]
+  return ConfigError(f"--model_dir={ckpt_dir} holds {os.path.basename(latest)}, which does not "
+                     f"fit this model ({reason}); use a new --model_dir or the flags it was "
+                     "trained with")
+
+
+def state_is_finite(model):
+  """True when every float variable of the model (incl. support set) and optimizer is finite."""
+  variables = list(model.weights) + list(getattr(model.optimizer, "variables", []))
+  for v in variables:
+    if "float" in str(v.dtype):
+      if not bool(tf.reduce_all(tf.math.is_finite(tf.convert_to_tensor(v)))):
+        return False
+  return True
+
+
+class NonFiniteGuard(keras.callbacks.Callback):
+  """Stops training at the first non-finite loss and remembers the step.
+
+  It must come before CheckpointCallback in the callback list: that callback asks it whether the
+  state is still good before every save, so a NaN state never replaces the last good checkpoint
+  (Keras still calls on_epoch_end after stop_training is set)."""
+
+  def __init__(self):
+    super().__init__()
+    self.bad_step = None
+    self.reason = ""
+
+  @property
+  def tripped(self):
+    return self.bad_step is not None
+
+  def trip(self, reason):
+    if self.bad_step is None:
+      self.bad_step = int(self.model.optimizer.iterations.numpy())
+      self.reason = reason
+    self.model.stop_training = True
+
+  def on_train_batch_end(self, batch, logs=None):
+    loss = (logs or {}).get("loss")
+    if loss is not None and not np.isfinite(float(loss)):
+      self.trip(f"the loss is {float(loss)}")
 
 
 class CheckpointCallback(keras.callbacks.Callback):
   """Saves (model incl. support set, optimizer incl. step) every N steps and at each epoch end."""
 
-  def __init__(self, model_dir, every_steps=0, keep=3):
+  def __init__(self, model_dir, every_steps=0, keep=3, guard=None):
     super().__init__()
     self.model_dir = model_dir
     self.every_steps = every_steps
     self.keep = keep
     self.manager = None
+    self.guard = guard  # a NonFiniteGuard: no save once it has tripped
 
   def on_train_begin(self, logs=None):
     if self.manager is None:
+      # Crash safety: tf.train.CheckpointManager writes the shards into ckpt-N_temp/, merges them
+      # into ckpt-N.{index,data}, and only then rewrites the `checkpoint` state file atomically
+      # (temp file + rename), so a kill at any moment leaves the state file naming the previous
+      # complete checkpoint. An orphaned ckpt-N_temp/ from such a kill is removed here.
+      remove_orphaned_temp_dirs(self.model_dir)
       self.manager = tf.train.CheckpointManager(make_checkpoint(self.model), self.model_dir,
                                                 max_to_keep=self.keep)
 
   def _save(self):
+    if self.guard is not None:
+      if self.guard.tripped:
+        return
+      if not state_is_finite(self.model):
+        self.guard.trip("the weights or optimizer state became non-finite")
+        return
     step = int(self.model.optimizer.iterations.numpy())
     if self.manager.latest_checkpoint and self.manager.latest_checkpoint.endswith(f"-{step}"):
       return
@@ -96,6 +176,18 @@ class CheckpointCallback(keras.callbacks.Callback):
 
   def on_epoch_end(self, epoch, logs=None):
     self._save()
+
+
+def remove_orphaned_temp_dirs(ckpt_dir):
+  """Deletes ckpt-N_temp/ folders left by a process killed while writing checkpoint N (TF
+  documents them as safe to remove; the `checkpoint` state file never names them)."""
+  import shutil
+  if not os.path.isdir(ckpt_dir):
+    return
+  for name in os.listdir(ckpt_dir):
+    path = os.path.join(ckpt_dir, name)
+    if name.startswith("ckpt-") and name.endswith("_temp") and os.path.isdir(path):
+      shutil.rmtree(path, ignore_errors=True)
 
 
 class TimingCallback(keras.callbacks.Callback):
@@ -138,7 +230,10 @@ def pretrain(model, strategy, source, data_cfg, aug_cfg, train_cfg, optim_cfg, c
   restored = restore_latest(model, out_dir)
   start = int(model.optimizer.iterations.numpy())
   timing = TimingCallback()
-  cbs = [CheckpointCallback(out_dir, train_cfg.checkpoint_every_steps, train_cfg.keep_checkpoints),
+  guard = NonFiniteGuard()  # first: it decides whether CheckpointCallback may save
+  cbs = [guard,
+         CheckpointCallback(out_dir, train_cfg.checkpoint_every_steps, train_cfg.keep_checkpoints,
+                            guard),
          keras.callbacks.TensorBoard(os.path.join(out_dir, "logs"), update_freq=max(1, spe // 10)),
          timing, *callbacks]
   step = start
@@ -154,6 +249,14 @@ def pretrain(model, strategy, source, data_cfg, aug_cfg, train_cfg, optim_cfg, c
     else:
       model.fit(ds, epochs=epoch + (total - step) // spe, initial_epoch=epoch,
                 steps_per_epoch=spe, verbose=train_cfg.verbose, callbacks=cbs, shuffle=False)
+    if guard.tripped:
+      latest = tf.train.latest_checkpoint(out_dir)
+      kept = (f"the last checkpoint with finite weights, {os.path.basename(latest)}, is kept in "
+              f"{out_dir}" if latest else f"no checkpoint was written to {out_dir}")
+      raise NonFiniteLossError(
+          f"training stopped at step {guard.bad_step}: {guard.reason}; {kept}. Lower "
+          "--learning_rate or raise --warmup_epochs, or check the input data for NaN/Inf; a "
+          "rerun resumes from the last checkpoint")
     step = int(model.optimizer.iterations.numpy())
   logs = {k: float(v) for k, v in timing.last_logs.items()}
   return {
