@@ -208,6 +208,9 @@ def prepare_model_dir(model_dir, model_config, model=None):
   A model_dir with a checkpoint but no model_config.json (written by the Python API) is checked
   by loading the checkpoint into `model` when it is given; without it no config is recorded."""
   import json
+  # The online probe is a training monitor, not the architecture (eval and export modes build the
+  # model without it; a resume sizes it from the checkpoint): it is neither recorded nor compared.
+  model_config = {k: v for k, v in model_config.items() if not k.startswith("online_probe")}
   try:
     os.makedirs(model_dir, exist_ok=True)
     probe = os.path.join(model_dir, ".write_test")

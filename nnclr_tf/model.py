@@ -47,11 +47,9 @@ class NNCLR(keras.Model):
                         proj_hidden_dim=proj_hidden_dim, proj_layers=proj_layers,
                         pred_hidden_dim=pred_hidden_dim, embedding_dim=embedding_dim,
                         global_bn=global_bn, queue_size=queue_size, nn_topk=nn_topk,
-                        use_nn=use_nn, temperature=temperature, seed=seed)
-    # Not in get_config: the probe is a training monitor, not part of the architecture recorded
-    # in model_config.json (eval and export modes build the model without it).
-    self.online_probe_config = dict(online_probe_classes=online_probe_classes,
-                                    online_probe_lr=online_probe_lr)
+                        use_nn=use_nn, temperature=temperature, seed=seed,
+                        online_probe_classes=online_probe_classes,
+                        online_probe_lr=online_probe_lr)
     self.image_size = image_size
     self.nn_topk = nn_topk
     self.use_nn = use_nn

@@ -30,7 +30,9 @@ class CurveLogger(keras.callbacks.Callback):
 
   def _write(self, logs):
     opt = self.model.optimizer
-    row = {k: float(v) for k, v in (logs or {}).items() if k in COLUMNS}
+    # Under multi-worker training the logs are [1]-shaped (model.py), elsewhere scalars.
+    row = {k: float(np.asarray(v).reshape(-1)[0]) for k, v in (logs or {}).items()
+           if k in COLUMNS}
     row.update(step=int(opt.iterations.numpy()), epoch=self._epoch,
                learning_rate=float(np.asarray(keras.ops.convert_to_numpy(opt.learning_rate))))
     self.last_logs = row

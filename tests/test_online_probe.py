@@ -128,3 +128,15 @@ def test_probe_and_its_optimizer_are_checkpointed(tmp_path):
   for a, b in pairs:
     np.testing.assert_array_equal(b.numpy(), a.numpy(), err_msg=a.path)
   assert int(again.probe_optimizer.iterations.numpy()) == 2
+
+
+def test_probe_round_trips_through_the_keras_format(tmp_path):
+  model = build(online_probe_classes=10)
+  model.compile(optimizer=keras.optimizers.SGD(0.1))
+  model.train_step(batch())
+  model.save(str(tmp_path / "m.keras"))
+  back = keras.models.load_model(str(tmp_path / "m.keras"))
+  assert back.get_config()["online_probe_classes"] == 10
+  for a, b in zip(model.online_probe.weights + model.probe_optimizer.variables,
+                  back.online_probe.weights + back.probe_optimizer.variables):
+    np.testing.assert_array_equal(b.numpy(), a.numpy(), err_msg=a.path)

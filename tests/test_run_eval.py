@@ -37,6 +37,8 @@ def pretrained(tmp_path_factory):
 def test_pretrain_writes_monitors_and_plots(pretrained):
   r = load(pretrained, "pretrain_results.json")
   assert r["steps"] == 22 and 0.0 <= r["online_probe_acc"] <= 1.0
+  # The probe is a monitor, not architecture: eval/export modes build without it and must match.
+  assert not [k for k in load(pretrained, "model_config.json") if k.startswith("online_probe")]
   with open(os.path.join(pretrained, "curves.csv")) as f:
     rows = list(csv.DictReader(f))
   steps = [int(row["step"]) for row in rows]
