@@ -293,7 +293,9 @@ def run_knn_eval(cfg, strategy):
   train, held = data.load_sources(cfg["data"], t.seed)
   results = knn_results(cfg, model, train, held)
   results["checkpoint"] = latest
-  training.write_json(os.path.join(t.model_dir, "knn_results.json"), results)
+  from nnclr_tf import distributed
+  if distributed.is_chief(strategy):  # multi-worker: only the chief writes into model_dir
+    training.write_json(os.path.join(t.model_dir, "knn_results.json"), results)
   return results
 
 
