@@ -2,6 +2,9 @@
 
   python run.py --mode=pretrain --flagfile=flags/quickstart.cfg
   python run.py --mode=knn_eval --flagfile=flags/quickstart.cfg
+  python run.py --mode=linear_eval --flagfile=flags/quickstart.cfg
+  python run.py --mode=finetune --label_fraction=0.1 --flagfile=flags/quickstart.cfg
+  python run.py --mode=plots --flagfile=flags/quickstart.cfg
   python run.py --mode=export --flagfile=flags/quickstart.cfg
 
 Flags become config dataclasses (nnclr_tf/config.py); library code never reads FLAGS.
@@ -18,7 +21,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app, flags, logging  # noqa: E402
 
 F = flags.FLAGS
-MODES = ("pretrain", "knn_eval", "export")
+MODES = ("pretrain", "knn_eval", "linear_eval", "finetune", "plots", "export")
 
 flags.DEFINE_enum("mode", "pretrain", MODES, "What to run.")
 flags.DEFINE_string("model_dir", "/tmp/nnclr", "Checkpoints, logs, exports and results go here.")
@@ -82,6 +85,24 @@ flags.DEFINE_integer("verbose", 1, "Keras progress: 0 silent, 1 bar, 2 one line 
 flags.DEFINE_integer("knn_k", 200, "kNN neighbours.")
 flags.DEFINE_float("knn_temperature", 0.1, "kNN vote temperature.")
 flags.DEFINE_integer("eval_batch_size", 256, "Batch size for feature extraction.")
+# Evaluation modes and monitors (linear_eval, finetune, plots, online probe; issue 4)
+flags.DEFINE_bool("online_probe", True, "Train an online linear probe on stop-gradient backbone "
+                  "features during pretraining (only when the training data is labelled).")
+flags.DEFINE_float("online_probe_lr", 1e-2, "Adam learning rate of the online probe.")
+flags.DEFINE_list("linear_l2", ["1e-5", "1e-4", "1e-3", "1e-2", "1e-1"],
+                  "L2 strengths of the linear probe; several: chosen on 10% of the train features.")
+flags.DEFINE_float("label_fraction", 0.1, "--mode=finetune: class-balanced labelled fraction.")
+flags.DEFINE_integer("finetune_epochs", 0, "Fine-tune epochs (0: SimCLR's 60 for <=1% labels, "
+                     "else 30, but at least 300 steps).")
+flags.DEFINE_integer("finetune_batch_size", 256, "Fine-tune global batch (capped at the subset).")
+flags.DEFINE_float("finetune_lr", 0.05, "Fine-tune base lr, x batch/256 (SimCLR: 0.05).")
+flags.DEFINE_enum("finetune_init", "pretrained", ["pretrained", "random"],
+                  "Fine-tune the pretrained encoder, or train from scratch (the baseline).")
+flags.DEFINE_bool("linear_random_init", True, "--mode=linear_eval: also probe the architecture at "
+                  "random initialisation (the baseline, as knn_top1_random_init).")
+flags.DEFINE_bool("plots", True, "--mode=pretrain: write the plots into model_dir/plots at the end.")
+flags.DEFINE_integer("plot_tsne_points", 2000, "At most this many points in the t-SNE map.")
+
 # Export for TF Serving (issue 5): <export_base>/<encoder|classifier>/<version>/
 flags.DEFINE_string("export_base", None, "TF Serving model base path (default <model_dir>/export).")
 flags.DEFINE_integer("export_version", 0, "Version to write; 0: one past the newest. An existing "
@@ -219,13 +240,14 @@ def _has_checkpoint(model_dir):
   return os.path.exists(os.path.join(model_dir, "checkpoint"))
 
 
-def build_model(cfg, strategy):
+def build_model(cfg, strategy, online_probe_classes=0):
   import keras
   from nnclr_tf.model import NNCLR
   keras.utils.set_random_seed(cfg["train"].seed)
   with strategy.scope():
     return NNCLR.from_configs(cfg["model"], cfg["support"], cfg["data"].image_size,
-                              cfg["train"].temperature, cfg["train"].seed)
+                              cfg["train"].temperature, cfg["train"].seed, online_probe_classes,
+                              F.online_probe_lr)
 
 
 def knn_results(cfg, model, train, held):
@@ -258,22 +280,27 @@ def run_pretrain(cfg, strategy):
   from nnclr_tf import data, distributed, export, training
   t = cfg["train"]
   check_batch(cfg, strategy)
-  model = build_model(cfg, strategy)
+  # The online probe's size comes from the data, so the data is loaded before the model is built.
+  train, held = data.load_sources(cfg["data"], t.seed)
+  logging.info("training on %d images (%s), %d held out, %d unreadable skipped", len(train),
+               train.name, 0 if held is None else len(held), train.skipped)
+  model = build_model(cfg, strategy, online_probe_classes(train, t.model_dir, strategy))
   chief = distributed.is_chief(strategy)
   if chief:
     prepare_model_dir(t.model_dir, model.get_config(), model)
     with open(os.path.join(t.model_dir, "flags.txt"), "w") as f:
       f.write(F.flags_into_string())
-  train, held = data.load_sources(cfg["data"], t.seed)
-  logging.info("training on %d images (%s), %d held out, %d unreadable skipped", len(train),
-               train.name, 0 if held is None else len(held), train.skipped)
+  curves = curve_logger(t, train, strategy)
   results = training.pretrain(model, strategy, train, cfg["data"], cfg["augment"], t,
-                              cfg["optim"])
+                              cfg["optim"], callbacks=[curves])
+  results["online_probe_acc"] = curves.last_logs.get("online_probe_acc")
   if not chief:
     return results
   e = cfg["export"]
   export_dir = export.export_encoder(model, e.base, e.version, e.warmup)
   results.update(knn_results(cfg, model, train, held))
+  if F.plots:
+    results["plots"] = write_plots(cfg, model, train, held, results["steps"])
   results.update(export_dir=export_dir, train_examples=len(train), skipped_images=train.skipped,
                  skipped_eval_images=0 if held is None else held.skipped,
                  global_batch=t.batch_size, replicas=strategy.num_replicas_in_sync)
@@ -297,6 +324,154 @@ def run_knn_eval(cfg, strategy):
   if distributed.is_chief(strategy):  # multi-worker: only the chief writes into model_dir
     training.write_json(os.path.join(t.model_dir, "knn_results.json"), results)
   return results
+
+
+# --- Evaluation modes: linear_eval, finetune, plots (issue 4) ------------------------------------
+
+def online_probe_classes(train, model_dir, strategy):
+  """Classes of the online probe; 0 (off) without --online_probe or without labels.
+
+  A resumed run keeps what its checkpoint holds (a probe of its size, or none), so that turning
+  the flag on for a model_dir pretrained without it, or a different label count, never breaks
+  the restore; a new run sizes the probe from the training labels."""
+  import numpy as np
+  import tensorflow as tf
+  from nnclr_tf import distributed
+  if not F.online_probe:
+    return 0
+  latest = tf.train.latest_checkpoint(distributed.worker_dir(model_dir, strategy))
+  if latest:
+    try:
+      kernels = [shape for name, shape in tf.train.list_variables(latest)
+                 if name.startswith("model/online_probe/") and "kernel" in name]
+      return int(kernels[0][-1]) if kernels else 0
+    except (tf.errors.OpError, ValueError):
+      pass  # an unreadable checkpoint: the restore reports it
+  labels = getattr(train, "labels", None)
+  if labels is None:  # a streamed tfds split
+    return len(train.class_names) if train.has_labels else 0
+  labels = np.asarray(labels)
+  if not (labels >= 0).any():
+    return 0
+  return max(len(train.class_names), int(labels.max()) + 1)
+
+
+def curve_logger(t, train, strategy):
+  from nnclr_tf import data, distributed, monitors
+  spe = max(1, data.steps_per_epoch(len(train), t.batch_size))
+  return monitors.CurveLogger(os.path.join(distributed.worker_dir(t.model_dir, strategy),
+                                           "curves.csv"), max(1, spe // 10))
+
+
+def write_plots(cfg, model, train, held, step):
+  from nnclr_tf import plots
+  t = cfg["train"]
+  return plots.make_plots(model, train, held, cfg["data"].image_size,
+                          os.path.join(t.model_dir, "plots"),
+                          curves_csv=os.path.join(t.model_dir, "curves.csv"),
+                          tb_logdir=os.path.join(t.model_dir, "logs", "plots"), step=step,
+                          batch_size=cfg["eval"].batch_size, seed=t.seed,
+                          max_tsne_points=F.plot_tsne_points)
+
+
+def restored_model(cfg, strategy):
+  """(model, checkpoint path) of the latest checkpoint in --model_dir."""
+  import tensorflow as tf
+  t = cfg["train"]
+  latest = tf.train.latest_checkpoint(t.model_dir)
+  if not latest:
+    raise UsageError(f"--model_dir={t.model_dir} holds no checkpoint; run --mode=pretrain first")
+  model = build_model(cfg, strategy)
+  tf.train.Checkpoint(model=model).restore(latest).expect_partial()
+  return model, latest
+
+
+def labelled_splits(cfg, mode):
+  """(train, held, num_classes) for a supervised evaluation; UsageError when labels are missing."""
+  from nnclr_tf import data
+  train, held = data.load_sources(cfg["data"], cfg["train"].seed)
+  if not train.has_labels:
+    raise UsageError(f"--mode={mode} needs labelled training images (class sub-folders or a "
+                     "labelled dataset)")
+  if held is None or not held.has_labels:
+    raise UsageError(f"--mode={mode} needs a labelled eval split: set --val_images=N, "
+                     "--eval_split or --eval_image_dir")
+  num_classes = len(train.class_names) or int(max(train.labels.max(), held.labels.max())) + 1
+  return train, held, num_classes
+
+
+def run_linear_eval(cfg, strategy):
+  from nnclr_tf import data, evaluation, linear_probe, training
+  t, e, size = cfg["train"], cfg["eval"], cfg["data"].image_size
+  train, held, num_classes = labelled_splits(cfg, "linear_eval")
+  model, latest = restored_model(cfg, strategy)
+  try:
+    l2 = [float(v) for v in F.linear_l2]
+  except ValueError:
+    l2 = []
+  if not l2 or min(l2) <= 0:
+    raise UsageError(f"--linear_l2={','.join(F.linear_l2)}: give positive numbers, e.g. 1e-4,1e-3")
+  cache = evaluation.feature_cache_path(t.model_dir, latest, cfg["data"], t.seed)
+  train_f, train_l, eval_f, eval_l = evaluation.cached_features(
+      cache, model.encoder, data.eval_dataset(train, size, e.batch_size),
+      data.eval_dataset(held, size, e.batch_size))
+  probe, info = linear_probe.fit_probe(train_f, train_l, num_classes, train.class_names, size,
+                                       l2=l2, seed=t.seed)
+  scores = linear_probe.evaluate_probe(probe, eval_f, eval_l)
+  probe_path = linear_probe.save_probe(os.path.join(t.model_dir, "linear_probe", "probe.npz"),
+                                       probe)
+  results = {"linear_top1": scores["top1"], "linear_top5": scores["top5"], **info,
+             "eval_examples": int(len(eval_l)), "feature_dim": int(train_f.shape[1]),
+             "probe": probe_path, "feature_cache": cache, "checkpoint": latest}
+  if F.linear_random_init:
+    import keras
+    from nnclr_tf.backbones import build_backbone
+    keras.utils.set_random_seed(t.seed + 1)  # the same random encoder as knn_top1_random_init
+    fresh = build_backbone(cfg["model"].backbone, (size, size, 3), False, cfg["model"].width)
+    rf = evaluation.cached_features(
+        evaluation.feature_cache_path(t.model_dir, None, cfg["data"], t.seed), fresh,
+        data.eval_dataset(train, size, e.batch_size), data.eval_dataset(held, size, e.batch_size))
+    rand, rand_info = linear_probe.fit_probe(rf[0], rf[1], num_classes, l2=l2, seed=t.seed)
+    rand_scores = linear_probe.evaluate_probe(rand, rf[2], rf[3])
+    results.update(linear_top1_random_init=rand_scores["top1"],
+                   linear_top5_random_init=rand_scores["top5"], l2_random_init=rand_info["l2"])
+  training.write_json(os.path.join(t.model_dir, "linear_eval_results.json"), results)
+  return results
+
+
+def run_finetune(cfg, strategy):
+  import json
+  from nnclr_tf import finetune, training
+  t = cfg["train"]
+  train, held, num_classes = labelled_splits(cfg, "finetune")
+  if F.finetune_init == "random":
+    model, latest = build_model(cfg, strategy), None
+  else:
+    model, latest = restored_model(cfg, strategy)
+  results = finetune.finetune(
+      model.encoder, train, held, num_classes, cfg["data"].image_size, cfg["augment"],
+      label_fraction=F.label_fraction, epochs=F.finetune_epochs,
+      batch_size=F.finetune_batch_size, learning_rate=F.finetune_lr, seed=t.seed,
+      strategy=strategy, eval_batch_size=cfg["eval"].batch_size, verbose=F.verbose)
+  results.update(init=F.finetune_init, checkpoint=latest)
+  # The latest run at the top level; every (fraction, init) run kept under by_label_fraction.
+  path = os.path.join(t.model_dir, "finetune_results.json")
+  runs = {}
+  if os.path.exists(path):
+    with open(path) as f:
+      runs = json.load(f).get("by_label_fraction", {})
+  key = f"{F.label_fraction:g}" + ("" if F.finetune_init == "pretrained" else "_random_init")
+  runs[key] = dict(results)
+  training.write_json(path, {**results, "by_label_fraction": runs})
+  return results
+
+
+def run_plots(cfg, strategy):
+  from nnclr_tf import data
+  model, latest = restored_model(cfg, strategy)
+  train, held = data.load_sources(cfg["data"], cfg["train"].seed)
+  step = int(latest.rsplit("-", 1)[-1]) if latest.rsplit("-", 1)[-1].isdigit() else 0
+  return {"plots": write_plots(cfg, model, train, held, step), "checkpoint": latest}
 
 
 # Export for TF Serving (issue 5)
@@ -375,7 +550,8 @@ def main(argv):
   strategy = distributed.make_strategy(F.strategy, F.cpu_replicas, F.tpu)
   logging.info("strategy %s with %d replicas", type(strategy).__name__,
                strategy.num_replicas_in_sync)
-  results = {"pretrain": run_pretrain, "knn_eval": run_knn_eval,
+  results = {"pretrain": run_pretrain, "knn_eval": run_knn_eval, "linear_eval": run_linear_eval,
+             "finetune": run_finetune, "plots": run_plots,
              "export": run_export}[F.mode](cfg, strategy)
   print(json.dumps(results, sort_keys=True))
 

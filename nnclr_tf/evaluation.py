@@ -6,6 +6,8 @@ their class with weight exp(s / T); the class with the largest sum wins.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import tensorflow as tf
 
@@ -24,21 +26,37 @@ def extract_features(encoder, dataset):
   return np.concatenate(feats), np.concatenate(labels)
 
 
+def knn_batch_size(num_train, budget_mb=256):
+  """Queries per batch so that the [batch, num_train] similarity matrix (and top_k's copy of it)
+  stay within `budget_mb`: 50,000 train rows -> 671 queries (~128 MB per matrix)."""
+  return int(max(1, min(1024, budget_mb * 2 ** 20 // (8 * max(num_train, 1)))))
+
+
 def knn_scores(train_features, train_labels, query_features, num_classes, k=200, temperature=0.1,
-               batch_size=1024):
-  """Class scores [n_query, num_classes]; queries are processed in batches so that memory is
-  O(batch_size x n_train), e.g. 1024 x 50,000 floats = 200 MB."""
+               batch_size=None):
+  """Class scores [n_query, num_classes].
+
+  Memory is O(n_train x D) for the normalised train features plus O(batch_size x n_train) for one
+  batch of similarities; votes are summed with a segment sum ([batch, k] values), never a
+  [batch, k, num_classes] one-hot, so 1,000 classes cost no more than 10.
+  50,000 x 10,000 queries at D=512 add ~0.2 GB to the process (benchmarks/knn_memory.py).
+  """
   train = tf.math.l2_normalize(tf.constant(train_features, tf.float32), axis=1)
   train_labels = tf.constant(train_labels, tf.int32)
   k = min(k, int(train.shape[0]))
+  batch_size = batch_size or knn_batch_size(int(train.shape[0]))
 
-  @tf.function
+  @tf.function(reduce_retracing=True)
   def score(q):
     sims = tf.matmul(tf.math.l2_normalize(q, axis=1), train, transpose_b=True)
     top_s, top_i = tf.math.top_k(sims, k=k)
     weights = tf.exp(top_s / temperature)
-    votes = tf.one_hot(tf.gather(train_labels, top_i), num_classes) * weights[..., None]
-    return tf.reduce_sum(votes, axis=1)
+    rows = tf.shape(q)[0]
+    # Flat class slot row * C + label for every (query, neighbour) pair.
+    slots = tf.gather(train_labels, top_i) + tf.range(rows)[:, None] * num_classes
+    votes = tf.math.unsorted_segment_sum(tf.reshape(weights, [-1]), tf.reshape(slots, [-1]),
+                                         rows * num_classes)
+    return tf.reshape(votes, [rows, num_classes])
 
   out = [score(tf.constant(query_features[i:i + batch_size], tf.float32)).numpy()
          for i in range(0, len(query_features), batch_size)]
@@ -57,3 +75,32 @@ def knn_eval(encoder, train_ds, eval_ds, num_classes, k=200, temperature=0.1):
   eval_f, eval_l = extract_features(encoder, eval_ds)
   scores = knn_scores(train_f, train_l, eval_f, num_classes, k, temperature)
   return {"knn_top1": topk_accuracy(scores, eval_l, 1), "knn_top5": topk_accuracy(scores, eval_l, 5)}
+
+
+def feature_cache_path(model_dir, checkpoint, data_cfg, seed):
+  """model_dir/features/<checkpoint>-<hash of the data config and seed>.npz: a new checkpoint or a
+  different split (dataset, val_images, seed, image size...) never reuses stale features."""
+  import dataclasses
+  import hashlib
+  import json
+  key = json.dumps({"data": dataclasses.asdict(data_cfg), "seed": seed}, sort_keys=True)
+  digest = hashlib.sha1(key.encode()).hexdigest()[:10]
+  name = os.path.basename(checkpoint) if checkpoint else "random_init"
+  return os.path.join(model_dir, "features", f"{name}-{digest}.npz")
+
+
+def cached_features(path, encoder, train_ds, eval_ds):
+  """(train_features, train_labels, eval_features, eval_labels), read from `path` when it exists,
+  else extracted with `encoder` and written there (atomically)."""
+  if path and os.path.exists(path):
+    with np.load(path) as z:
+      return z["train_features"], z["train_labels"], z["eval_features"], z["eval_labels"]
+  train_f, train_l = extract_features(encoder, train_ds)
+  eval_f, eval_l = extract_features(encoder, eval_ds)
+  if path:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "wb") as f:
+      np.savez(f, train_features=train_f, train_labels=train_l, eval_features=eval_f,
+               eval_labels=eval_l)
+    os.replace(path + ".tmp", path)
+  return train_f, train_l, eval_f, eval_l

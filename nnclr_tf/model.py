@@ -10,6 +10,13 @@ Gradient path: the neighbours are constants (tf.stop_gradient inside SupportSet.
 gradients reach the encoder only through the predictions p (and p's all_gather is differentiable,
 so a replica's p also receives gradient from the other replicas' rows). Each replica's loss is
 divided by the replica count because Keras sums gradients over replicas.
+
+Online linear probe (optional, `online_probe_classes > 0`): a softmax classifier on the
+stop-gradient backbone features of both views, trained in the same step with its own tape and its
+own optimizer (Adam, constant lr; solo-learn likewise gives its online classifier a separate
+parameter group). Its variables are kept out of `trainable_variables`, so the pretraining optimizer
+(LARS with warm-up/cosine) never sees them and the encoder's gradients are exactly those of the
+NNCLR loss. Rows with label -1 (unknown) are masked out.
 """
 
 from __future__ import annotations
@@ -29,7 +36,8 @@ class NNCLR(keras.Model):
 
   def __init__(self, backbone="small_cnn", image_size=32, width=64, proj_hidden_dim=2048,
                proj_layers=3, pred_hidden_dim=4096, embedding_dim=256, global_bn=True,
-               queue_size=98304, nn_topk=1, use_nn=True, temperature=0.1, seed=0, **kwargs):
+               queue_size=98304, nn_topk=1, use_nn=True, temperature=0.1, seed=0,
+               online_probe_classes=0, online_probe_lr=1e-2, **kwargs):
     super().__init__(**kwargs)
     if temperature <= 0:
       raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -40,6 +48,10 @@ class NNCLR(keras.Model):
                         pred_hidden_dim=pred_hidden_dim, embedding_dim=embedding_dim,
                         global_bn=global_bn, queue_size=queue_size, nn_topk=nn_topk,
                         use_nn=use_nn, temperature=temperature, seed=seed)
+    # Not in get_config: the probe is a training monitor, not part of the architecture recorded
+    # in model_config.json (eval and export modes build the model without it).
+    self.online_probe_config = dict(online_probe_classes=online_probe_classes,
+                                    online_probe_lr=online_probe_lr)
     self.image_size = image_size
     self.nn_topk = nn_topk
     self.use_nn = use_nn
@@ -55,16 +67,33 @@ class NNCLR(keras.Model):
     self.hit_tracker = keras.metrics.Mean(name="nn_label_hit")
     self.acc_tracker = keras.metrics.Mean(name="contrastive_acc")
     self.sim_tracker = keras.metrics.Mean(name="nn_similarity")
+    self.online_probe = None
+    if online_probe_classes:
+      self._build_online_probe(feat_dim, online_probe_classes, online_probe_lr)
     self.built = True  # every sub-model is built at construction; fit must not trace call()
 
   @classmethod
-  def from_configs(cls, model_cfg, support_cfg, image_size, temperature, seed):
+  def from_configs(cls, model_cfg, support_cfg, image_size, temperature, seed,
+                   online_probe_classes=0, online_probe_lr=1e-2):
     return cls(backbone=model_cfg.backbone, image_size=image_size, width=model_cfg.width,
                proj_hidden_dim=model_cfg.proj_hidden_dim, proj_layers=model_cfg.proj_layers,
                pred_hidden_dim=model_cfg.pred_hidden_dim, embedding_dim=model_cfg.embedding_dim,
                global_bn=model_cfg.global_bn, queue_size=support_cfg.queue_size,
                nn_topk=support_cfg.nn_topk, use_nn=support_cfg.use_nn, temperature=temperature,
-               seed=seed)
+               seed=seed, online_probe_classes=online_probe_classes,
+               online_probe_lr=online_probe_lr)
+
+  def _build_online_probe(self, feat_dim, num_classes, lr):
+    # trainable=False keeps the probe out of trainable_variables (and so out of the pretraining
+    # optimizer and its checkpointed slots); _probe_step updates it with its own optimizer. Built
+    # here, in the strategy scope, so a checkpoint restore finds its variables and Adam slots.
+    self.online_probe = keras.layers.Dense(num_classes, dtype="float32", trainable=False,
+                                           name="online_probe")
+    self.online_probe.build((None, feat_dim))
+    self.probe_optimizer = keras.optimizers.Adam(lr, name="online_probe_adam")
+    self.probe_optimizer.build(self.online_probe.weights)
+    self.probe_loss_tracker = keras.metrics.Mean(name="online_probe_loss")
+    self.probe_acc_tracker = keras.metrics.Mean(name="online_probe_acc")
 
   def get_config(self):
     return {**super().get_config(), **self._config}
@@ -88,7 +117,8 @@ class NNCLR(keras.Model):
 
   @property
   def metrics(self):
-    return [self.loss_tracker, self.hit_tracker, self.acc_tracker, self.sim_tracker]
+    probe = [] if self.online_probe is None else [self.probe_loss_tracker, self.probe_acc_tracker]
+    return [self.loss_tracker, self.hit_tracker, self.acc_tracker, self.sim_tracker, *probe]
 
   def call(self, images, training=False):
     """Backbone features of float images in [0, 1]."""
@@ -125,7 +155,7 @@ class NNCLR(keras.Model):
     step = self.optimizer.iterations
 
     with tf.GradientTape() as tape:
-      _, z, p = self.embed(tf.concat([view1, view2], axis=0), training=True)
+      h, z, p = self.embed(tf.concat([view1, view2], axis=0), training=True)
       z1, z2 = z[:b], z[b:]
       p1, p2 = p[:b], p[b:]
       nn1, idx1 = self._positives(z1, self._topk_choice(step, b, global_batch, 0))
@@ -143,6 +173,8 @@ class NNCLR(keras.Model):
       # skip decision the same on every replica and worker.
       grads = distributed.poison_unless_all_finite(grads)
     self.optimizer.apply_gradients(zip(grads, variables))
+    if self.online_probe is not None:
+      self._probe_step(h, tf.concat([labels, labels], axis=0))
 
     if self.use_nn:
       nn_labels = self.support_set.neighbour_labels(idx1)
@@ -164,3 +196,26 @@ class NNCLR(keras.Model):
       # tensorflow#72388). With a batch axis of 1 that reduce returns the scalar replica mean.
       logs = {k: tf.reshape(v, [1]) for k, v in logs.items()}
     return logs
+
+  def _probe_step(self, features, labels):
+    """One update of the online probe on stop-gradient features; rows with label -1 are masked.
+
+    The loss is this replica's summed cross-entropy divided by the number of labelled rows in the
+    GLOBAL batch: Keras sums gradients over replicas, so the update is that of the global mean
+    (on one replica, and whatever the replica count; with equal counts per replica this is the
+    local mean divided by the replica count, as in train_step).
+    """
+    features = tf.stop_gradient(tf.cast(features, tf.float32))
+    mask = tf.cast(labels >= 0, tf.float32)
+    count = tf.maximum(tf.reduce_sum(distributed.all_gather(mask)), 1.0)
+    variables = self.online_probe.weights
+    with tf.GradientTape(watch_accessed_variables=False) as tape:
+      tape.watch([v.value for v in variables])
+      logits = self.online_probe(features)
+      ce = tf.nn.sparse_softmax_cross_entropy_with_logits(tf.maximum(labels, 0), logits)
+      loss = tf.reduce_sum(ce * mask) / count
+    grads = tape.gradient(loss, [v.value for v in variables])
+    self.probe_optimizer.apply_gradients(zip(grads, variables))
+    hit = tf.cast(tf.equal(tf.argmax(logits, axis=1, output_type=tf.int32), labels), tf.float32)
+    self.probe_loss_tracker.update_state(ce, mask)
+    self.probe_acc_tracker.update_state(hit, mask)

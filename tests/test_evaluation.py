@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from nnclr_tf.evaluation import knn_scores, topk_accuracy
+from nnclr_tf.evaluation import (cached_features, feature_cache_path, knn_batch_size, knn_scores,
+                                 topk_accuracy)
 
 
 def brute_force_knn(train, train_labels, queries, num_classes, k, t):
@@ -32,3 +33,45 @@ def test_topk_accuracy():
   assert topk_accuracy(scores, labels, 1) == pytest.approx(1 / 3)
   assert topk_accuracy(scores, labels, 2) == pytest.approx(2 / 3)
   assert topk_accuracy(scores, labels, 3) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("num_classes,k,batch", [(50, 30, None), (3, 500, 7)])
+def test_knn_many_classes_default_batch_and_k_above_train_size(num_classes, k, batch):
+  """Segment-sum votes equal the brute force with many classes, with the automatic batch size,
+  with a batch that does not divide the query count, and with k clamped to the train size."""
+  rng = np.random.default_rng(1)
+  train = rng.normal(size=(120, 8)).astype(np.float32)
+  labels = rng.integers(0, num_classes, size=120)
+  queries = rng.normal(size=(45, 8)).astype(np.float32)
+  got = knn_scores(train, labels, queries, num_classes, k=k, temperature=0.2, batch_size=batch)
+  want = brute_force_knn(train, labels, queries, num_classes, min(k, 120), 0.2)
+  np.testing.assert_allclose(got, want, rtol=1e-4)
+
+
+def test_knn_batch_size_bounds_the_similarity_matrix():
+  assert knn_batch_size(50_000) * 50_000 * 8 <= 256 * 2 ** 20
+  assert knn_batch_size(100) == 1024 and knn_batch_size(10 ** 9) == 1
+
+
+def test_feature_cache_is_reused_and_keyed(tmp_path):
+  import tensorflow as tf
+  from nnclr_tf.config import DataConfig
+  calls = []
+
+  def encoder(x, training=False):
+    calls.append(1)
+    return tf.reduce_mean(x, axis=[1, 2])
+
+  ds = tf.data.Dataset.from_tensor_slices((np.ones((6, 4, 4, 3), np.float32) * 0.5,
+                                           np.arange(6, dtype=np.int32))).batch(4)
+  path = feature_cache_path(str(tmp_path), "/m/ckpt-7", DataConfig(), 0)
+  assert path != feature_cache_path(str(tmp_path), "/m/ckpt-8", DataConfig(), 0)
+  assert path != feature_cache_path(str(tmp_path), "/m/ckpt-7", DataConfig(val_images=5), 0)
+  first = cached_features(path, encoder, ds, ds)
+  n = len(calls)
+  second = cached_features(path, encoder, ds, ds)
+  assert len(calls) == n  # read back, not recomputed
+  for a, b in zip(first, second):
+    np.testing.assert_array_equal(a, b)
+  np.testing.assert_allclose(first[0], 0.5)
+  np.testing.assert_array_equal(first[1], np.arange(6))

@@ -1,0 +1,132 @@
+"""Semi-supervised evaluation: fine-tune the whole network with a linear head on a small labelled
+subset (NNCLR paper, Table 2 "semi-supervised", following SimCLR's protocol):
+
+  "we fine-tune ... using Nesterov momentum with batch size 4096, momentum 0.9, learning rate 0.8
+   (following LearningRate = 0.05 x BatchSize/256) without warmup. Only random cropping (with random
+   left-to-right flipping ...) is used for preprocessing ... we do not use any regularization
+   (including weight decay)." (SimCLR, Chen et al. 2020, appendix B.5; 60 epochs for 1% labels,
+   30 for 10%.)
+
+Here the crop scale and flip probability come from the pretraining AugmentConfig (so a dataset that
+must not be flipped, like digits, is not), the lr follows a cosine decay, and the subset is
+class-balanced and seeded (`label_subset`).
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from nnclr_tf import augment
+from nnclr_tf import data as data_lib
+from nnclr_tf.config import AugmentConfig
+from nnclr_tf.evaluation import extract_features, topk_accuracy
+
+
+def label_subset(labels, fraction, seed):
+  """Sorted indices of a seeded, class-balanced subset of round(fraction x N) labelled examples:
+  every class gets the same count (±1 where N x fraction is not a multiple of the class count) and
+  at least one. The same (labels, fraction, seed) always gives the same subset."""
+  labels = np.asarray(labels)
+  if not 0 < fraction <= 1:
+    raise data_lib.DataError(f"--label_fraction={fraction} must be in (0, 1], e.g. 0.01 or 0.1")
+  labelled = np.flatnonzero(labels >= 0)
+  classes = np.unique(labels[labelled])
+  if len(classes) < 2:
+    raise data_lib.DataError("fine-tuning needs labelled training data of at least 2 classes")
+  n = max(len(classes), int(round(fraction * len(labelled))))
+  rng = np.random.default_rng(seed)
+  per_class = {c: rng.permutation(labelled[labels[labelled] == c]) for c in classes}
+  take = {c: n // len(classes) for c in classes}
+  for c in rng.permutation(classes)[: n % len(classes)]:
+    take[c] += 1
+  short = [c for c in classes if take[c] > len(per_class[c])]
+  if short:
+    raise data_lib.DataError(
+        f"--label_fraction={fraction} asks for {take[short[0]]} images of class {short[0]}, "
+        f"which has {len(per_class[short[0]])}; lower --label_fraction")
+  return np.sort(np.concatenate([per_class[c][: take[c]] for c in classes]))
+
+
+def train_dataset(source, image_size, batch_size, seed, aug: AugmentConfig):
+  """Endless (image, label) batches: a seeded shuffle per epoch (index_shuffle), random resized
+  crop (aug.crop_scale) and flip (aug.flip_prob), nothing else."""
+  n = len(source)
+  load = data_lib._load_fn(source)
+  labels = tf.constant(source.labels, tf.int32)
+
+  def element(pos):
+    epoch = pos // n
+    example = tf.random.experimental.index_shuffle(
+        pos % n, tf.stack([tf.cast(seed, tf.int64), epoch]), tf.constant(n - 1, tf.int64))
+    image = tf.image.convert_image_dtype(load(example), tf.float32)
+    s = augment.split_seed(augment.example_seed(seed, epoch, example), 2)
+    if aug.crop:
+      image = augment.crop_and_resize(image, s[0], image_size, aug.crop_scale, aug.crop_ratio)
+    else:
+      image = augment.center_resize(image, image_size)
+    return augment.flip(image, s[1], aug.flip_prob), tf.gather(labels, example)
+
+  ds = tf.data.Dataset.range(tf.int64.max).map(element, num_parallel_calls=tf.data.AUTOTUNE,
+                                               deterministic=True)
+  return ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+
+
+def classifier(encoder, num_classes):
+  """encoder -> Dense(num_classes), zero-initialised so the first logits are uniform."""
+  inputs = keras.Input(encoder.input.shape[1:])
+  logits = keras.layers.Dense(num_classes, kernel_initializer="zeros", dtype="float32",
+                              name="head")(encoder(inputs))
+  return keras.Model(inputs, logits, name="finetune_classifier")
+
+
+def finetune(encoder, train_source, eval_source, num_classes, image_size, aug: AugmentConfig,
+             label_fraction=0.1, epochs=0, batch_size=256, learning_rate=0.05, momentum=0.9,
+             weight_decay=0.0, seed=0, strategy=None, eval_batch_size=256, verbose=0,
+             min_steps=300):
+  """Fine-tunes `encoder` (in place) with a linear head on a class-balanced `label_fraction` of
+  `train_source`; returns {"finetune_top1", "finetune_top5", ...} on `eval_source`.
+
+  epochs=0 picks SimCLR's schedule, 60 epochs for <= 1% labels and 30 otherwise, but at least
+  `min_steps` optimizer steps: SimCLR's epochs are hundreds of steps on ImageNet, while 10% of a
+  small dataset is one batch, so 30 epochs would be 30 steps (digits 10%: 0.40 top-1 after 30 steps,
+  0.90 after 300). The global batch is
+  min(batch_size, subset size) rounded down to a multiple of the replica count; lr =
+  learning_rate x batch / 256, cosine-decayed to 0, Nesterov momentum.
+  """
+  strategy = strategy or tf.distribute.get_strategy()
+  idx = label_subset(train_source.labels, label_fraction, seed)
+  subset = train_source.subset(idx)
+  replicas = strategy.num_replicas_in_sync
+  batch = min(batch_size, len(subset)) // replicas * replicas
+  if batch < 1:
+    raise data_lib.DataError(f"--label_fraction={label_fraction} leaves {len(subset)} examples, "
+                             f"fewer than the {replicas} replicas")
+  spe = max(1, len(subset) // batch)
+  epochs = epochs or max(60 if label_fraction <= 0.01 else 30, -(-min_steps // spe))
+  total = epochs * spe
+  lr = learning_rate * batch / 256.0
+  with strategy.scope():
+    model = classifier(encoder, num_classes)
+    schedule = keras.optimizers.schedules.CosineDecay(lr, total)
+    model.compile(optimizer=keras.optimizers.SGD(schedule, momentum=momentum, nesterov=True,
+                                                 weight_decay=weight_decay or None),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  metrics=["accuracy"])
+  history = model.fit(train_dataset(subset, image_size, batch, seed, aug), epochs=epochs,
+                      steps_per_epoch=spe, verbose=verbose)
+  logits, labels = extract_features(model, data_lib.eval_dataset(eval_source, image_size,
+                                                                 eval_batch_size))
+  counts = np.bincount(subset.labels)
+  counts = counts[counts > 0]
+  return {
+      "finetune_top1": topk_accuracy(logits, labels, 1),
+      "finetune_top5": topk_accuracy(logits, labels, 5),
+      "label_fraction": label_fraction,
+      "labelled_examples": int(len(subset)),
+      "labelled_per_class": [int(counts.min()), int(counts.max())],
+      "epochs": epochs, "steps": total, "batch_size": batch, "learning_rate": lr,
+      "final_train_loss": float(history.history["loss"][-1]),
+      "eval_examples": int(len(labels)),
+  }
