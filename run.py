@@ -435,6 +435,10 @@ def run_linear_eval(cfg, strategy):
     rand_scores = linear_probe.evaluate_probe(rand, rf[2], rf[3])
     results.update(linear_top1_random_init=rand_scores["top1"],
                    linear_top5_random_init=rand_scores["top5"], l2_random_init=rand_info["l2"])
+  from nnclr_tf import export
+  ex = cfg["export"]
+  results["classifier_export_dir"] = export.export_classifier(model, probe_path, ex.base,
+                                                              ex.version, ex.warmup)
   training.write_json(os.path.join(t.model_dir, "linear_eval_results.json"), results)
   return results
 
@@ -475,7 +479,7 @@ def run_plots(cfg, strategy):
 
 
 # Export for TF Serving (issue 5)
-EXPORTING_MODES = ("pretrain", "export")
+EXPORTING_MODES = ("pretrain", "linear_eval", "export")
 
 
 def check_export_flags(e):
