@@ -17,6 +17,10 @@ import sys
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Performance (issue 7): TensorFlow leaves its oneDNN CPU kernels off unless the CPU has
+# AVX512-VNNI/BF16 or AMX; without them convolutions run on slower Eigen kernels (the ResNet-18
+# step took ~40% more CPU time, benchmarks/RESULTS.md). TF_ENABLE_ONEDNN_OPTS=0 still turns it off.
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
 from absl import app, flags, logging  # noqa: E402
 
