@@ -4,6 +4,8 @@
   python run.py --mode=knn_eval --flagfile=flags/quickstart.cfg
 
 Flags become config dataclasses (nnclr_tf/config.py); library code never reads FLAGS.
+Exit codes: 0 done, 2 a flag/file/model_dir mistake (one `error:` line says what to change),
+3 training diverged (NaN/Inf; the last finite checkpoint is kept). Rerunning resumes.
 """
 
 from __future__ import annotations
