@@ -291,6 +291,19 @@ def test_kill_9_during_a_checkpoint_save(tmp_path):
   assert np.all(v.numpy() == n)
 
 
+def test_every_n_steps_saves_even_when_callbacks_see_every_kth_step(tmp_path):
+  """With steps_per_execution=3 the callback sees steps 3, 6, 9, 12: --checkpoint_every_steps=4
+  must still save once per 4 steps (at 6, 9 and 12, the first step past each multiple)."""
+  model = compiled(build())
+  cb = training.CheckpointCallback(str(tmp_path), every_steps=4, keep=10)
+  cb.set_model(model)
+  cb.on_train_begin()
+  for step in (3, 6, 9, 12):
+    model.optimizer.iterations.assign(step)
+    cb.on_train_batch_end(step - 1, {"loss": 1.0})
+  assert checkpoint_steps(tmp_path) == [6, 9, 12]
+
+
 # ------------------------------------------------------------------------------------------------
 # 2. NaN / Inf guard
 
