@@ -87,7 +87,7 @@ flags.DEFINE_integer("eval_batch_size", 256, "Batch size for feature extraction.
 flags.DEFINE_bool("skip_bad_images", True, "Leave undecodable image files out (counted in the "
                   "results as skipped_images); --noskip_bad_images makes them an error.")
 flags.DEFINE_bool("deterministic", False, "TF op determinism: with --seed, reruns give identical "
-                  "losses and weights (slower).")
+                  "losses and weights (no measurable cost on CPU; may be slower on GPU).")
 
 EXIT_USAGE = 2     # a flag, file or model_dir problem; the message says what to change
 EXIT_DIVERGED = 3  # NaN/Inf loss; the last good checkpoint is kept

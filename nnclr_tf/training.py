@@ -22,7 +22,7 @@ class ConfigError(ValueError):
 
 
 class NonFiniteLossError(RuntimeError):
-  """Training produced a NaN/Inf loss or state; the message names the step and the checkpoint kept."""
+  """Training produced a NaN/Inf loss or state; the message names the step and what was kept."""
 
 
 def build_optimizer(cfg: OptimConfig, variables, global_batch, total_steps, steps_per_epoch):

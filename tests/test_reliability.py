@@ -93,21 +93,39 @@ def file_bytes(folder):
   return out
 
 
-def run_py(args, timeout=240):
-  env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-  return subprocess.Popen([sys.executable, os.path.join(REPO, "run.py"), *args], cwd=REPO,
-                          env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          start_new_session=True)
+@pytest.fixture
+def spawn(tmp_path):
+  """Starts run.py processes (output to files, so an unread pipe cannot block them); any still
+  running when the test ends, passed or failed, is killed with its process group."""
+  procs = []
+
+  def start(args):
+    log = tmp_path / f"proc{len(procs)}"
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    with open(f"{log}.out", "w") as out, open(f"{log}.err", "w") as err:
+      p = subprocess.Popen([sys.executable, os.path.join(REPO, "run.py"), *args], cwd=REPO,
+                           env=env, stdout=out, stderr=err, start_new_session=True)
+    p.log = log
+    procs.append(p)
+    return p
+
+  yield start
+  for p in procs:
+    if p.poll() is None:
+      os.killpg(p.pid, signal.SIGKILL)
+      p.wait(timeout=30)
 
 
 def finish(proc, timeout=240):
+  """(exit code, stdout, stderr) of a process from `spawn`; killed if it overruns `timeout`."""
   try:
-    out, err = proc.communicate(timeout=timeout)
+    proc.wait(timeout=timeout)
   except subprocess.TimeoutExpired:
     os.killpg(proc.pid, signal.SIGKILL)
-    proc.communicate()
+    proc.wait(timeout=30)
     raise
-  return proc.returncode, out, err
+  with open(f"{proc.log}.out") as out, open(f"{proc.log}.err") as err:
+    return proc.returncode, out.read(), err.read()
 
 
 def error_lines(stderr):
@@ -553,7 +571,9 @@ def _model_cfgs(width):
           SupportSetConfig(queue_size=64))
 
 
-def test_noskip_bad_images_names_the_file_and_skips_are_counted(tmp_path, cli):
+def test_noskip_bad_images_names_the_file_and_skips_are_counted(tmp_path, cli, monkeypatch):
+  from nnclr_tf import export
+  monkeypatch.setattr(export, "export_encoder", lambda encoder, size, d: d)  # not the subject
   _good_folder(tmp_path / "imgs", per_class=8, size=8)
   bad = tmp_path / "imgs" / "a" / "zz.jpg"
   bad.write_bytes(b"")
@@ -578,13 +598,13 @@ KILL_FLAGS = [f"--flagfile={QUICKSTART}", *TINY_FLAGS, "--train_epochs=2", "--se
               "--keep_checkpoints=2"]
 
 
-def test_kill_9_mid_epoch_then_the_same_command_resumes(tmp_path):
+def test_kill_9_mid_epoch_then_the_same_command_resumes(tmp_path, spawn):
   """kill -9 once a mid-epoch checkpoint exists; the same command resumes from it and finishes
   with the step count, and the weights, optimizer slots and support set, of an uninterrupted run
   (run concurrently). 1797 digits / 32 = 56 steps per epoch, 112 in all."""
   straight_dir, killed_dir = str(tmp_path / "straight"), str(tmp_path / "killed")
-  straight = run_py([*KILL_FLAGS, f"--model_dir={straight_dir}"])
-  victim = run_py([*KILL_FLAGS, f"--model_dir={killed_dir}", "--checkpoint_every_steps=7"])
+  straight = spawn([*KILL_FLAGS, f"--model_dir={straight_dir}"])
+  victim = spawn([*KILL_FLAGS, f"--model_dir={killed_dir}", "--checkpoint_every_steps=7"])
   killed_after = None
   try:
     deadline = time.time() + 180
@@ -607,8 +627,9 @@ def test_kill_9_mid_epoch_then_the_same_command_resumes(tmp_path):
   # The state file may have moved on between the poll and the kill, never back.
   assert resumed_from >= killed_after and resumed_from % 56 and resumed_from % 7 == 0
 
-  code, _, err = finish(run_py([*KILL_FLAGS, f"--model_dir={killed_dir}",
-                                "--checkpoint_every_steps=7"]))
+  on_disk = checkpoint_steps(killed_dir)[-1]  # > resumed_from if the kill hit a save
+  code, _, err = finish(spawn([*KILL_FLAGS, f"--model_dir={killed_dir}",
+                              "--checkpoint_every_steps=7"]))
   assert code == 0, err[-3000:]
   code, _, err = finish(straight)
   assert code == 0, err[-3000:]
@@ -626,34 +647,36 @@ def test_kill_9_mid_epoch_then_the_same_command_resumes(tmp_path):
   for k in a:
     if "save_counter" not in k:
       np.testing.assert_array_equal(b[k], a[k], err_msg=k)
-  print(json.dumps({"checkpoint_before_kill": killed_after, "resumed_from_step": resumed_from,
+  print(json.dumps({"state_file_at_kill": killed_after, "newest_files_at_kill": on_disk,
+                    "resumed_from_step": resumed_from,
                     "steps_after_resume": resumed["steps"] - resumed_from,
                     "final_steps": resumed["steps"], "tensors_compared": len(a)}))
 
 
-def test_diverging_run_exits_3_and_keeps_the_last_finite_checkpoint(tmp_path):
-  """A learning rate of 1e30 after a 3-step warm-up: the loss turns NaN within a few steps."""
+def test_diverging_run_exits_3_and_keeps_the_last_finite_checkpoint(tmp_path, cli):
+  """run.py with a learning rate of 1e30 after a 3-step warm-up: the loss turns NaN within a few
+  steps; exit code 3, one line naming the step and the kept checkpoint, whose tensors are all
+  finite; no results are written."""
   d = str(tmp_path / "nan")
-  code, out, err = finish(run_py([f"--flagfile={QUICKSTART}", *TINY_FLAGS, f"--model_dir={d}",
-                                  "--train_steps=20", "--checkpoint_every_steps=1",
-                                  "--learning_rate=1e30", "--warmup_epochs=0.05"]))
-  assert code == 3, err[-3000:]
-  lines = error_lines(err)
-  assert len(lines) == 1 and "Traceback" not in err
+  code, lines = cli(f"--flagfile={QUICKSTART}", *TINY_FLAGS, f"--model_dir={d}",
+                    "--train_steps=20", "--checkpoint_every_steps=1", "--learning_rate=1e30",
+                    "--warmup_epochs=0.05")
+  assert code == 3 and len(lines) == 1, lines
   bad_step = int(lines[0].split("training stopped at step ")[1].split(":")[0])
   kept = checkpoint_steps(d)
-  assert kept and kept[-1] < bad_step and f"ckpt-{kept[-1]}," in lines[0]
+  assert kept and kept[-1] < bad_step and f"{os.path.basename(d)}" in lines[0]
+  assert f"the last checkpoint with finite weights, ckpt-{kept[-1]}, is kept" in lines[0]
   for v in checkpoint_tensors(os.path.join(d, f"ckpt-{kept[-1]}")).values():
     assert not isinstance(v, np.ndarray) or v.dtype.kind != "f" or np.all(np.isfinite(v))
   assert not os.path.exists(os.path.join(d, "pretrain_results.json"))
 
 
-def test_deterministic_runs_are_identical(tmp_path):
+def test_deterministic_runs_are_identical(tmp_path, spawn):
   """Two processes (run at the same time, competing for the cores), --deterministic --seed=5,
   5 steps on digits: identical loss and identical checkpoint tensors."""
   args = [f"--flagfile={QUICKSTART}", *TINY_FLAGS, "--train_steps=5", "--seed=5",
           "--deterministic"]
-  procs = [run_py([*args, f"--model_dir={tmp_path / str(i)}"]) for i in range(2)]
+  procs = [spawn([*args, f"--model_dir={tmp_path / str(i)}"]) for i in range(2)]
   outs = [finish(p) for p in procs]
   for code, _, err in outs:
     assert code == 0, err[-3000:]
