@@ -639,6 +639,8 @@ def test_kill_9_mid_epoch_then_the_same_command_resumes(tmp_path, spawn):
     reference = json.load(f)
   assert resumed["resumed_from_step"] == resumed_from and reference["resumed_from_step"] == 0
   assert resumed["steps"] == reference["steps"] == 112
+  # The kill was in epoch 0, so both runs trained all of epoch 1, the mean loss of the results.
+  assert resumed["final_loss"] == reference["final_loss"]
   assert len(checkpoint_steps(killed_dir)) == 2 and checkpoint_steps(killed_dir)[-1] == 112
   assert not [n for n in os.listdir(killed_dir) if n.endswith("_temp")]
   a = checkpoint_tensors(os.path.join(straight_dir, "ckpt-112"))
