@@ -22,7 +22,7 @@ class ConfigError(ValueError):
 
 
 class NonFiniteLossError(RuntimeError):
-  """Training produced a NaN/Inf loss or state; the message names the step and the checkpoint kept."""
+  """Training produced a NaN/Inf loss or state; the message names the step and what was kept."""
 
 
 def build_optimizer(cfg: OptimConfig, variables, global_batch, total_steps, steps_per_epoch):
@@ -147,6 +147,7 @@ class CheckpointCallback(keras.callbacks.Callback):
     self.keep = keep
     self.manager = None
     self.guard = guard  # a NonFiniteGuard: no save once it has tripped
+    self._interval = None
 
   def on_train_begin(self, logs=None):
     if self.manager is None:
@@ -157,6 +158,8 @@ class CheckpointCallback(keras.callbacks.Callback):
       remove_orphaned_temp_dirs(self.model_dir)
       self.manager = tf.train.CheckpointManager(make_checkpoint(self.model), self.model_dir,
                                                 max_to_keep=self.keep)
+    if self.every_steps:
+      self._interval = int(self.model.optimizer.iterations.numpy()) // self.every_steps
 
   def _save(self):
     if self.guard is not None:
@@ -171,8 +174,13 @@ class CheckpointCallback(keras.callbacks.Callback):
     self.manager.save(checkpoint_number=step)
 
   def on_train_batch_end(self, batch, logs=None):
-    if self.every_steps and int(self.model.optimizer.iterations.numpy()) % self.every_steps == 0:
-      self._save()
+    if self.every_steps:
+      # Compare intervals, not `step % every == 0`: with steps_per_execution > 1 this callback
+      # sees every k-th step only and an exact multiple could be skipped forever.
+      step = int(self.model.optimizer.iterations.numpy())
+      if self._interval is not None and step // self.every_steps > self._interval:
+        self._save()
+      self._interval = step // self.every_steps
 
   def on_epoch_end(self, epoch, logs=None):
     self._save()
