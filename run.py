@@ -8,6 +8,8 @@
   python run.py --mode=export --flagfile=flags/quickstart.cfg
 
 Flags become config dataclasses (nnclr_tf/config.py); library code never reads FLAGS.
+Exit codes: 0 done, 2 a flag/file/model_dir mistake (one `error:` line says what to change),
+3 training diverged (NaN/Inf; the last finite checkpoint is kept). Rerunning resumes.
 """
 
 from __future__ import annotations
@@ -17,6 +19,10 @@ import sys
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Performance (issue 7): TensorFlow leaves its oneDNN CPU kernels off unless the CPU has
+# AVX512-VNNI/BF16 or AMX; without them convolutions run on slower Eigen kernels (the ResNet-18
+# step took ~40% more CPU time, benchmarks/RESULTS.md). TF_ENABLE_ONEDNN_OPTS=0 still turns it off.
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
 from absl import app, flags, logging  # noqa: E402
 
@@ -111,7 +117,7 @@ flags.DEFINE_integer("export_version", 0, "Version to write; 0: one past the new
 flags.DEFINE_bool("skip_bad_images", True, "Leave undecodable image files out (counted in the "
                   "results as skipped_images); --noskip_bad_images makes them an error.")
 flags.DEFINE_bool("deterministic", False, "TF op determinism: with --seed, reruns give identical "
-                  "losses and weights (slower).")
+                  "losses and weights (no measurable cost on CPU; may be slower on GPU).")
 
 EXIT_USAGE = 2     # a flag, file or model_dir problem; the message says what to change
 EXIT_DIVERGED = 3  # NaN/Inf loss; the last good checkpoint is kept
@@ -323,7 +329,9 @@ def run_knn_eval(cfg, strategy):
   train, held = data.load_sources(cfg["data"], t.seed)
   results = knn_results(cfg, model, train, held)
   results["checkpoint"] = latest
-  training.write_json(os.path.join(t.model_dir, "knn_results.json"), results)
+  from nnclr_tf import distributed
+  if distributed.is_chief(strategy):  # multi-worker: only the chief writes into model_dir
+    training.write_json(os.path.join(t.model_dir, "knn_results.json"), results)
   return results
 
 
@@ -436,6 +444,10 @@ def run_linear_eval(cfg, strategy):
     rand_scores = linear_probe.evaluate_probe(rand, rf[2], rf[3])
     results.update(linear_top1_random_init=rand_scores["top1"],
                    linear_top5_random_init=rand_scores["top5"], l2_random_init=rand_info["l2"])
+  from nnclr_tf import export
+  ex = cfg["export"]
+  results["classifier_export_dir"] = export.export_classifier(model, probe_path, ex.base,
+                                                              ex.version, ex.warmup)
   training.write_json(os.path.join(t.model_dir, "linear_eval_results.json"), results)
   return results
 
@@ -476,7 +488,7 @@ def run_plots(cfg, strategy):
 
 
 # Export for TF Serving (issue 5)
-EXPORTING_MODES = ("pretrain", "export")
+EXPORTING_MODES = ("pretrain", "linear_eval", "export")
 
 
 def check_export_flags(e):

@@ -11,6 +11,8 @@ import functools
 import keras
 from keras import layers
 
+from nnclr_tf.batchnorm import BatchNormalization
+
 # ImageNet channel statistics; inputs arrive in [0, 1] and are standardised inside the model, so an
 # exported encoder needs no preprocessing beyond scaling uint8 to [0, 1].
 _MEAN = (0.485, 0.456, 0.406)
@@ -18,7 +20,7 @@ _STD = (0.229, 0.224, 0.225)
 
 
 def _bn(global_bn, name, gamma_zero=False):
-  return layers.BatchNormalization(
+  return BatchNormalization(
       momentum=0.9, epsilon=1e-5, synchronized=global_bn, name=name,
       gamma_initializer="zeros" if gamma_zero else "ones")
 

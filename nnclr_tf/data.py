@@ -367,6 +367,10 @@ def pretrain_dataset(source, aug: AugmentConfig, image_size, global_batch, seed,
   ds = tf.data.Dataset.range(start_step, tf.int64.max).flat_map(positions)
   ds = ds.map(element, num_parallel_calls=AUTOTUNE, deterministic=True)
   ds = ds.batch(per_replica, drop_remainder=True)
+  # flat_map hides that the stream never ends. Declared infinite, multi-worker input keeps the
+  # static batch dimension (tf.distribute relaxes it to None for finite/unknown datasets in
+  # multi-worker mode, in case workers run out of data unevenly), which the train step needs.
+  ds = ds.apply(tf.data.experimental.assert_cardinality(tf.data.INFINITE_CARDINALITY))
   options = tf.data.Options()
   options.experimental_optimization.map_parallelization = True
   options.autotune.enabled = True

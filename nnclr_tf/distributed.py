@@ -7,6 +7,7 @@ local batches in replica-id order.
 
 from __future__ import annotations
 
+import json
 import os
 
 import tensorflow as tf
@@ -29,9 +30,20 @@ def all_gather(x):
   ctx = tf.distribute.get_replica_context()
   if ctx is None or ctx.num_replicas_in_sync == 1:
     return x
+  # ReplicaContext.all_gather uses the tensor's device as the gather destination. A step input
+  # (e.g. the labels) is a tf.function argument with no device, which MultiWorkerMirroredStrategy
+  # refuses ("destinations can not be empty"); identity places it on this replica's device.
+  x = tf.identity(x)
   gathered = ctx.all_gather(x, axis=0)
   # Keep the static shape (some strategies lose it): the enqueue and XLA need it.
   return tf.reshape(gathered, [x.shape[0] * ctx.num_replicas_in_sync] + list(x.shape[1:]))
+
+
+def in_multi_worker_mode(strategy=None):
+  """True under MultiWorkerMirroredStrategy with more than one worker (Keras' own test)."""
+  strategy = strategy or tf.distribute.get_strategy()
+  return (isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+          and strategy.extended._in_multi_worker_mode())  # pylint: disable=protected-access
 
 
 def local_rows(x_global, local_batch):
@@ -59,12 +71,15 @@ def make_strategy(kind="auto", cpu_replicas=1, tpu=None):
       resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu or "")
       tf.config.experimental_connect_to_cluster(resolver)
       tf.tpu.experimental.initialize_tpu_system(resolver)
-    except (ValueError, tf.errors.OpError, RuntimeError) as e:
+    except (ValueError, tf.errors.OpError, RuntimeError, OSError) as e:
+      # OSError: off Google Cloud, a named TPU is looked up on the GCE metadata server.
+      reason = (str(e).strip().splitlines() or [type(e).__name__])[0].rstrip(".")
       raise RuntimeError(
-          f"--strategy=tpu: no TPU found (--tpu={tpu!r}): {str(e).splitlines()[0]}. "
+          f"--strategy=tpu: no TPU found (--tpu={tpu!r}: {reason}). "
           "Run on a TPU VM or pass --tpu=<name>, or use --strategy=auto.") from None
     return tf.distribute.TPUStrategy(resolver)
   if kind == "multi_worker":
+    check_tf_config(os.environ.get("TF_CONFIG"))
     return tf.distribute.MultiWorkerMirroredStrategy()
   gpus = tf.config.list_logical_devices("GPU")
   cpus = tf.config.list_logical_devices("CPU")
@@ -76,6 +91,52 @@ def make_strategy(kind="auto", cpu_replicas=1, tpu=None):
   if kind == "auto":
     return tf.distribute.get_strategy()
   raise ValueError(f"unknown strategy {kind!r}")
+
+
+def check_tf_config(text):
+  """Refuses a missing or malformed TF_CONFIG for --strategy=multi_worker (without one, TF would
+  silently train a single worker)."""
+  example = ('e.g. TF_CONFIG=\'{"cluster": {"worker": ["host1:12345", "host2:12345"]}, '
+             '"task": {"type": "worker", "index": 0}}\'')
+  if not text:
+    raise RuntimeError(f"--strategy=multi_worker needs the TF_CONFIG environment variable on "
+                       f"every worker, {example}")
+  try:
+    cfg = json.loads(text)
+    cluster, task = cfg["cluster"], cfg["task"]
+    hosts = cluster[task["type"]]
+    ok = isinstance(hosts, list) and 0 <= int(task["index"]) < len(hosts)
+  except (ValueError, KeyError, TypeError):
+    ok = False
+  if not ok:
+    raise RuntimeError(f"TF_CONFIG={text!r} is not a cluster with this task in it; {example}")
+
+
+def gather_ints(strategy, value):
+  """`value` (an int) from every replica of every worker, as a list. A collective: under
+  MultiWorkerMirroredStrategy every worker must call it at the same point."""
+  per_replica = strategy.run(lambda: tf.constant([value], tf.int64))
+  return [int(v) for v in strategy.gather(per_replica, axis=0).numpy()]
+
+
+def poison_unless_all_finite(grads):
+  """Makes every replica's gradients NaN when any replica's gradients are not finite.
+
+  keras.optimizers.LossScaleOptimizer (Keras 3.15, `_tf_apply`) decides between applying and
+  skipping a step from the *first local replica's* gradients before they are summed across
+  replicas: another replica's overflow would then be applied (NaN weights), and workers whose
+  first replicas disagree would part ways inside the all-reduce and hang. One scalar all-reduce
+  makes the decision global; finite gradients pass through unchanged (multiplied by 1).
+  """
+  ctx = tf.distribute.get_replica_context()
+  present = [g for g in grads if g is not None]
+  if ctx is None or ctx.num_replicas_in_sync == 1 or not present:
+    return grads
+  bad = tf.add_n([tf.cast(tf.reduce_any(tf.logical_not(tf.math.is_finite(g))), tf.float32)
+                  for g in present])
+  bad = ctx.all_reduce(tf.distribute.ReduceOp.SUM, bad)
+  factor = tf.where(bad > 0, tf.constant(float("nan")), tf.constant(1.0))
+  return [None if g is None else g * tf.cast(factor, g.dtype) for g in grads]
 
 
 def is_chief(strategy):

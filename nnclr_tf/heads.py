@@ -13,6 +13,8 @@ from __future__ import annotations
 import keras
 from keras import layers
 
+from nnclr_tf.batchnorm import BatchNormalization
+
 
 def _mlp(input_dim, dims, bn_last, global_bn, name):
   inputs = keras.Input(shape=(input_dim,))
@@ -22,7 +24,7 @@ def _mlp(input_dim, dims, bn_last, global_bn, name):
     with_bn = bn_last or not last
     x = layers.Dense(d, use_bias=not with_bn, name=f"{name}_dense{i + 1}")(x)
     if with_bn:
-      x = layers.BatchNormalization(momentum=0.9, epsilon=1e-5, synchronized=global_bn,
+      x = BatchNormalization(momentum=0.9, epsilon=1e-5, synchronized=global_bn,
                                     name=f"{name}_bn{i + 1}")(x)
     if not last:
       x = layers.ReLU()(x)

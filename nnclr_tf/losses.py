@@ -20,6 +20,9 @@ def nnclr_loss(nn_local, p_global, temperature, label_offset=0):
   Returns:
     (mean loss over the local rows, logits [b, B], labels [b]).
   """
+  # Logits and loss in float32 under mixed precision: at t = 0.1 the logits span [-10, 10], where
+  # bfloat16 is spaced 0.0625 (float16 0.008), too coarse to rank the positive against thousands
+  # of near negatives; the softmax and the gradient back into p inherit that error.
   nn_local = tf.cast(nn_local, tf.float32)
   p_global = tf.cast(p_global, tf.float32)
   logits = tf.matmul(nn_local, p_global, transpose_b=True) / temperature

@@ -96,6 +96,23 @@ class NNCLR(keras.Model):
   def get_config(self):
     return {**super().get_config(), **self._config}
 
+  def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+    """Builds what model.fit's symbolic build would, without its cross-replica reduce.
+
+    Keras 3.15 (backend/tensorflow/trainer.py, `_maybe_symbolic_build`) pulls one distributed
+    batch and averages it with `strategy.reduce("MEAN", batch)` only to learn input shapes.
+    MultiWorkerMirroredStrategy cannot reduce a nested batch: its
+    `CollectiveAllReduceExtended._reduce_to`, unlike MirroredStrategy's, does not map over the
+    dict and fails with "Attempt to convert a value ({'view1': PerReplica...}) to a Tensor";
+    it would also all-reduce a batch of images across hosts for nothing. NNCLR builds every layer
+    in __init__ and has no compiled loss or metrics, so the optimizer is the only state left.
+    """
+    if self._compile_loss is not None or self._compile_metrics is not None:
+      return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+    if self.optimizer is not None and not self.optimizer.built:
+      with self.distribute_strategy.scope():
+        self.optimizer.build(self.trainable_variables)
+
   @property
   def metrics(self):
     probe = [] if self.online_probe is None else [self.probe_loss_tracker, self.probe_acc_tracker]
@@ -149,6 +166,10 @@ class NNCLR(keras.Model):
 
     variables = self.trainable_variables
     grads = tape.gradient(scaled, variables)
+    if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
+      # fp16: the optimizer unscales the gradients and skips steps that overflowed; make that
+      # skip decision the same on every replica and worker.
+      grads = distributed.poison_unless_all_finite(grads)
     self.optimizer.apply_gradients(zip(grads, variables))
     if self.online_probe is not None:
       self._probe_step(h, tf.concat([labels, labels], axis=0))
@@ -165,7 +186,14 @@ class NNCLR(keras.Model):
     self.acc_tracker.update_state(
         tf.cast(tf.equal(tf.argmax(logits1, axis=1, output_type=tf.int32), targets), tf.float32))
     self.sim_tracker.update_state(tf.reduce_sum(tf.cast(nn1, tf.float32) * z1, axis=1))
-    return {m.name: m.result() for m in self.metrics}
+    logs = {m.name: m.result() for m in self.metrics}
+    if distributed.in_multi_worker_mode():
+      # Keras 3.15 reduces fit's per-replica logs with strategy.reduce("MEAN", v, axis=0) under
+      # multi-worker MirroredStrategy (backend/tensorflow/trainer.py, reduce_per_replica), which
+      # fails on scalars ("Invalid reduction dimension 0 for input with 0 dimensions",
+      # tensorflow#72388). With a batch axis of 1 that reduce returns the scalar replica mean.
+      logs = {k: tf.reshape(v, [1]) for k, v in logs.items()}
+    return logs
 
   def _probe_step(self, features, labels):
     """One update of the online probe on stop-gradient features; rows with label -1 are masked.

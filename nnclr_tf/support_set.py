@@ -38,6 +38,10 @@ class SupportSet(keras.layers.Layer):
     self.size = int(size)
     self.dim = int(dim)
     self.seed = int(seed)
+    # float32 under any mixed-precision policy (autocast=False, and queries are cast up in
+    # `similarities`): bfloat16 keeps 8 significant bits, so cosine similarities near 1 would be
+    # resolved only to ~0.004, coarser than the gaps between a query's best candidates in a
+    # 98,304-row queue, and argmax would pick among ties. Memory is 4 bytes x size x dim.
     common = dict(trainable=False, autocast=False, aggregation="only_first_replica")
     self.embeddings = self.add_weight(shape=(self.size, self.dim), dtype="float32",
                                       initializer=RandomUnitVectors(self.seed),

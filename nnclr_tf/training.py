@@ -22,7 +22,7 @@ class ConfigError(ValueError):
 
 
 class NonFiniteLossError(RuntimeError):
-  """Training produced a NaN/Inf loss or state; the message names the step and the checkpoint kept."""
+  """Training produced a NaN/Inf loss or state; the message names the step and what was kept."""
 
 
 def build_optimizer(cfg: OptimConfig, variables, global_batch, total_steps, steps_per_epoch):
@@ -147,6 +147,7 @@ class CheckpointCallback(keras.callbacks.Callback):
     self.keep = keep
     self.manager = None
     self.guard = guard  # a NonFiniteGuard: no save once it has tripped
+    self._interval = None
 
   def on_train_begin(self, logs=None):
     if self.manager is None:
@@ -157,6 +158,8 @@ class CheckpointCallback(keras.callbacks.Callback):
       remove_orphaned_temp_dirs(self.model_dir)
       self.manager = tf.train.CheckpointManager(make_checkpoint(self.model), self.model_dir,
                                                 max_to_keep=self.keep)
+    if self.every_steps:
+      self._interval = int(self.model.optimizer.iterations.numpy()) // self.every_steps
 
   def _save(self):
     if self.guard is not None:
@@ -171,8 +174,13 @@ class CheckpointCallback(keras.callbacks.Callback):
     self.manager.save(checkpoint_number=step)
 
   def on_train_batch_end(self, batch, logs=None):
-    if self.every_steps and int(self.model.optimizer.iterations.numpy()) % self.every_steps == 0:
-      self._save()
+    if self.every_steps:
+      # Compare intervals, not `step % every == 0`: with steps_per_execution > 1 this callback
+      # sees every k-th step only and an exact multiple could be skipped forever.
+      step = int(self.model.optimizer.iterations.numpy())
+      if self._interval is not None and step // self.every_steps > self._interval:
+        self._save()
+      self._interval = step // self.every_steps
 
   def on_epoch_end(self, epoch, logs=None):
     self._save()
@@ -210,6 +218,33 @@ class TimingCallback(keras.callbacks.Callback):
     self.last_logs = dict(logs or {})
 
 
+def keras_jit_compile(jit_compile, strategy):
+  """The `jit_compile` to give model.compile for --jit_compile under `strategy`."""
+  if isinstance(strategy, tf.distribute.TPUStrategy):
+    return False  # the TPU compiler compiles the replicated step with XLA anyway
+  if jit_compile and strategy.num_replicas_in_sync > 1:
+    raise ConfigError(
+        f"--jit_compile with {strategy.num_replicas_in_sync} replicas: Keras 3 compiles the whole "
+        "replicated step (strategy.run) as one XLA program, which cannot span the devices of "
+        "MirroredStrategy/MultiWorkerMirroredStrategy (keras-team/keras#18145); drop "
+        "--jit_compile, or use --strategy=tpu where XLA is always on")
+  return jit_compile
+
+
+def check_workers_agree(strategy, step):
+  """Refuses to train when multi-worker replicas resumed from different checkpoints (their
+  collectives would mix different steps or hang)."""
+  if not distributed.in_multi_worker_mode(strategy):
+    return
+  steps = distributed.gather_ints(strategy, step)
+  if len(set(steps)) > 1:
+    raise ConfigError(
+        f"workers resumed from different steps {steps} (in replica order): each worker restores "
+        "from its own folder (chief: --model_dir, others: --model_dir/.workers/<task>), falling "
+        "back to --model_dir; give every worker its folder back, use a --model_dir all workers "
+        "share, or a new --model_dir to start over")
+
+
 def pretrain(model, strategy, source, data_cfg, aug_cfg, train_cfg, optim_cfg, callbacks=()):
   """Compiles `model` (built in `strategy.scope()`), resumes from train_cfg.model_dir if it holds
   a checkpoint, and trains to the target step with model.fit. Returns a dict of figures."""
@@ -224,11 +259,18 @@ def pretrain(model, strategy, source, data_cfg, aug_cfg, train_cfg, optim_cfg, c
   out_dir = distributed.worker_dir(train_cfg.model_dir, strategy)
   with strategy.scope():
     optimizer = build_optimizer(optim_cfg, model.trainable_variables, global_batch, total, spe)
-    model.compile(optimizer=optimizer, jit_compile=train_cfg.jit_compile,
+    model.compile(optimizer=optimizer, jit_compile=keras_jit_compile(train_cfg.jit_compile,
+                                                                     strategy),
                   steps_per_execution=train_cfg.steps_per_execution)
-    optimizer.build(model.trainable_variables)
+    # model.optimizer, not optimizer: under mixed_float16 compile wraps it in a
+    # LossScaleOptimizer, whose loss scale is state to build and checkpoint too.
+    model.optimizer.build(model.trainable_variables)
   restored = restore_latest(model, out_dir)
+  if not restored and out_dir != train_cfg.model_dir:
+    # A replaced worker with an empty private folder: the chief's checkpoints, if it can see them.
+    restored = restore_latest(model, train_cfg.model_dir)
   start = int(model.optimizer.iterations.numpy())
+  check_workers_agree(strategy, start)
   timing = TimingCallback()
   guard = NonFiniteGuard()  # first: it decides whether CheckpointCallback may save
   cbs = [guard,

@@ -52,9 +52,11 @@ def test_quickstart_learns(tmp_path):
 
 
 def _checkpoint(model_dir):
+  # Keras 3 checkpoints hold the trainable weights once, under optimizer/_trainable_variables;
+  # model/ has the BN moving statistics and the support set.
   reader = tf.train.load_checkpoint(model_dir)
   return {k: reader.get_tensor(k) for k in reader.get_variable_to_shape_map()
-          if "model/" in k and "OPTIMIZER_SLOT" not in k}
+          if k.startswith(("model/", "optimizer/"))}
 
 
 def test_one_two_four_replicas_agree(tmp_path):
@@ -73,6 +75,9 @@ def test_one_two_four_replicas_agree(tmp_path):
     assert r["replicas"] == n
     assert r["final_loss"] == pytest.approx(base_r["final_loss"], rel=1e-5)
     assert ckpt.keys() == base_ckpt.keys() and len(ckpt) > 10
+    keys = " ".join(ckpt)
+    assert "_trainable_variables" in keys and "moving_variance" in keys  # weights, global BN
+    assert int(ckpt["model/support_set/pointer/.ATTRIBUTES/VARIABLE_VALUE"]) == 3 * 128
     for k in ckpt:
       np.testing.assert_allclose(ckpt[k], base_ckpt[k], rtol=1e-4, atol=2e-5, err_msg=k)
 

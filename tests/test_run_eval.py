@@ -74,6 +74,9 @@ def test_linear_eval_and_probe_file(pretrained):
   probe = load_probe(os.path.join(pretrained, "linear_probe", "probe.npz"))
   assert probe.kernel.shape == (64, 10) and probe.image_size == 16  # small_cnn width 16: 4 x 16
   assert list(probe.class_names) == [str(i) for i in range(10)]
+  # linear_eval ends by exporting the servable classifier (encoder + this probe).
+  assert r["classifier_export_dir"].endswith(os.path.join("export", "classifier", "1"))
+  assert os.path.exists(os.path.join(r["classifier_export_dir"], "saved_model.pb"))
   # The saved probe applied to the cached raw features reproduces the reported accuracy.
   with np.load(r["feature_cache"]) as z:
     pred = probe.logits(z["eval_features"]).argmax(1)

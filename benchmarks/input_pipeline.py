@@ -1,0 +1,150 @@
+"""Augmented pairs per second of the real pretraining input pipeline (nnclr_tf.data.pretrain_dataset:
+index shuffle, decode, BYOL augmentation of two views, batch), per number of cores.
+
+Two image sets:
+  32 px   the CIFAR-10 training JPEGs, read in place (default ../shared/data/cifar10/train):
+          `cached`, as run.py does when the decoded set fits --cache_limit_mb (decode once, then
+          augment from memory), and `files` (decode every JPEG every time);
+  224 px  larger JPEGs made from them (upsampled, written once to --large_dir in /tmp), decoded
+          every time, as a set too large to cache would be.
+
+Each core count c runs the pipeline on a private tf.data thread pool of c threads.
+
+  python benchmarks/input_pipeline.py --image_dir=../shared/data/cifar10/train
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402  (sets the TF environment before TensorFlow is imported)
+import peak  # noqa: E402
+
+DEFAULT_DIR = os.path.join(common.REPO, "..", "shared", "data", "cifar10", "train")
+
+
+def augment_config(name):
+  from nnclr_tf.config import AugmentConfig
+  if name == "cifar":  # flags/cifar10_resnet18.cfg: BYOL without blur at 32 px
+    return AugmentConfig(blur_prob=(0.0, 0.0))
+  return AugmentConfig()  # the paper's BYOL pipeline
+
+
+def subset_source(image_dir, images, seed=0):
+  """The first `images` files of a class-balanced seeded sample of a folder source."""
+  import numpy as np
+  from nnclr_tf import data
+  src = data.folder_source(image_dir)
+  if images and images < len(src):
+    src = src.subset(np.sort(np.random.default_rng(seed).permutation(len(src))[:images]))
+  return src
+
+
+def make_large_jpegs(source, out_dir, size, quality=90):
+  """Writes each image of `source` upsampled to size x size as JPEG under out_dir/<class>/.
+  Reuses the folder when it already holds that many files."""
+  import tensorflow as tf
+  from nnclr_tf import data
+  existing = sum(len(f) for _, _, f in os.walk(out_dir)) if os.path.isdir(out_dir) else 0
+  if existing >= len(source):
+    return out_dir
+  names = source.class_names or ["all"]
+  for i, (path, label) in enumerate(zip(source.paths, source.labels)):
+    image = data.decode_image(tf.io.read_file(path))
+    big = tf.image.resize(image[None], [size, size], method="bicubic")[0]
+    big = tf.cast(tf.clip_by_value(tf.round(big), 0, 255), tf.uint8)
+    folder = os.path.join(out_dir, names[max(int(label), 0)])
+    os.makedirs(folder, exist_ok=True)
+    tf.io.write_file(os.path.join(folder, f"{i:06d}.jpg"),
+                     tf.io.encode_jpeg(big, quality=quality))
+  return out_dir
+
+
+def pairs_per_sec(source, aug, image_size, batch, cores, warmup_batches, batches, seed=0):
+  """Pairs/s of pretrain_dataset on a private pool of `cores` threads, after warm-up batches."""
+  import tensorflow as tf
+  from nnclr_tf import data
+  ds = data.pretrain_dataset(source, aug, image_size, batch, seed)
+  options = tf.data.Options()
+  options.threading.private_threadpool_size = cores
+  options.threading.max_intra_op_parallelism = 1
+  it = iter(ds.with_options(options))
+  for _ in range(warmup_batches):
+    next(it)
+  t = time.perf_counter()
+  for _ in range(batches):
+    b = next(it)
+  b["view1"].numpy()
+  return batch * batches / (time.perf_counter() - t)
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--image_dir", default=DEFAULT_DIR, help="CIFAR-10 train folder (class dirs)")
+  ap.add_argument("--images", type=int, default=8192, help="images sampled from --image_dir")
+  ap.add_argument("--image_size", type=int, default=32)
+  ap.add_argument("--augment", default="cifar", choices=["cifar", "byol"],
+                  help="augmentation at --image_size (cifar: BYOL without blur)")
+  ap.add_argument("--modes", default="cached,files")
+  ap.add_argument("--large_size", type=int, default=224, help="0 skips the large-JPEG set")
+  ap.add_argument("--large_images", type=int, default=1024)
+  ap.add_argument("--large_augment", default="byol", choices=["cifar", "byol"])
+  ap.add_argument("--large_dir", default="/tmp/nnclr_bench_jpeg224")
+  ap.add_argument("--large_batch_size", type=int, default=64)
+  ap.add_argument("--batch_size", type=int, default=256)
+  ap.add_argument("--cores", default="", help="comma-separated core counts (default 1..all)")
+  ap.add_argument("--warmup_batches", type=int, default=2)
+  ap.add_argument("--batches", type=int, default=4)
+  args = ap.parse_args(argv)
+  if not os.path.isdir(args.image_dir):
+    ap.error(f"--image_dir={args.image_dir} is not a directory; point it at CIFAR-10 train")
+  available = len(os.sched_getaffinity(0))
+  cores = ([int(c) for c in args.cores.split(",")] if args.cores
+           else list(range(1, available + 1)))
+  load_before = peak.load_average()
+  import tensorflow as tf
+  from nnclr_tf import data
+
+  src = subset_source(args.image_dir, args.images)
+  results = {}
+  for mode in args.modes.split(","):
+    t = time.perf_counter()
+    s = data.cache_decoded(src, args.image_size, 1 << 30) if mode == "cached" else src
+    prep = time.perf_counter() - t
+    key = f"{args.image_size}px_{mode}"
+    results[key] = {"image_size": args.image_size, "augment": args.augment, "images": len(s),
+                    "batch_size": args.batch_size, "decode_once_s": prep if mode == "cached"
+                    else 0.0, "pairs_per_sec_by_cores": {}}
+    for c in cores:
+      results[key]["pairs_per_sec_by_cores"][str(c)] = pairs_per_sec(
+          s, augment_config(args.augment), args.image_size, args.batch_size, c,
+          args.warmup_batches, args.batches)
+  if args.large_size:
+    t = time.perf_counter()
+    large = make_large_jpegs(subset_source(args.image_dir, args.large_images), args.large_dir,
+                             args.large_size)
+    made = time.perf_counter() - t
+    s = data.folder_source(large)
+    key = f"{args.large_size}px_files"
+    results[key] = {"image_size": args.large_size, "augment": args.large_augment,
+                    "images": len(s), "batch_size": args.large_batch_size, "dir": large,
+                    "make_s": made, "pairs_per_sec_by_cores": {}}
+    for c in cores:
+      results[key]["pairs_per_sec_by_cores"][str(c)] = pairs_per_sec(
+          s, augment_config(args.large_augment), args.large_size, args.large_batch_size, c,
+          args.warmup_batches, args.batches)
+  print(json.dumps({
+      "benchmark": "input_pipeline", "results": results, "cores": cores,
+      "device": peak.machine(), "tf_version": tf.__version__, "settings": vars(args),
+      "env": common.environment(), "peak_rss_mb": common.peak_rss_mb(),
+      "load_average_before": load_before, "load_average_after": peak.load_average(),
+      "date": time.strftime("%Y-%m-%d %H:%M:%S")}))
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,86 @@
+"""Throughput of the real NNCLR train step (NNCLR.train_step through model.fit), no input pipeline.
+
+The views are fixed in-memory tensors, so the figure is the step alone: forward of both views,
+support-set lookup and enqueue, loss, backward and the optimizer update. Untimed warm-up steps
+absorb tracing; the median of the timed steps is reported, with the step's achieved GFLOP/s
+(analytic FLOPs, see common.step_flops) as a fraction of the dense matmul peak of the same cores
+(peak.py, measured right after the steps unless --peak_gflops is given).
+
+  python benchmarks/throughput.py --backbone=resnet18_cifar --image_size=32 --batch_size=256 \
+      --queue_size=65536 --steps=10
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402  (sets the TF environment before TensorFlow is imported)
+import peak  # noqa: E402
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  common.add_model_flags(ap)
+  ap.add_argument("--queue_size", type=int, default=65536)
+  ap.add_argument("--use_nn", type=common.str2bool, default=True)
+  ap.add_argument("--peak_gflops", type=float, default=0.0,
+                  help="matmul peak to compare with; 0 measures it (peak.py) after the steps")
+  ap.add_argument("--peak_sizes", default="1024,2048")
+  args = ap.parse_args(argv)
+  if args.queue_size % args.batch_size:
+    ap.error(f"--queue_size={args.queue_size} must be a multiple of --batch_size")
+
+  load_before = peak.load_average()
+  strategy = common.setup(args.cpu_replicas, args.mixed_precision)
+  import tensorflow as tf
+  model = common.build_model(args, strategy, args.queue_size, args.use_nn)
+  ds = common.in_memory_dataset(strategy, args.batch_size, args.image_size, args.seed)
+  t0 = time.perf_counter()
+  common.fit_steps(model, ds, args.warmup)
+  warmup_s = time.perf_counter() - t0
+  timer = common.fit_steps(model, ds, args.steps)
+  times, losses = timer.times, timer.losses
+  load_after = peak.load_average()
+
+  step_s = common.median(times)
+  flops = common.step_flops(model, args.batch_size, args.use_nn)
+  achieved = flops["step_gflop"] / step_s
+  dtype = "bfloat16" if args.mixed_precision == "bf16" else "float32"
+  peak_gflops = args.peak_gflops or peak.measure(
+      tuple(int(s) for s in args.peak_sizes.split(",")), (dtype,), seconds=0.5)[dtype]["gflops"]
+  out = {
+      "benchmark": "throughput",
+      "pairs_per_sec": args.batch_size / step_s,
+      "step_ms": 1000 * step_s,
+      "step_ms_min": 1000 * min(times),
+      "step_ms_mean": 1000 * sum(times) / len(times),
+      "step_ms_all": [round(1000 * t, 1) for t in times],
+      "step_cpu_ms": 1000 * common.median(timer.cpu_times),
+      "cpu_utilisation": common.median(timer.cpu_times) / step_s,
+      "warmup_s": warmup_s,
+      "loss_first": losses[0], "loss_last": losses[-1],
+      "peak_rss_mb": common.peak_rss_mb(),
+      "achieved_gflops": achieved,
+      "peak_gflops": peak_gflops,
+      "peak_dtype": dtype,
+      "fraction_of_peak": achieved / peak_gflops,
+      "flops": flops,
+      "device": {**peak.machine(),
+                 "logical_devices": [d.name for d in tf.config.list_logical_devices()],
+                 "replicas": strategy.num_replicas_in_sync},
+      "tf_version": tf.__version__,
+      "settings": vars(args),
+      "env": common.environment(),
+      "load_average_before": load_before, "load_average_after": load_after,
+      "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+  }
+  print(json.dumps(out))
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,89 @@
+"""Smoke tests of the benchmark scripts: tiny settings, in this process (no TF start-up per
+script), the one JSON line parsed and checked for consistency. No timing is asserted."""
+
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import REPO
+
+sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+import input_pipeline  # noqa: E402
+import nn_overhead  # noqa: E402
+import peak  # noqa: E402
+import throughput  # noqa: E402
+
+TINY = ["--backbone=small_cnn", "--width=8", "--image_size=16", "--proj_hidden_dim=32",
+        "--pred_hidden_dim=32", "--embedding_dim=16", "--batch_size=16", "--warmup=1"]
+
+
+def json_line(capsys):
+  lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("{")]
+  assert len(lines) == 1
+  return json.loads(lines[0])
+
+
+def test_throughput_reports_a_consistent_step(capsys):
+  throughput.main([*TINY, "--queue_size=64", "--steps=2", "--peak_sizes=128"])
+  r = json_line(capsys)
+  assert r["pairs_per_sec"] > 0 and np.isfinite(r["loss_last"])
+  assert r["pairs_per_sec"] * r["step_ms"] == pytest.approx(16 * 1000, rel=1e-6)
+  assert len(r["step_ms_all"]) == 2 and r["step_ms"] >= r["step_ms_min"] > 0
+  # small_cnn width 8 at 16 px, by hand: 3x3 convs 3->8 (16x16), 8->16 (8x8), 16->32 (4x4).
+  backbone = 2 * (16 * 16 * 27 * 8 + 8 * 8 * 72 * 16 + 4 * 4 * 144 * 32)
+  assert r["flops"]["backbone_forward_gflop_per_image"] * 1e9 == pytest.approx(backbone)
+  heads = 2 * (32 * 32 + 32 * 32 + 32 * 16 + 16 * 32 + 32 * 16)  # proj 32-32-32-16, pred 16-32-16
+  assert r["flops"]["heads_forward_gflop_per_image"] * 1e9 == pytest.approx(heads)
+  assert r["flops"]["nn_lookup_gflop"] * 1e9 == pytest.approx(2 * 2 * 16 * 64 * 16)
+  stem = 2 * 16 * 16 * 27 * 8
+  step = 32 * (3 * (backbone + heads) - stem) + 2 * 2 * 16 * 64 * 16 + 4 * 2 * 16 * 16 * 16
+  assert r["flops"]["step_gflop"] * 1e9 == pytest.approx(step)
+  assert r["achieved_gflops"] == pytest.approx(r["flops"]["step_gflop"] / r["step_ms"] * 1000)
+  assert r["fraction_of_peak"] == pytest.approx(r["achieved_gflops"] / r["peak_gflops"])
+  assert r["peak_rss_mb"] > 100 and r["tf_version"] and r["device"]["cores"] >= 1
+  assert r["settings"]["queue_size"] == 64 and r["settings"]["use_nn"] is True
+
+
+def test_nn_overhead_compares_with_and_without_the_lookup(capsys):
+  nn_overhead.main([*TINY, "--queue_sizes=64", "--steps=1", "--rounds=1", "--warmup=1"])
+  r = json_line(capsys)
+  res = r["results"]
+  assert set(res) == {"no_nn", "nn_64"}
+  assert res["no_nn"]["use_nn"] is False and res["nn_64"]["queue_size"] == 64
+  assert res["nn_64"]["ratio_to_no_nn"] == pytest.approx(res["nn_64"]["step_ms"] /
+                                                         res["no_nn"]["step_ms"])
+  assert res["no_nn"]["flops"]["nn_lookup_gflop"] == 0
+  assert r["ratio_at"]["64"] == res["nn_64"]["ratio_to_no_nn"] > 0
+
+
+def test_input_pipeline_on_a_small_folder(tmp_path, capsys):
+  import tensorflow as tf
+  rng = np.random.default_rng(0)
+  for c in ("a", "b"):
+    os.makedirs(tmp_path / "train" / c)
+    for i in range(8):
+      img = rng.integers(0, 256, size=(12, 12, 3), dtype=np.uint8)
+      tf.io.write_file(str(tmp_path / "train" / c / f"{i}.jpg"), tf.io.encode_jpeg(img))
+  large = tmp_path / "large"
+  input_pipeline.main([f"--image_dir={tmp_path / 'train'}", "--images=12", "--image_size=16", "--modes=cached",
+                       "--batch_size=4", "--large_size=24", "--large_images=8",
+                       f"--large_dir={large}", "--large_batch_size=4", "--cores=1",
+                       "--warmup_batches=1", "--batches=1"])
+  r = json_line(capsys)["results"]
+  assert set(r) == {"16px_cached", "24px_files"}  # 24 px decodes files every time
+  assert r["16px_cached"]["images"] == 12 and r["24px_files"]["images"] == 8
+  for v in r.values():
+    assert v["pairs_per_sec_by_cores"]["1"] > 0
+  files = [os.path.join(d, f) for d, _, fs in os.walk(large) for f in fs]
+  assert len(files) == 8
+  assert tf.io.decode_jpeg(tf.io.read_file(files[0])).shape == (24, 24, 3)
+
+
+def test_peak_measures_both_dtypes():
+  out = peak.measure((64,), ("float32", "bfloat16"), seconds=0.01, repeats=1)
+  assert out["float32"]["gflops"] > 0 and out["bfloat16"]["gflops"] > 0
+  assert out["float32"]["by_size"]["64"] == out["float32"]["gflops"]
+  assert peak.machine()["cores"] >= 1
