@@ -6,7 +6,8 @@
 Each configuration runs in its own subprocess (the logical-CPU split is fixed when TF starts, and
 TF's collective keys are per process). A run is model.fit through nnclr_tf.training.pretrain on
 the bundled digits with the quickstart model by default; the figure is the median wall time of
-the steps after `--warmup` (which include tracing and, with XLA, compilation).
+the steps after `--warmup` (which include tracing and, with XLA, compilation), in wall time and in
+CPU time of the whole process (all TF threads; less sensitive to other jobs on a shared machine).
 
 Logical CPU replicas share the same cores, so on CPU more replicas cannot be faster: the figures
 measure the cost of the replication machinery (per-replica graphs, all-gathers, synchronised BN,
@@ -66,13 +67,14 @@ def child(args):
   class StepTimes(keras.callbacks.Callback):
     def __init__(self):
       super().__init__()
-      self.times = []
+      self.times, self.cpu = [], []
 
     def on_train_batch_begin(self, batch, logs=None):
-      self._t = time.perf_counter()
+      self._t, self._c = time.perf_counter(), time.process_time()
 
     def on_train_batch_end(self, batch, logs=None):
       self.times.append(time.perf_counter() - self._t)
+      self.cpu.append(time.process_time() - self._c)
 
   tf.get_logger().setLevel("ERROR")
   strategy = distributed.make_strategy("auto", replicas)
@@ -94,6 +96,7 @@ def child(args):
         OptimConfig(optimizer="lars", learning_rate=0.3, warmup_epochs=0), callbacks=[timer])
   timed = timer.times[args.warmup:]
   print(json.dumps({"median_step_ms": 1000 * statistics.median(timed),
+                    "median_step_cpu_ms": 1000 * statistics.median(timer.cpu[args.warmup:]),
                     "replicas": strategy.num_replicas_in_sync, "timed_steps": len(timed)}))
 
 
@@ -102,7 +105,7 @@ def main():
   if args.child:
     return child(args)
   passthrough = [a for a in sys.argv[1:] if not a.startswith("--child")]
-  out = {"benchmark": "scaling", "median_step_ms": {}}
+  out = {"benchmark": "scaling", "median_step_ms": {}, "median_step_cpu_ms": {}}
   for replicas, xla in CONFIGS:
     key = f"replicas_{replicas}" + ("_xla" if xla else "")
     try:
@@ -110,15 +113,16 @@ def main():
                           f"--child={replicas},{int(xla)}"], capture_output=True, text=True,
                          timeout=args.timeout, cwd=REPO)
     except subprocess.TimeoutExpired:
-      out["median_step_ms"][key] = None
+      out["median_step_ms"][key] = out["median_step_cpu_ms"][key] = None
       out.setdefault("failed", {})[key] = f"timed out after {args.timeout} s"
       continue
     if p.returncode:
-      out["median_step_ms"][key] = None
+      out["median_step_ms"][key] = out["median_step_cpu_ms"][key] = None
       out.setdefault("failed", {})[key] = p.stderr.strip().splitlines()[-1][-300:]
       continue
-    out["median_step_ms"][key] = round(json.loads(p.stdout.strip().splitlines()[-1])
-                                       ["median_step_ms"], 1)
+    figures = json.loads(p.stdout.strip().splitlines()[-1])
+    for name in ("median_step_ms", "median_step_cpu_ms"):
+      out[name][key] = round(figures[name], 1)
   ms = out["median_step_ms"]
   out.update(
       pairs_per_sec={k: v and round(args.batch_size / (v / 1000), 1) for k, v in ms.items()},
