@@ -240,7 +240,8 @@ def make_plots(model, train_source, eval_source, image_size, out_dir, curves_csv
       q_y[queries], _images(train_source, nn, image_size).reshape(
           len(queries), k, image_size, image_size, 3),
       train_y[nn], os.path.join(out_dir, "retrieval_grid.png"), names,
-      title=f"query | {k} nearest training images in z (green: same label, red: different)")
+      title=f"query | {k} nearest training images in z " +
+      ("(green: same label, red: different)" if (q_y >= 0).any() else "(labels unknown)"))
   paths["embedding_map"] = embedding_map(
       q_h, q_y, os.path.join(out_dir, "embedding_map.png"), names, max_tsne_points, seed,
       title=f"t-SNE of {min(len(q_h), max_tsne_points)} backbone features "
