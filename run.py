@@ -216,7 +216,7 @@ def prepare_model_dir(model_dir, model_config, model=None):
   import json
   # The online probe is a training monitor, not the architecture (eval and export modes build the
   # model without it; a resume sizes it from the checkpoint): it is neither recorded nor compared.
-  model_config = {k: v for k, v in model_config.items() if not k.startswith("online_probe")}
+  model_config = _architecture(model_config)
   try:
     os.makedirs(model_dir, exist_ok=True)
     probe = os.path.join(model_dir, ".write_test")
@@ -228,7 +228,7 @@ def prepare_model_dir(model_dir, model_config, model=None):
   path = os.path.join(model_dir, "model_config.json")
   if os.path.exists(path):
     with open(path) as f:
-      old = json.load(f)
+      old = _architecture(json.load(f))
     # Keras numbers model names per process (nnclr, nnclr_1, ...): not part of the architecture.
     diff = sorted(k for k in set(old) | set(model_config)
                   if k != "name" and old.get(k) != model_config.get(k))
@@ -243,6 +243,10 @@ def prepare_model_dir(model_dir, model_config, model=None):
       training.check_checkpoint_fits(model, model_dir)
     with open(path, "w") as f:
       json.dump(model_config, f, indent=2, sort_keys=True)
+
+
+def _architecture(model_config):
+  return {k: v for k, v in model_config.items() if not k.startswith("online_probe")}
 
 
 def _has_checkpoint(model_dir):
