@@ -228,7 +228,7 @@ def prepare_model_dir(model_dir, model_config, model=None):
   path = os.path.join(model_dir, "model_config.json")
   if os.path.exists(path):
     with open(path) as f:
-      old = _architecture(json.load(f))
+      old = {k: v for k, v in json.load(f).items() if not k.startswith("online_probe")}
     # Keras numbers model names per process (nnclr, nnclr_1, ...): not part of the architecture.
     diff = sorted(k for k in set(old) | set(model_config)
                   if k != "name" and old.get(k) != model_config.get(k))

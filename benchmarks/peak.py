@@ -54,7 +54,9 @@ def measure(sizes=(1024, 2048), dtypes=("float32", "bfloat16"), seconds=1.0, rep
   """{dtype: {"gflops": best over sizes, "by_size": {n: gflops}}}."""
   out = {}
   for dtype in dtypes:
-    by_size = {str(n): round(matmul_gflops(n, dtype, seconds, repeats), 2) for n in sizes}
+    # Four significant digits, not two decimals: a tiny smoke matmul on a starved CPU must not
+    # round down to 0 GFLOP/s.
+    by_size = {str(n): float(f"{matmul_gflops(n, dtype, seconds, repeats):.4g}") for n in sizes}
     out[dtype] = {"gflops": max(by_size.values()), "by_size": by_size}
   return out
 

@@ -573,7 +573,7 @@ def _model_cfgs(width):
 
 def test_noskip_bad_images_names_the_file_and_skips_are_counted(tmp_path, cli, monkeypatch):
   from nnclr_tf import export
-  monkeypatch.setattr(export, "export_encoder", lambda encoder, size, d: d)  # not the subject
+  monkeypatch.setattr(export, "export_encoder", lambda *a, **k: "not-exported")  # not the subject
   _good_folder(tmp_path / "imgs", per_class=8, size=8)
   bad = tmp_path / "imgs" / "a" / "zz.jpg"
   bad.write_bytes(b"")
