@@ -216,7 +216,7 @@ def prepare_model_dir(model_dir, model_config, model=None):
   import json
   # The online probe is a training monitor, not the architecture (eval and export modes build the
   # model without it; a resume sizes it from the checkpoint): it is neither recorded nor compared.
-  model_config = {k: v for k, v in model_config.items() if not k.startswith("online_probe")}
+  model_config = _architecture(model_config)
   try:
     os.makedirs(model_dir, exist_ok=True)
     probe = os.path.join(model_dir, ".write_test")
@@ -245,6 +245,10 @@ def prepare_model_dir(model_dir, model_config, model=None):
       json.dump(model_config, f, indent=2, sort_keys=True)
 
 
+def _architecture(model_config):
+  return {k: v for k, v in model_config.items() if not k.startswith("online_probe")}
+
+
 def _has_checkpoint(model_dir):
   return os.path.exists(os.path.join(model_dir, "checkpoint"))
 
@@ -259,11 +263,12 @@ def build_model(cfg, strategy, online_probe_classes=0):
                               F.online_probe_lr)
 
 
-def knn_results(cfg, model, train, held):
-  """kNN of the trained encoder and of the same architecture at random initialisation."""
-  import keras
-  from nnclr_tf import data, evaluation
-  from nnclr_tf.backbones import build_backbone
+def knn_results(cfg, model, train, held, checkpoint=None):
+  """kNN of the trained encoder and of the same architecture at random initialisation.
+
+  With `checkpoint` (the path `model` holds), features come from and go to the cache shared with
+  linear_eval and plots (model_dir/features)."""
+  from nnclr_tf import evaluation
   if held is None or not train.has_labels or not held.has_labels:
     logging.info("no labelled eval split: kNN skipped")
     return {}
@@ -273,13 +278,11 @@ def knn_results(cfg, model, train, held):
     return {}
   e, size = cfg["eval"], cfg["data"].image_size
   num_classes = len(train.class_names) or int(max(train.labels.max(), held.labels.max())) + 1
-  train_ds = data.eval_dataset(train, size, e.batch_size)
-  held_ds = data.eval_dataset(held, size, e.batch_size)
-  out = evaluation.knn_eval(model.encoder, train_ds, held_ds, num_classes, e.knn_k,
-                            e.knn_temperature)
-  keras.utils.set_random_seed(cfg["train"].seed + 1)
-  fresh = build_backbone(cfg["model"].backbone, (size, size, 3), False, cfg["model"].width)
-  rand = evaluation.knn_eval(fresh, train_ds, held_ds, num_classes, e.knn_k, e.knn_temperature)
+  out = evaluation.knn_eval_features(
+      *eval_features(cfg, model.encoder, checkpoint, train, held, use_cache=bool(checkpoint)),
+      num_classes, e.knn_k, e.knn_temperature)
+  rand = evaluation.knn_eval_features(*random_init_features(cfg, train, held), num_classes,
+                                      e.knn_k, e.knn_temperature)
   out.update(knn_top1_random_init=rand["knn_top1"], knn_top5_random_init=rand["knn_top5"],
              knn_k=e.knn_k, knn_temperature=e.knn_temperature, eval_examples=len(held))
   return out
@@ -307,9 +310,11 @@ def run_pretrain(cfg, strategy):
     return results
   e = cfg["export"]
   export_dir = export.export_encoder(model, e.base, e.version, e.warmup)
-  results.update(knn_results(cfg, model, train, held))
+  results.update(knn_results(cfg, model, train, held,
+                             checkpoint_at(t.model_dir, results["steps"])))
   if F.plots:
-    results["plots"] = write_plots(cfg, model, train, held, results["steps"])
+    results["plots"] = write_plots(cfg, model, train, held, results["steps"],
+                                   checkpoint_at(t.model_dir, results["steps"]))
   results.update(export_dir=export_dir, train_examples=len(train), skipped_images=train.skipped,
                  skipped_eval_images=0 if held is None else held.skipped,
                  global_batch=t.batch_size, replicas=strategy.num_replicas_in_sync)
@@ -327,7 +332,7 @@ def run_knn_eval(cfg, strategy):
   model = build_model(cfg, strategy)
   tf.train.Checkpoint(model=model).restore(latest).expect_partial()
   train, held = data.load_sources(cfg["data"], t.seed)
-  results = knn_results(cfg, model, train, held)
+  results = knn_results(cfg, model, train, held)  # extracted afresh: checks the restore
   results["checkpoint"] = latest
   from nnclr_tf import distributed
   if distributed.is_chief(strategy):  # multi-worker: only the chief writes into model_dir
@@ -365,6 +370,39 @@ def online_probe_classes(train, model_dir, strategy):
   return max(len(train.class_names), int(labels.max()) + 1)
 
 
+def checkpoint_at(model_dir, step):
+  """The latest checkpoint if it holds `step` (the model's state after pretraining), else None."""
+  import tensorflow as tf
+  latest = tf.train.latest_checkpoint(model_dir)
+  return latest if latest and latest.endswith(f"-{step}") else None
+
+
+def eval_features(cfg, encoder, checkpoint, train, held, use_cache=True):
+  """(train_f, train_l, eval_f, eval_l) of `encoder`, through model_dir/features when use_cache
+  (the key names `checkpoint`; None with use_cache means the random-init encoder)."""
+  import dataclasses
+  from nnclr_tf import data, evaluation
+  t, e, size = cfg["train"], cfg["eval"], cfg["data"].image_size
+  path = None
+  if use_cache:
+    extra = None if checkpoint else {"random_init": dataclasses.asdict(cfg["model"]),
+                                     "seed": t.seed + 1}
+    path = evaluation.feature_cache_path(t.model_dir, checkpoint, cfg["data"], t.seed, extra)
+  return evaluation.cached_features(path, encoder, data.eval_dataset(train, size, e.batch_size),
+                                    data.eval_dataset(held, size, e.batch_size))
+
+
+def random_init_features(cfg, train, held):
+  """Features of the architecture at random initialisation (seed + 1, local BN), cached: the
+  baseline of knn_top1_random_init and linear_top1_random_init."""
+  import keras
+  from nnclr_tf.backbones import build_backbone
+  size = cfg["data"].image_size
+  keras.utils.set_random_seed(cfg["train"].seed + 1)
+  fresh = build_backbone(cfg["model"].backbone, (size, size, 3), False, cfg["model"].width)
+  return eval_features(cfg, fresh, None, train, held)
+
+
 def curve_logger(t, train, strategy):
   from nnclr_tf import data, distributed, monitors
   spe = max(1, data.steps_per_epoch(len(train), t.batch_size))
@@ -372,15 +410,19 @@ def curve_logger(t, train, strategy):
                                            "curves.csv"), max(1, spe // 10))
 
 
-def write_plots(cfg, model, train, held, step):
+def write_plots(cfg, model, train, held, step, checkpoint=None):
   from nnclr_tf import plots
   t = cfg["train"]
+  # Backbone features from the cache shared with kNN and linear_eval (z is recomputed from them).
+  features = None
+  if checkpoint and held is not None:
+    features = eval_features(cfg, model.encoder, checkpoint, train, held)
   return plots.make_plots(model, train, held, cfg["data"].image_size,
                           os.path.join(t.model_dir, "plots"),
                           curves_csv=os.path.join(t.model_dir, "curves.csv"),
                           tb_logdir=os.path.join(t.model_dir, "logs", "plots"), step=step,
                           batch_size=cfg["eval"].batch_size, seed=t.seed,
-                          max_tsne_points=F.plot_tsne_points)
+                          max_tsne_points=F.plot_tsne_points, features=features)
 
 
 def restored_model(cfg, strategy):
@@ -410,8 +452,8 @@ def labelled_splits(cfg, mode):
 
 
 def run_linear_eval(cfg, strategy):
-  from nnclr_tf import data, evaluation, linear_probe, training
-  t, e, size = cfg["train"], cfg["eval"], cfg["data"].image_size
+  from nnclr_tf import evaluation, linear_probe, training
+  t, size = cfg["train"], cfg["data"].image_size
   train, held, num_classes = labelled_splits(cfg, "linear_eval")
   model, latest = restored_model(cfg, strategy)
   try:
@@ -421,9 +463,7 @@ def run_linear_eval(cfg, strategy):
   if not l2 or min(l2) <= 0:
     raise UsageError(f"--linear_l2={','.join(F.linear_l2)}: give positive numbers, e.g. 1e-4,1e-3")
   cache = evaluation.feature_cache_path(t.model_dir, latest, cfg["data"], t.seed)
-  train_f, train_l, eval_f, eval_l = evaluation.cached_features(
-      cache, model.encoder, data.eval_dataset(train, size, e.batch_size),
-      data.eval_dataset(held, size, e.batch_size))
+  train_f, train_l, eval_f, eval_l = eval_features(cfg, model.encoder, latest, train, held)
   probe, info = linear_probe.fit_probe(train_f, train_l, num_classes, train.class_names, size,
                                        l2=l2, seed=t.seed)
   scores = linear_probe.evaluate_probe(probe, eval_f, eval_l)
@@ -433,13 +473,7 @@ def run_linear_eval(cfg, strategy):
              "eval_examples": int(len(eval_l)), "feature_dim": int(train_f.shape[1]),
              "probe": probe_path, "feature_cache": cache, "checkpoint": latest}
   if F.linear_random_init:
-    import keras
-    from nnclr_tf.backbones import build_backbone
-    keras.utils.set_random_seed(t.seed + 1)  # the same random encoder as knn_top1_random_init
-    fresh = build_backbone(cfg["model"].backbone, (size, size, 3), False, cfg["model"].width)
-    rf = evaluation.cached_features(
-        evaluation.feature_cache_path(t.model_dir, None, cfg["data"], t.seed), fresh,
-        data.eval_dataset(train, size, e.batch_size), data.eval_dataset(held, size, e.batch_size))
+    rf = random_init_features(cfg, train, held)  # the encoder of knn_top1_random_init
     rand, rand_info = linear_probe.fit_probe(rf[0], rf[1], num_classes, l2=l2, seed=t.seed)
     rand_scores = linear_probe.evaluate_probe(rand, rf[2], rf[3])
     results.update(linear_top1_random_init=rand_scores["top1"],
@@ -484,7 +518,7 @@ def run_plots(cfg, strategy):
   model, latest = restored_model(cfg, strategy)
   train, held = data.load_sources(cfg["data"], cfg["train"].seed)
   step = int(latest.rsplit("-", 1)[-1]) if latest.rsplit("-", 1)[-1].isdigit() else 0
-  return {"plots": write_plots(cfg, model, train, held, step), "checkpoint": latest}
+  return {"plots": write_plots(cfg, model, train, held, step, latest), "checkpoint": latest}
 
 
 # Export for TF Serving (issue 5)

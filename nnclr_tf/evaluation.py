@@ -73,17 +73,25 @@ def knn_eval(encoder, train_ds, eval_ds, num_classes, k=200, temperature=0.1):
   """{"knn_top1", "knn_top5"} of `encoder`'s features: eval split queried against train split."""
   train_f, train_l = extract_features(encoder, train_ds)
   eval_f, eval_l = extract_features(encoder, eval_ds)
+  return knn_eval_features(train_f, train_l, eval_f, eval_l, num_classes, k, temperature)
+
+
+def knn_eval_features(train_f, train_l, eval_f, eval_l, num_classes, k=200, temperature=0.1):
+  """knn_eval on features already extracted (e.g. by `cached_features`)."""
   scores = knn_scores(train_f, train_l, eval_f, num_classes, k, temperature)
   return {"knn_top1": topk_accuracy(scores, eval_l, 1), "knn_top5": topk_accuracy(scores, eval_l, 5)}
 
 
-def feature_cache_path(model_dir, checkpoint, data_cfg, seed):
-  """model_dir/features/<checkpoint>-<hash of the data config and seed>.npz: a new checkpoint or a
-  different split (dataset, val_images, seed, image size...) never reuses stale features."""
+def feature_cache_path(model_dir, checkpoint, data_cfg, seed, extra=None):
+  """model_dir/features/<checkpoint>-<hash of the data config, seed and `extra`>.npz: a new
+  checkpoint or a different split (dataset, val_images, seed, image size...) never reuses stale
+  features. checkpoint=None names a random-initialisation encoder; pass its architecture (and
+  init seed) in `extra`."""
   import dataclasses
   import hashlib
   import json
-  key = json.dumps({"data": dataclasses.asdict(data_cfg), "seed": seed}, sort_keys=True)
+  key = json.dumps({"data": dataclasses.asdict(data_cfg), "seed": seed, "extra": extra},
+                   sort_keys=True, default=str)
   digest = hashlib.sha1(key.encode()).hexdigest()[:10]
   name = os.path.basename(checkpoint) if checkpoint else "random_init"
   return os.path.join(model_dir, "features", f"{name}-{digest}.npz")
@@ -98,9 +106,12 @@ def cached_features(path, encoder, train_ds, eval_ds):
   train_f, train_l = extract_features(encoder, train_ds)
   eval_f, eval_l = extract_features(encoder, eval_ds)
   if path:
+    import tempfile
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "wb") as f:
+    # A private temporary name: several workers may write the same (identical) cache at once.
+    fd, tmp = tempfile.mkstemp(suffix=".tmp", dir=os.path.dirname(path))
+    with os.fdopen(fd, "wb") as f:
       np.savez(f, train_features=train_f, train_labels=train_l, eval_features=eval_f,
                eval_labels=eval_l)
-    os.replace(path + ".tmp", path)
+    os.replace(tmp, path)
   return train_f, train_l, eval_f, eval_l

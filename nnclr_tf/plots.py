@@ -182,6 +182,14 @@ def _embeddings(model, source, size, batch_size):
   return both[:, :dim], both[:, dim:], labels
 
 
+def _project(model, features, batch_size=4096):
+  """L2-normalised z = projector(h) of backbone features, in batches."""
+  import tensorflow as tf
+  out = [tf.math.l2_normalize(model.projector(features[i:i + batch_size], training=False),
+                              axis=-1).numpy() for i in range(0, len(features), batch_size)]
+  return np.concatenate(out) if out else np.zeros((0, model.projector.output.shape[-1]))
+
+
 def pick_queries(labels, n, seed):
   """n seeded query indices, from n different classes when there are that many."""
   rng = np.random.default_rng(seed)
@@ -204,19 +212,24 @@ def nearest(query_z, support_z, k, exclude=None):
 
 def make_plots(model, train_source, eval_source, image_size, out_dir, curves_csv=None,
                tb_logdir=None, step=0, batch_size=256, seed=0, num_queries=8, k=8,
-               max_tsne_points=2000):
+               max_tsne_points=2000, features=None):
   """Writes retrieval_grid.png, embedding_map.png and (if `curves_csv` exists)
   training_curves.png into `out_dir`, and the same images to TensorBoard under `tb_logdir`.
-  Queries come from `eval_source` (or the train source when there is none). Returns
-  {name: path}."""
+  Queries come from `eval_source` (or the train source when there is none). `features`:
+  optional (train_h, train_labels, eval_h, eval_labels) backbone features already extracted
+  (evaluation.cached_features), which saves the pass over the data. Returns {name: path}."""
   from nnclr_tf import monitors
-  train_h, train_z, train_y = _embeddings(model, train_source, image_size, batch_size)
   same = eval_source is None
-  query_source = train_source if same else eval_source
-  if same:
-    q_h, q_z, q_y = train_h, train_z, train_y
+  if features is not None and not same:
+    train_h, train_y, q_h, q_y = (np.asarray(a) for a in features)
+    train_z, q_z = _project(model, train_h), _project(model, q_h)
   else:
-    q_h, q_z, q_y = _embeddings(model, eval_source, image_size, batch_size)
+    train_h, train_z, train_y = _embeddings(model, train_source, image_size, batch_size)
+    if same:
+      q_h, q_z, q_y = train_h, train_z, train_y
+    else:
+      q_h, q_z, q_y = _embeddings(model, eval_source, image_size, batch_size)
+  query_source = train_source if same else eval_source
   queries = pick_queries(q_y, num_queries, seed)
   k = min(k, len(train_z) - (1 if same else 0))
   nn = nearest(q_z[queries], train_z, k, exclude=queries if same else None)
@@ -227,7 +240,8 @@ def make_plots(model, train_source, eval_source, image_size, out_dir, curves_csv
       q_y[queries], _images(train_source, nn, image_size).reshape(
           len(queries), k, image_size, image_size, 3),
       train_y[nn], os.path.join(out_dir, "retrieval_grid.png"), names,
-      title=f"query | {k} nearest training images in z (green: same label, red: different)")
+      title=f"query | {k} nearest training images in z " +
+      ("(green: same label, red: different)" if (q_y >= 0).any() else "(labels unknown)"))
   paths["embedding_map"] = embedding_map(
       q_h, q_y, os.path.join(out_dir, "embedding_map.png"), names, max_tsne_points, seed,
       title=f"t-SNE of {min(len(q_h), max_tsne_points)} backbone features "

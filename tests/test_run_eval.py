@@ -55,6 +55,10 @@ def test_pretrain_writes_monitors_and_plots(pretrained):
           for e in tf.compat.v1.train.summary_iterator(os.path.join(tb, f))
           for v in e.summary.value}
   assert tags == {"retrieval_grid", "embedding_map", "training_curves"}
+  # kNN and the plots shared one feature cache for the final checkpoint (+ the random init).
+  cached = sorted(f.split("-")[0] + "-" + f.split("-")[1] if f.startswith("ckpt") else
+                  f.split("-")[0] for f in os.listdir(os.path.join(pretrained, "features")))
+  assert cached == ["ckpt-22", "random_init"], cached
 
 
 def test_knn_eval_reproduces_pretrain(pretrained):
