@@ -51,8 +51,12 @@ def main(argv=None):
   flops = common.step_flops(model, args.batch_size, args.use_nn)
   achieved = flops["step_gflop"] / step_s
   dtype = "bfloat16" if args.mixed_precision == "bf16" else "float32"
-  peak_gflops = args.peak_gflops or peak.measure(
-      tuple(int(s) for s in args.peak_sizes.split(",")), (dtype,), seconds=0.5)[dtype]["gflops"]
+  if args.peak_gflops:
+    peak_gflops, peak_cpu = args.peak_gflops, None
+  else:
+    p = peak.measure(tuple(int(s) for s in args.peak_sizes.split(",")), (dtype,), seconds=0.5)
+    peak_gflops, peak_cpu = p[dtype]["gflops"], p[dtype]["gflops_per_cpu_s"]
+  achieved_cpu = flops["step_gflop"] / common.median(timer.cpu_times)
   out = {
       "benchmark": "throughput",
       "pairs_per_sec": args.batch_size / step_s,
@@ -69,6 +73,11 @@ def main(argv=None):
       "peak_gflops": peak_gflops,
       "peak_dtype": dtype,
       "fraction_of_peak": achieved / peak_gflops,
+      # The same ratio per CPU second of this process: meaningful under load, when other
+      # processes stretch both wall times unevenly.
+      "achieved_gflops_per_cpu_s": achieved_cpu,
+      "peak_gflops_per_cpu_s": peak_cpu,
+      "fraction_of_peak_cpu": achieved_cpu / peak_cpu if peak_cpu else None,
       "flops": flops,
       "device": {**peak.machine(),
                  "logical_devices": [d.name for d in tf.config.list_logical_devices()],

@@ -43,6 +43,8 @@ def test_throughput_reports_a_consistent_step(capsys):
   assert r["flops"]["step_gflop"] * 1e9 == pytest.approx(step)
   assert r["achieved_gflops"] == pytest.approx(r["flops"]["step_gflop"] / r["step_ms"] * 1000)
   assert r["fraction_of_peak"] == pytest.approx(r["achieved_gflops"] / r["peak_gflops"])
+  assert r["fraction_of_peak_cpu"] == pytest.approx(r["achieved_gflops_per_cpu_s"] /
+                                                   r["peak_gflops_per_cpu_s"])
   assert r["peak_rss_mb"] > 100 and r["tf_version"] and r["device"]["cores"] >= 1
   assert r["settings"]["queue_size"] == 64 and r["settings"]["use_nn"] is True
 
@@ -86,4 +88,5 @@ def test_peak_measures_both_dtypes():
   out = peak.measure((64,), ("float32", "bfloat16"), seconds=0.01, repeats=1)
   assert out["float32"]["gflops"] > 0 and out["bfloat16"]["gflops"] > 0
   assert out["float32"]["by_size"]["64"] == out["float32"]["gflops"]
+  assert out["float32"]["gflops_per_cpu_s"] > 0
   assert peak.machine()["cores"] >= 1
