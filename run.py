@@ -323,14 +323,9 @@ def run_pretrain(cfg, strategy):
 
 
 def run_knn_eval(cfg, strategy):
-  import tensorflow as tf
   from nnclr_tf import data, training
   t = cfg["train"]
-  latest = tf.train.latest_checkpoint(t.model_dir)
-  if not latest:
-    raise UsageError(f"--model_dir={t.model_dir} holds no checkpoint; run --mode=pretrain first")
-  model = build_model(cfg, strategy)
-  tf.train.Checkpoint(model=model).restore(latest).expect_partial()
+  model, latest = restored_model(cfg, strategy)
   train, held = data.load_sources(cfg["data"], t.seed)
   results = knn_results(cfg, model, train, held)  # extracted afresh: checks the restore
   results["checkpoint"] = latest
