@@ -20,17 +20,15 @@ running an export needs only TensorFlow, no nnclr_tf.
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import os
 import shutil
 import tempfile
-from typing import Tuple
 
 import numpy as np
 import tensorflow as tf
 
-from nnclr_tf import augment
+from nnclr_tf import augment, linear_probe
 from nnclr_tf.data import decode_image
 
 ENCODER = "encoder"
@@ -124,53 +122,17 @@ def dir_size(path):
 # The linear probe written by linear_eval
 
 
-@dataclasses.dataclass(frozen=True)
-class Probe:
-  """logits = ((features - feature_mean) / feature_std) @ kernel + bias, on backbone features."""
-  kernel: np.ndarray          # float32 [D, C]
-  bias: np.ndarray            # float32 [C]
-  feature_mean: np.ndarray    # float32 [D]
-  feature_std: np.ndarray     # float32 [D]
-  class_names: Tuple[str, ...]
-  image_size: int
-
-  def logits(self, features):
-    f = (np.asarray(features, np.float32) - self.feature_mean) / self.feature_std
-    return f @ self.kernel + self.bias
+Probe = linear_probe.Probe  # logits = ((features - feature_mean) / feature_std) @ kernel + bias
 
 
 def load_probe(path):
-  """Reads `model_dir/linear_probe/probe.npz`: kernel [D, C], bias [C], feature_mean [D],
-  feature_std [D] (float32), class_names (str, length C), image_size (int scalar)."""
+  """Reads `model_dir/linear_probe/probe.npz` with `linear_probe.load_probe` (the one reader of
+  the file); a missing, unreadable or inconsistent file is an ExportError naming the fix."""
   try:
-    with np.load(path, allow_pickle=False) as z:
-      arrays = {k: z[k] for k in z.files}
+    return linear_probe.load_probe(path)
   except (OSError, ValueError) as e:
-    raise ExportError(f"cannot read the linear probe {path} ({e}); run --mode=linear_eval to "
+    raise ExportError(f"cannot use the linear probe {path} ({e}); run --mode=linear_eval to "
                       "write it") from None
-  need = ("kernel", "bias", "feature_mean", "feature_std", "class_names", "image_size")
-  missing = [k for k in need if k not in arrays]
-  if missing:
-    raise ExportError(f"linear probe {path} lacks {', '.join(missing)}; re-run --mode=linear_eval")
-  kernel = arrays["kernel"].astype(np.float32)
-  if kernel.ndim != 2:
-    raise ExportError(f"linear probe {path}: kernel must be [D, C], got shape {kernel.shape}")
-  d, c = kernel.shape
-  probe = Probe(kernel=kernel, bias=arrays["bias"].astype(np.float32),
-                feature_mean=arrays["feature_mean"].astype(np.float32),
-                feature_std=arrays["feature_std"].astype(np.float32),
-                class_names=tuple(str(n) for n in np.ravel(arrays["class_names"])),
-                image_size=int(arrays["image_size"]))
-  shapes = dict(bias=(probe.bias.shape, (c,)), feature_mean=(probe.feature_mean.shape, (d,)),
-                feature_std=(probe.feature_std.shape, (d,)),
-                class_names=((len(probe.class_names),), (c,)))
-  bad = [f"{k} {got} (want {want})" for k, (got, want) in shapes.items() if got != want]
-  if bad:
-    raise ExportError(f"linear probe {path} is inconsistent with kernel [{d}, {c}]: "
-                      f"{'; '.join(bad)}")
-  if not np.all(probe.feature_std > 0):
-    raise ExportError(f"linear probe {path}: feature_std must be > 0")
-  return probe
 
 
 # ----------------------------------------------------------------------------------------------

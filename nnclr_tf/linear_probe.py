@@ -78,11 +78,13 @@ def load_probe(path) -> Probe:
 
 def _check(p, where="probe"):
   d, c = p.kernel.shape if p.kernel.ndim == 2 else (-1, -1)
-  if (p.kernel.ndim != 2 or p.bias.shape != (c,) or p.feature_mean.shape != (d,) or
-      p.feature_std.shape != (d,) or len(p.class_names) != c):
-    raise ValueError(f"{where}: inconsistent shapes kernel {p.kernel.shape}, bias {p.bias.shape}, "
-                     f"feature_mean {p.feature_mean.shape}, feature_std {p.feature_std.shape}, "
-                     f"{len(p.class_names)} class names")
+  if p.kernel.ndim != 2:
+    raise ValueError(f"{where}: kernel must be [D, C], got shape {p.kernel.shape}")
+  want = dict(bias=(p.bias.shape, (c,)), feature_mean=(p.feature_mean.shape, (d,)),
+              feature_std=(p.feature_std.shape, (d,)), class_names=((len(p.class_names),), (c,)))
+  bad = [f"{k} {got} (want {w})" for k, (got, w) in want.items() if got != w]
+  if bad:
+    raise ValueError(f"{where}: inconsistent with kernel [{d}, {c}]: {'; '.join(bad)}")
   if not np.all(p.feature_std > 0):
     raise ValueError(f"{where}: feature_std must be > 0")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 
@@ -28,6 +29,11 @@ class NonFiniteLossError(RuntimeError):
 def build_optimizer(cfg: OptimConfig, variables, global_batch, total_steps, steps_per_epoch):
   peak = scaled_learning_rate(cfg.learning_rate, global_batch, cfg.lr_scaling)
   warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
+  if warmup >= total_steps > 0:
+    logging.warning(
+        "--warmup_epochs=%g is %d steps, not fewer than the run's %d: the learning rate only "
+        "ramps up and ends at its peak, never decaying; lower --warmup_epochs for short runs",
+        cfg.warmup_epochs, warmup, total_steps)
   schedule = WarmupCosine(peak, min(warmup, total_steps), total_steps)
   if cfg.optimizer == "lars":
     return LARS(schedule, momentum=cfg.momentum, eta=cfg.lars_eta,

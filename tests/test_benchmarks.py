@@ -14,6 +14,7 @@ sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 import input_pipeline  # noqa: E402
 import nn_overhead  # noqa: E402
 import peak  # noqa: E402
+import peer_compare  # noqa: E402
 import throughput  # noqa: E402
 
 TINY = ["--backbone=small_cnn", "--width=8", "--image_size=16", "--proj_hidden_dim=32",
@@ -90,3 +91,27 @@ def test_peak_measures_both_dtypes():
   assert out["float32"]["by_size"]["64"] == out["float32"]["gflops"]
   assert out["float32"]["gflops_per_cpu_s"] > 0
   assert peak.machine()["cores"] >= 1
+
+
+def test_peer_compare_runs_both_in_rounds_and_divides_medians(tmp_path, capsys):
+  # A stand-in for the peer's script (its output format), so the smoke needs no PyTorch; ours is
+  # the real benchmarks/throughput.py in a subprocess, on the tiny model.
+  peer_dir = tmp_path / "peer"
+  peer_dir.mkdir()
+  (peer_dir / "throughput.py").write_text(
+      "import json, sys\n"
+      "print('log line')\n"
+      "print(json.dumps({'train_step': {'pairs_per_s_median': 10.0}, 'argv': sys.argv[1:]}))\n")
+  ours = " ".join(f for f in TINY if not f.startswith(("--batch_size", "--warmup")))
+  peer_compare.main([f"--peer_python={sys.executable}", f"--peer_dir={peer_dir}", "--rounds=2",
+                     "--steps=1", "--warmup=1", "--batch_size=16", "--queue_size=64",
+                     f"--ours_flags={ours} --peak_sizes=128"])
+  r = json_line(capsys)
+  assert len(r["rounds"]) == 2 and r["peer_median_pairs_per_sec"] == 10.0
+  ours_pps = [x["ours_pairs_per_sec"] for x in r["rounds"]]
+  assert all(p > 0 for p in ours_pps)
+  assert r["round_ratios"] == pytest.approx([p / 10.0 for p in ours_pps])
+  assert r["ratio_of_medians"] == pytest.approx(float(np.median(ours_pps)) / 10.0)
+  assert r["rounds"][0]["peer_result"]["argv"][:4] == ["--batch_size", "16", "--steps", "1"]
+  assert "--malloc_tune" in r["peer_cmd"]  # the peer's best setting by default
+  assert peer_compare.last_json_line('x\n{"a": 1}\n{bad\n') == {"a": 1}

@@ -343,7 +343,7 @@ def test_probe_file_is_validated(tmp_path):
   with pytest.raises(export.ExportError, match=r"bias \(3,\) \(want \(10,\)\)"):
     export.load_probe(path)
   np.savez(path, kernel=np.zeros((FEATURE_DIM, 10), np.float32))
-  with pytest.raises(export.ExportError, match="lacks bias, feature_mean"):
+  with pytest.raises(export.ExportError, match="missing bias, class_names, feature_mean"):
     export.load_probe(path)
   write_probe(path, dim=FEATURE_DIM + 1)
   with pytest.raises(export.ExportError, match="33-d features but the backbone gives 32-d"):
@@ -353,7 +353,7 @@ def test_probe_file_is_validated(tmp_path):
     export.export_classifier(model, path, str(tmp_path / "export"))
   assert not os.path.exists(tmp_path / "export")
   probe = export.load_probe(write_probe(path))
-  assert probe.class_names == tuple(CLASS_NAMES) and probe.image_size == 16
+  assert tuple(probe.class_names) == tuple(CLASS_NAMES) and probe.image_size == 16
 
 
 def test_keras_format_round_trip(tmp_path):

@@ -28,3 +28,24 @@ def test_no_warmup():
   s = WarmupCosine(peak=1.0, warmup_steps=0, total_steps=10)
   assert float(s(0)) == pytest.approx(1.0)
   assert float(s(5)) == pytest.approx(0.5, rel=1e-5)
+
+
+def test_warmup_not_shorter_than_the_run_is_warned(caplog):
+  import logging
+  import keras
+  from nnclr_tf import training
+  from nnclr_tf.config import OptimConfig
+  v = [keras.Variable([1.0, 2.0])]
+  with caplog.at_level(logging.WARNING):
+    opt = training.build_optimizer(OptimConfig(warmup_epochs=10.0), v, 256, 20, 4)  # 40 >= 20
+  assert "--warmup_epochs=10 is 40 steps, not fewer than the run's 20" in caplog.text
+  # The schedule is then a pure ramp over the whole run (warm-up capped at its length).
+  sched = keras.saving.deserialize_keras_object(opt.get_config()["learning_rate"])
+  assert (sched.warmup_steps, sched.total_steps) == (20, 20)
+  assert float(sched(19)) == pytest.approx(0.3 * 19 / 20)
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):
+    opt = training.build_optimizer(OptimConfig(warmup_epochs=1.0), v, 256, 20, 4)
+  assert "warmup_epochs" not in caplog.text
+  sched = keras.saving.deserialize_keras_object(opt.get_config()["learning_rate"])
+  assert sched.warmup_steps == 4 and float(sched(4)) == pytest.approx(0.3)
