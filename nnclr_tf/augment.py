@@ -49,13 +49,22 @@ def crop_and_resize(image, seed, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
       max_attempts=10,
       use_image_if_no_bounding_boxes=True)
   crop = tf.slice(image, begin, crop_size)
-  out = tf.image.resize(crop[tf.newaxis], [size, size], method="bilinear", antialias=False)[0]
+  out = resize(crop[tf.newaxis], size)[0]
   return tf.ensure_shape(tf.clip_by_value(out, 0.0, 1.0), [size, size, 3])
+
+
+def resize(images, size):
+  """[N, H, W, C] -> [N, size, size, C]: bilinear, antialiased when shrinking (equal to plain
+  bilinear when enlarging). The one resize of un-augmented images: images cached in memory at
+  the training size, the evaluation transform and the exported encoder's preprocessing all use
+  it, so a served image meets the network exactly as evaluation's did (up to the cache's uint8
+  rounding); the random crop uses it too, so a whole-image crop is the evaluation view."""
+  return tf.image.resize(images, [size, size], method="bilinear", antialias=True)
 
 
 def center_resize(image, size):
   """The evaluation transform: resize to size x size, no randomness."""
-  out = tf.image.resize(image[tf.newaxis], [size, size], method="bilinear")[0]
+  out = resize(image[tf.newaxis], size)[0]
   return tf.ensure_shape(tf.clip_by_value(out, 0.0, 1.0), [size, size, 3])
 
 

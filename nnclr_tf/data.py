@@ -202,8 +202,8 @@ def cache_decoded(source, size, limit_mb, skip_bad=True):
 
   def load(i, path):
     image = decode_image(tf.io.read_file(path))
-    resized = tf.image.resize(image[None], [size, size], method="area")[0]
-    return i, tf.cast(tf.round(resized), tf.uint8)
+    resized = augment.resize(image[None], size)[0]
+    return i, tf.cast(tf.round(tf.clip_by_value(resized, 0.0, 255.0)), tf.uint8)
 
   ds = ds.map(load, num_parallel_calls=AUTOTUNE).ignore_errors().batch(1024)
   idx, images = [], []
@@ -257,7 +257,7 @@ def tfds_source(name, split, data_dir, size, limit_mb):
 
   def prep(ex):
     image, label = _tfds_example(ex)
-    image = tf.cast(tf.round(tf.image.resize(image[None], [size, size], method="area")[0]),
+    image = tf.cast(tf.round(tf.clip_by_value(augment.resize(image[None], size)[0], 0.0, 255.0)),
                     tf.uint8)
     return image, label
 

@@ -14,7 +14,7 @@ Outputs:
   classifier  probabilities float32 [N, C], class_ids int64 [N], class_names string [N]
 
 Images are preprocessed inside the graph as `data.eval_dataset` does (uint8 -> float [0, 1],
-bilinear resize to the training size, clip); the backbone standardises internally. Loading or
+antialiased bilinear resize to the training size (augment.resize), clip); the backbone standardises internally. Loading or
 running an export needs only TensorFlow, no nnclr_tf.
 """
 
@@ -142,7 +142,7 @@ def load_probe(path):
 def preprocess(images, image_size):
   """uint8 [N, H, W, 3] -> float [N, S, S, 3] in [0, 1]: `augment.center_resize` on a batch."""
   x = tf.image.convert_image_dtype(images, tf.float32)
-  x = tf.image.resize(x, [image_size, image_size], method="bilinear")
+  x = augment.resize(x, image_size)
   return tf.clip_by_value(x, 0.0, 1.0)
 
 

@@ -156,3 +156,31 @@ def test_tfds_dataset_built_locally(tmp_path):
     data.load_sources(DataConfig(dataset="tiny_shapes", data_dir=str(tmp_path / "empty")))
   with pytest.raises(data.DataError, match="not a tfds dataset"):
     data.load_sources(DataConfig(dataset="no_such_dataset_xyz", data_dir=str(tmp_path)))
+
+
+def test_cached_lazy_and_served_images_are_resized_alike(tmp_path):
+  # Images larger than the training size: cached in memory (resized once, uint8), decoded lazily
+  # (resized per use) and the exported encoder's preprocessing must give the network the same
+  # pixels, up to the cache's rounding to uint8 (half a grey level).
+  from nnclr_tf import export
+  rng = np.random.default_rng(3)
+  os.makedirs(tmp_path / "a")
+  raw = []
+  for i in range(4):
+    img = rng.integers(0, 256, size=(40, 30, 3), dtype=np.uint8)
+    tf.io.write_file(str(tmp_path / "a" / f"{i}.png"), tf.io.encode_png(img))  # lossless
+    raw.append(img)
+  lazy = data.folder_source(str(tmp_path))
+  cached = data.cache_decoded(lazy, 16, limit_mb=10)
+  assert cached.images is not None and lazy.images is None
+  order = [int(os.path.basename(p)[0]) for p in lazy.paths]
+  as_float = lambda ds: np.concatenate([x.numpy() for x, _ in ds])
+  from_cache = as_float(data.eval_dataset(cached, 16))
+  from_files = as_float(data.eval_dataset(lazy, 16))
+  np.testing.assert_allclose(from_cache, from_files, atol=0.5 / 255 + 1e-6)
+  served = export.preprocess(tf.constant(np.stack([raw[k] for k in order])), 16).numpy()
+  np.testing.assert_allclose(served, from_files, atol=1e-6)
+  # The shrink is antialiased: a fine checkerboard averages to grey instead of aliasing.
+  board = (np.indices((40, 40)).sum(0) % 2 * 255).astype(np.uint8)
+  small = export.preprocess(tf.constant(np.repeat(board[None, ..., None], 3, -1)), 10).numpy()
+  assert np.abs(small - 0.5).max() < 0.05
