@@ -310,11 +310,10 @@ def run_pretrain(cfg, strategy):
     return results
   e = cfg["export"]
   export_dir = export.export_encoder(model, e.base, e.version, e.warmup)
-  results.update(knn_results(cfg, model, train, held,
-                             checkpoint_at(t.model_dir, results["steps"])))
+  final = checkpoint_at(t.model_dir, results["steps"])
+  results.update(knn_results(cfg, model, train, held, final))
   if F.plots:
-    results["plots"] = write_plots(cfg, model, train, held, results["steps"],
-                                   checkpoint_at(t.model_dir, results["steps"]))
+    results["plots"] = write_plots(cfg, model, train, held, results["steps"], final)
   results.update(export_dir=export_dir, train_examples=len(train), skipped_images=train.skipped,
                  skipped_eval_images=0 if held is None else held.skipped,
                  global_batch=t.batch_size, replicas=strategy.num_replicas_in_sync)
@@ -372,17 +371,22 @@ def checkpoint_at(model_dir, step):
   return latest if latest and latest.endswith(f"-{step}") else None
 
 
+def feature_cache(cfg, checkpoint):
+  """model_dir/features/... of the encoder at `checkpoint` (None: the random-init encoder)."""
+  import dataclasses
+  from nnclr_tf import evaluation
+  t = cfg["train"]
+  extra = None if checkpoint else {"random_init": dataclasses.asdict(cfg["model"]),
+                                   "seed": t.seed + 1}
+  return evaluation.feature_cache_path(t.model_dir, checkpoint, cfg["data"], t.seed, extra)
+
+
 def eval_features(cfg, encoder, checkpoint, train, held, use_cache=True):
   """(train_f, train_l, eval_f, eval_l) of `encoder`, through model_dir/features when use_cache
   (the key names `checkpoint`; None with use_cache means the random-init encoder)."""
-  import dataclasses
   from nnclr_tf import data, evaluation
-  t, e, size = cfg["train"], cfg["eval"], cfg["data"].image_size
-  path = None
-  if use_cache:
-    extra = None if checkpoint else {"random_init": dataclasses.asdict(cfg["model"]),
-                                     "seed": t.seed + 1}
-    path = evaluation.feature_cache_path(t.model_dir, checkpoint, cfg["data"], t.seed, extra)
+  e, size = cfg["eval"], cfg["data"].image_size
+  path = feature_cache(cfg, checkpoint) if use_cache else None
   return evaluation.cached_features(path, encoder, data.eval_dataset(train, size, e.batch_size),
                                     data.eval_dataset(held, size, e.batch_size))
 
@@ -447,7 +451,7 @@ def labelled_splits(cfg, mode):
 
 
 def run_linear_eval(cfg, strategy):
-  from nnclr_tf import evaluation, linear_probe, training
+  from nnclr_tf import linear_probe, training
   t, size = cfg["train"], cfg["data"].image_size
   train, held, num_classes = labelled_splits(cfg, "linear_eval")
   model, latest = restored_model(cfg, strategy)
@@ -457,7 +461,7 @@ def run_linear_eval(cfg, strategy):
     l2 = []
   if not l2 or min(l2) <= 0:
     raise UsageError(f"--linear_l2={','.join(F.linear_l2)}: give positive numbers, e.g. 1e-4,1e-3")
-  cache = evaluation.feature_cache_path(t.model_dir, latest, cfg["data"], t.seed)
+  cache = feature_cache(cfg, latest)
   train_f, train_l, eval_f, eval_l = eval_features(cfg, model.encoder, latest, train, held)
   probe, info = linear_probe.fit_probe(train_f, train_l, num_classes, train.class_names, size,
                                        l2=l2, seed=t.seed)

@@ -192,6 +192,12 @@ def _drop_bad(source, good_idx, skip_bad):
   return out
 
 
+def _resize_uint8(image, size):
+  """A decoded image resized for the in-memory cache (augment.resize, rounded back to uint8)."""
+  resized = augment.resize(image[None], size)[0]
+  return tf.cast(tf.round(tf.clip_by_value(resized, 0.0, 255.0)), tf.uint8)
+
+
 def cache_decoded(source, size, limit_mb, skip_bad=True):
   """Decodes a file source into memory at size x size when it fits `limit_mb`; unreadable files
   are left out and counted in `skipped` (or raise a DataError when `skip_bad` is False). Returns
@@ -202,8 +208,7 @@ def cache_decoded(source, size, limit_mb, skip_bad=True):
 
   def load(i, path):
     image = decode_image(tf.io.read_file(path))
-    resized = augment.resize(image[None], size)[0]
-    return i, tf.cast(tf.round(tf.clip_by_value(resized, 0.0, 255.0)), tf.uint8)
+    return i, _resize_uint8(image, size)
 
   ds = ds.map(load, num_parallel_calls=AUTOTUNE).ignore_errors().batch(1024)
   idx, images = [], []
@@ -257,9 +262,7 @@ def tfds_source(name, split, data_dir, size, limit_mb):
 
   def prep(ex):
     image, label = _tfds_example(ex)
-    image = tf.cast(tf.round(tf.clip_by_value(augment.resize(image[None], size)[0], 0.0, 255.0)),
-                    tf.uint8)
-    return image, label
+    return _resize_uint8(image, size), label
 
   images, labels = [], []
   for im, lb in ds.map(prep, num_parallel_calls=AUTOTUNE).batch(1024).as_numpy_iterator():

@@ -14,7 +14,7 @@ Outputs:
   classifier  probabilities float32 [N, C], class_ids int64 [N], class_names string [N]
 
 Images are preprocessed inside the graph as `data.eval_dataset` does (uint8 -> float [0, 1],
-antialiased bilinear resize to the training size (augment.resize), clip); the backbone standardises internally. Loading or
+`augment.resize` to the training size, clip); the backbone standardises internally. Loading or
 running an export needs only TensorFlow, no nnclr_tf.
 """
 
