@@ -241,8 +241,8 @@ def prepare_model_dir(model_dir, model_config, model=None):
     if model is not None:
       from nnclr_tf import training
       training.check_checkpoint_fits(model, model_dir)
-    with open(path, "w") as f:
-      json.dump(model_config, f, indent=2, sort_keys=True)
+    from nnclr_tf import training
+    training.write_json(path, model_config)
 
 
 def _architecture(model_config):
@@ -288,10 +288,77 @@ def knn_results(cfg, model, train, held, checkpoint=None):
   return out
 
 
+RESULTS_FILE = "pretrain_results.json"
+
+
+def checkpoint_step(path):
+  """N of a `.../ckpt-N` checkpoint path (0 for None)."""
+  tail = (path or "").rsplit("-", 1)[-1]
+  return int(tail) if tail.isdigit() else 0
+
+
+def target_steps(t, recorded):
+  """The step this run trains to, if it can be known before the data is loaded (from the
+  steps per epoch a finished run recorded at the same global batch), else None."""
+  if t.train_steps:
+    return t.train_steps
+  if recorded.get("global_batch") == t.batch_size and recorded.get("steps_per_epoch"):
+    return t.train_epochs * int(recorded["steps_per_epoch"])
+  return None
+
+
+def finished_pretraining(cfg):
+  """A one-line summary when model_dir's pretraining reached its last step and its kNN, plots and
+  encoder export exist (a rerun then has nothing to do), else None."""
+  import tensorflow as tf
+  from nnclr_tf import export, training
+  t = cfg["train"]
+  recorded = training.read_json(os.path.join(t.model_dir, RESULTS_FILE))
+  step = recorded.get("steps")
+  if not step or checkpoint_step(tf.train.latest_checkpoint(t.model_dir)) != step:
+    return None
+  if target_steps(t, recorded) != step or not _evaluated(recorded):
+    return None
+  if F.plots and not _plots_exist(recorded):
+    return None
+  export_dir = recorded.get("export_dir")
+  if not export_dir or export.read_metadata(export_dir).get("checkpoint_step") != step:
+    return None
+  return (f"{t.model_dir}: pretraining finished at step {step}; results in "
+          f"{os.path.join(t.model_dir, RESULTS_FILE)}, encoder export {export_dir}; nothing to "
+          "do (raise --train_steps or --train_epochs to train longer)")
+
+
+def _evaluated(recorded):
+  return recorded.get("knn_top1") is not None or bool(recorded.get("knn_skipped"))
+
+
+def _plots_exist(recorded):
+  paths = recorded.get("plots") or {}
+  return bool(paths) and all(os.path.exists(p) for p in paths.values())
+
+
+def merge_results(recorded, results):
+  """New figures over the recorded ones of the same step; a recorded figure is never replaced by
+  None (a rerun that trained nothing has no loss or speed of its own)."""
+  if recorded.get("steps") != results.get("steps"):
+    return results
+  merged = dict(recorded)
+  merged.update({k: v for k, v in results.items() if v is not None or k not in recorded})
+  return merged
+
+
 def run_pretrain(cfg, strategy):
   from nnclr_tf import data, distributed, export, training
   t = cfg["train"]
   check_batch(cfg, strategy)
+  done = finished_pretraining(cfg)
+  if done:
+    print(done)
+    recorded = training.read_json(os.path.join(t.model_dir, RESULTS_FILE))
+    return recorded
+  results_path = os.path.join(t.model_dir, RESULTS_FILE)
+  recorded = training.read_json(results_path)
   # The online probe's size comes from the data, so the data is loaded before the model is built.
   train, held = data.load_sources(cfg["data"], t.seed)
   logging.info("training on %d images (%s), %d held out, %d unreadable skipped", len(train),
@@ -300,25 +367,45 @@ def run_pretrain(cfg, strategy):
   chief = distributed.is_chief(strategy)
   if chief:
     prepare_model_dir(t.model_dir, model.get_config(), model)
-    with open(os.path.join(t.model_dir, "flags.txt"), "w") as f:
-      f.write(F.flags_into_string())
+    training.write_text(os.path.join(t.model_dir, "flags.txt"), F.flags_into_string())
+  total = t.train_steps or t.train_epochs * data.steps_per_epoch(len(train), t.batch_size)
+  if recorded.get("steps") and total > recorded["steps"]:
+    logging.warning("%s finished pretraining at step %d; continuing to step %d: the warm-up + "
+                    "cosine learning-rate schedule is recomputed for %d steps, so the rate "
+                    "jumps back up at step %d", t.model_dir, recorded["steps"], total, total,
+                    recorded["steps"])
   curves = curve_logger(t, train, strategy)
   results = training.pretrain(model, strategy, train, cfg["data"], cfg["augment"], t,
                               cfg["optim"], callbacks=[curves])
   results["online_probe_acc"] = curves.last_logs.get("online_probe_acc")
   if not chief:
     return results
+  step = results["steps"]
+  same_step = recorded.get("steps") == step
   e = cfg["export"]
-  export_dir = export.export_encoder(model, e.base, e.version, e.warmup)
-  final = checkpoint_at(t.model_dir, results["steps"])
-  results.update(knn_results(cfg, model, train, held, final))
-  if F.plots:
-    results["plots"] = write_plots(cfg, model, train, held, results["steps"], final)
+  newest, meta = export.newest_export(e.base)
+  if not e.version and newest and meta.get("checkpoint_step") == step:
+    export_dir = newest  # this checkpoint is served already
+  else:
+    export_dir = export.export_encoder(model, e.base, e.version, e.warmup,
+                                       metadata=export_metadata(t.model_dir, step))
+  final = checkpoint_at(t.model_dir, step)
+  if not (same_step and _evaluated(recorded)):
+    knn = knn_results(cfg, model, train, held, final)
+    results.update(knn or {"knn_skipped": True})
+  if F.plots and not (same_step and _plots_exist(recorded)):
+    results["plots"] = write_plots(cfg, model, train, held, step, final)
   results.update(export_dir=export_dir, train_examples=len(train), skipped_images=train.skipped,
                  skipped_eval_images=0 if held is None else held.skipped,
                  global_batch=t.batch_size, replicas=strategy.num_replicas_in_sync)
-  training.write_json(os.path.join(t.model_dir, "pretrain_results.json"), results)
+  results = merge_results(recorded, results)
+  training.write_json(results_path, results)
   return results
+
+
+def export_metadata(model_dir, step):
+  """What `assets.extra/nnclr_tf.json` records of an export's origin."""
+  return {"checkpoint_step": int(step), "model_dir": os.path.abspath(model_dir)}
 
 
 def run_knn_eval(cfg, strategy):
@@ -479,8 +566,9 @@ def run_linear_eval(cfg, strategy):
                    linear_top5_random_init=rand_scores["top5"], l2_random_init=rand_info["l2"])
   from nnclr_tf import export
   ex = cfg["export"]
-  results["classifier_export_dir"] = export.export_classifier(model, probe_path, ex.base,
-                                                              ex.version, ex.warmup)
+  results["classifier_export_dir"] = export.export_classifier(
+      model, probe_path, ex.base, ex.version, ex.warmup,
+      metadata=export_metadata(t.model_dir, checkpoint_step(latest)))
   training.write_json(os.path.join(t.model_dir, "linear_eval_results.json"), results)
   return results
 
@@ -560,10 +648,12 @@ def run_export(cfg, strategy):
   prepare_model_dir(t.model_dir, model.get_config())
   status = tf.train.Checkpoint(model=model).restore(latest)
   status.assert_existing_objects_matched().expect_partial()  # the optimizer is not needed
-  out = {"encoder": export.export_encoder(model, e.base, e.version, e.warmup)}
+  meta = export_metadata(t.model_dir, checkpoint_step(latest))
+  out = {"encoder": export.export_encoder(model, e.base, e.version, e.warmup, metadata=meta)}
   probe = os.path.join(t.model_dir, export.PROBE_FILE)
   if os.path.exists(probe):
-    out["classifier"] = export.export_classifier(model, probe, e.base, e.version, e.warmup)
+    out["classifier"] = export.export_classifier(model, probe, e.base, e.version, e.warmup,
+                                                 metadata=meta)
   else:
     logging.warning("no linear probe at %s: classifier not exported (run --mode=linear_eval)",
                     probe)

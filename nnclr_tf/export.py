@@ -21,6 +21,7 @@ running an export needs only TensorFlow, no nnclr_tf.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 import tempfile
@@ -36,6 +37,8 @@ CLASSIFIER = "classifier"
 IMAGES_SIGNATURE = "serving_default"
 BYTES_SIGNATURE = "serve_image_bytes"
 WARMUP_FILE = os.path.join("assets.extra", "tf_serving_warmup_requests")
+# Where an export came from (checkpoint step, ...); TF Serving ignores assets.extra/ beyond warm-up.
+METADATA_FILE = os.path.join("assets.extra", "nnclr_tf.json")
 # The Evaluation helper's linear probe, relative to model_dir (see `load_probe` for the contract).
 PROBE_FILE = os.path.join("linear_probe", "probe.npz")
 
@@ -90,7 +93,7 @@ def _make_readable(path):
   os.chmod(path, 0o777 & ~umask)
 
 
-def _save_versioned(module, signatures, export_base, model_name, version, warmup):
+def _save_versioned(module, signatures, export_base, model_name, version, warmup, metadata=None):
   model_base = os.path.join(export_base, model_name)
   if version and os.path.exists(os.path.join(model_base, str(version))):
     raise ExportError(f"{os.path.join(model_base, str(version))} already exists; a served "
@@ -106,10 +109,36 @@ def _save_versioned(module, signatures, export_base, model_name, version, warmup
     tf.saved_model.save(module, tmp, signatures=signatures)
     if warmup:
       _write_warmup(tmp, model_name, module.image_size)
+    _write_metadata(tmp, metadata or {})
     return _move_into_place(tmp, model_base, version)
   finally:
     if os.path.exists(tmp):
       shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_metadata(export_dir, metadata):
+  path = os.path.join(export_dir, METADATA_FILE)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(metadata, f, indent=2, sort_keys=True)
+
+
+def read_metadata(export_dir):
+  """The export's `assets.extra/nnclr_tf.json` ({} for an export written before it existed)."""
+  try:
+    with open(os.path.join(export_dir, METADATA_FILE)) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return {}
+
+
+def newest_export(export_base, model_name=ENCODER):
+  """(path, metadata) of the newest version under `<export_base>/<model_name>`, or (None, {})."""
+  found = versions(os.path.join(export_base, model_name))
+  if not found:
+    return None, {}
+  path = version_path(export_base, model_name, found[-1])
+  return path, read_metadata(path)
 
 
 def dir_size(path):
@@ -249,16 +278,18 @@ def _write_warmup(export_dir, model_name, image_size):
 # Public API
 
 
-def export_encoder(model, export_base, version=0, warmup=True):
+def export_encoder(model, export_base, version=0, warmup=True, metadata=None):
   """Writes `<export_base>/encoder/<version>/` from an NNCLR model (encoder + projector).
 
-  version 0 takes the next free integer; an existing version raises ExportError. Returns the path.
+  version 0 takes the next free integer; an existing version raises ExportError. `metadata`
+  (e.g. {"checkpoint_step": N}) goes to `assets.extra/nnclr_tf.json`. Returns the path.
   """
   module = _Servable(model)
-  return _save_versioned(module, module.signatures(), export_base, ENCODER, version, warmup)
+  return _save_versioned(module, module.signatures(), export_base, ENCODER, version, warmup,
+                         metadata)
 
 
-def export_classifier(model, probe, export_base, version=0, warmup=True):
+def export_classifier(model, probe, export_base, version=0, warmup=True, metadata=None):
   """Writes `<export_base>/classifier/<version>/`: the encoder followed by the linear probe.
 
   `probe` is a `Probe` or the path of `model_dir/linear_probe/probe.npz`. Returns the path.
@@ -273,4 +304,5 @@ def export_classifier(model, probe, export_base, version=0, warmup=True):
     raise ExportError(f"the linear probe was trained at image_size {probe.image_size} but the "
                       f"model at {model.image_size}; re-run --mode=linear_eval on this model")
   module = _Servable(model, probe)
-  return _save_versioned(module, module.signatures(), export_base, CLASSIFIER, version, warmup)
+  return _save_versioned(module, module.signatures(), export_base, CLASSIFIER, version, warmup,
+                         metadata)

@@ -322,7 +322,22 @@ def pretrain(model, strategy, source, data_cfg, aug_cfg, train_cfg, optim_cfg, c
 
 
 def write_json(path, obj):
+  write_text(path, json.dumps(obj, indent=2, sort_keys=True))
+
+
+def write_text(path, text):
+  """Temp file + rename: a reader (or a kill) never sees a half-written file."""
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
+    f.write(text)
   os.replace(tmp, path)
+
+
+def read_json(path):
+  """The JSON object at `path`, or {} when it is missing or unreadable."""
+  try:
+    with open(path) as f:
+      obj = json.load(f)
+    return obj if isinstance(obj, dict) else {}
+  except (OSError, ValueError):
+    return {}

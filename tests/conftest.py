@@ -33,3 +33,7 @@ def mirrored(n):
 @pytest.fixture
 def repo():
   return REPO
+
+
+def pytest_configure(config):
+  config.addinivalue_line("markers", "slow: subprocess / end-to-end runs (skip with -m 'not slow')")
