@@ -7,6 +7,14 @@
   python run.py --mode=plots --flagfile=flags/quickstart.cfg
   python run.py --mode=export --flagfile=flags/quickstart.cfg
 
+Flag precedence. Anything on the command line beats every --flagfile, whatever the order:
+`--mode=linear_eval --flagfile=preset` and `--flagfile=preset --mode=linear_eval` are the same
+command. Several --flagfile arguments are read in their command-line order (a later file wins). A
+`--flagfile=other` line inside a file is expanded where it stands, and within the files later
+lines win, so a file that starts with `--flagfile=preset` and then sets flags overrides the
+preset. A flag given twice on the command line takes the last value. Flagfile paths, nested ones
+included, are relative to the current directory.
+
 Flags become config dataclasses (nnclr_tf/config.py); library code never reads FLAGS.
 Exit codes: 0 done, 2 a flag/file/model_dir mistake (one `error:` line says what to change),
 3 training diverged (NaN/Inf; the last finite checkpoint is kept). Rerunning resumes.
@@ -707,8 +715,10 @@ def run_main(argv):
 
 
 def parse_flags(argv):
-  """absl's parser, but a mistyped flag (on the command line or in a --flagfile) is one line and
-  exit code 2 instead of absl's usage text and exit code 1."""
+  """absl's parser, with two changes: the command line beats every --flagfile whatever the order
+  (see flagfiles_first), and a mistyped flag (on the command line or in a --flagfile) is one line
+  and exit code 2 instead of absl's usage text and exit code 1."""
+  argv = flagfiles_first(argv)
   try:
     return F(argv)
   except flags.Error as e:
@@ -716,20 +726,53 @@ def parse_flags(argv):
     sys.exit(EXIT_USAGE)
 
 
+FLAGFILE_FORMS = ("--flagfile", "-flagfile")
+
+
+def flagfiles_first(argv):
+  """argv with the command line's --flagfile arguments moved, in their order, in front of every
+  other flag. absl expands a flagfile in place and the last value of a flag wins, so
+  `--mode=linear_eval --flagfile=preset` would otherwise run the preset's --mode=pretrain. Takes
+  --flagfile=x, --flagfile x, -flagfile=x and -flagfile x; nothing after `--` moves."""
+  program, rest = argv[:1], list(argv[1:])
+  files, others = [], []
+  while rest:
+    arg = rest.pop(0)
+    if arg == "--":
+      others += [arg, *rest]
+      break
+    if arg in FLAGFILE_FORMS:
+      # A bare --flagfile at the end stays so absl reports the missing file name.
+      files += [arg, rest.pop(0)] if rest else [arg]
+    elif arg.startswith(tuple(f + "=" for f in FLAGFILE_FORMS)):
+      files.append(arg)
+    else:
+      others.append(arg)
+  return program + files + others
+
+
+def _flagfile_paths(argv):
+  paths, args = [], iter(argv[1:])
+  for arg in args:
+    if arg in FLAGFILE_FORMS:
+      paths.append(next(args, ""))
+    elif arg.startswith(tuple(f + "=" for f in FLAGFILE_FORMS)):
+      paths.append(arg.split("=", 1)[1])
+  return paths
+
+
 def _flag_error(e, argv):
   message = " ".join(str(e).split())
   name = getattr(e, "flagname", None)
   if isinstance(e, flags.UnrecognizedFlagError) and name:
     where = ""
-    for arg in argv[1:]:
-      if arg.startswith("--flagfile="):
-        path = arg.split("=", 1)[1]
-        try:
-          with open(path) as f:
-            if any(line.strip().lstrip("-").split("=")[0] in (name, "no" + name) for line in f):
-              where = f" in --flagfile={path}"
-        except OSError:
-          pass
+    for path in _flagfile_paths(argv):
+      try:
+        with open(path) as f:
+          if any(line.strip().lstrip("-").split("=")[0] in (name, "no" + name) for line in f):
+            where = f" in --flagfile={path}"
+      except OSError:
+        pass
     suggestions = message.split("Did you mean:", 1)
     hint = f"did you mean --{suggestions[1].strip().rstrip('?').strip()}? " if len(
         suggestions) > 1 else ""

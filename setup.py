@@ -6,7 +6,18 @@ setup(
     description="NNCLR (Nearest-Neighbor Contrastive Learning of Visual Representations) in "
                 "TensorFlow 2 / Keras 3",
     packages=find_packages(include=["nnclr_tf", "nnclr_tf.*"]),
-    python_requires=">=3.11,<3.12",
+    # TensorFlow 2.21.0 publishes wheels for CPython 3.10-3.13 only (none for 3.9 or 3.14 on PyPI);
+    # all pins below, test extras included, resolve on each of those (to wheels, except
+    # tensorflow-datasets' pure-Python `promise`, an sdist). CI here runs 3.11.
+    python_requires=">=3.10,<3.14",
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Programming Language :: Python :: 3 :: Only",
+        "Programming Language :: Python :: 3.10",
+        "Programming Language :: Python :: 3.11",
+        "Programming Language :: Python :: 3.12",
+        "Programming Language :: Python :: 3.13",
+    ],
     install_requires=[
         "tensorflow>=2.21,<2.22",
         "keras>=3.10,<4",
