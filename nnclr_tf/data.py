@@ -22,13 +22,10 @@ import tensorflow as tf
 
 from nnclr_tf import augment
 from nnclr_tf.config import AugmentConfig, DataConfig
+from nnclr_tf.errors import DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 AUTOTUNE = tf.data.AUTOTUNE
-
-
-class DataError(ValueError):
-  """A user-facing data problem: the message names the file or flag and the fix."""
 
 
 @dataclasses.dataclass

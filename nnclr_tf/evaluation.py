@@ -79,7 +79,8 @@ def knn_eval(encoder, train_ds, eval_ds, num_classes, k=200, temperature=0.1):
 def knn_eval_features(train_f, train_l, eval_f, eval_l, num_classes, k=200, temperature=0.1):
   """knn_eval on features already extracted (e.g. by `cached_features`)."""
   scores = knn_scores(train_f, train_l, eval_f, num_classes, k, temperature)
-  return {"knn_top1": topk_accuracy(scores, eval_l, 1), "knn_top5": topk_accuracy(scores, eval_l, 5)}
+  return {"knn_top1": topk_accuracy(scores, eval_l, 1),
+          "knn_top5": topk_accuracy(scores, eval_l, 5)}
 
 
 def feature_cache_path(model_dir, checkpoint, data_cfg, seed, extra=None):

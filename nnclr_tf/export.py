@@ -30,7 +30,9 @@ import numpy as np
 import tensorflow as tf
 
 from nnclr_tf import augment, linear_probe
+from nnclr_tf import model_dir as model_dir_lib
 from nnclr_tf.data import decode_image
+from nnclr_tf.errors import ExportError
 
 ENCODER = "encoder"
 CLASSIFIER = "classifier"
@@ -39,12 +41,10 @@ BYTES_SIGNATURE = "serve_image_bytes"
 WARMUP_FILE = os.path.join("assets.extra", "tf_serving_warmup_requests")
 # Where an export came from (checkpoint step, ...); TF Serving ignores assets.extra/ beyond warm-up.
 METADATA_FILE = os.path.join("assets.extra", "nnclr_tf.json")
-# The Evaluation helper's linear probe, relative to model_dir (see `load_probe` for the contract).
-PROBE_FILE = os.path.join("linear_probe", "probe.npz")
+# linear_eval's probe, relative to model_dir (see `load_probe` for the contract).
+PROBE_FILE = model_dir_lib.PROBE_FILE
 
 
-class ExportError(ValueError):
-  """A refused export (existing version, bad probe file, unwritable base); the message says why."""
 
 
 # ----------------------------------------------------------------------------------------------

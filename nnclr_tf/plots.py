@@ -129,7 +129,8 @@ CURVE_PANELS = (("loss", ("loss",), "NNCLR loss"),
                 ("learning_rate", ("learning_rate",), "learning rate"),
                 ("nn_label_hit", ("nn_label_hit", "contrastive_acc"),
                  "NN label-hit / in-batch contrastive top-1"),
-                ("online_probe", ("online_probe_acc",), "online linear probe top-1 (train batches)"))
+                ("online_probe", ("online_probe_acc",),
+                 "online linear probe top-1 (train batches)"))
 
 
 def training_curves(curves, path, width_px=1000, height_px=700):
