@@ -1,4 +1,4 @@
-"""Reliability (issue 6): resume after kill -9, atomic checkpoints, the NaN/Inf guard, the bad-input
+"""Reliability: resume after kill -9, atomic checkpoints, the NaN/Inf guard, the bad-input
 matrix (one clear line, exit code 2, or a counted skip) and --deterministic.
 
 Fast cases run in-process against the library or `run.run_main` with absl flags parsed by hand;
