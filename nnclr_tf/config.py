@@ -71,6 +71,7 @@ class OptimConfig:
   weight_decay: float = 1e-6
   momentum: float = 0.9
   lars_eta: float = 0.001
+  lars_clip_lr: bool = False   # LARC clip (solo-learn CIFAR): per-layer rate min(trust, lr)
   warmup_epochs: float = 10.0
 
 

@@ -26,7 +26,15 @@ class NonFiniteLossError(RuntimeError):
   """Training produced a NaN/Inf loss or state; the message names the step and what was kept."""
 
 
+def check_optim_config(cfg: OptimConfig):
+  """Refuses option combinations that would be silently ignored."""
+  if cfg.lars_clip_lr and cfg.optimizer != "lars":
+    raise ConfigError(f"--lars_clip_lr applies to --optimizer=lars only, not "
+                      f"--optimizer={cfg.optimizer}; drop it or use lars")
+
+
 def build_optimizer(cfg: OptimConfig, variables, global_batch, total_steps, steps_per_epoch):
+  check_optim_config(cfg)
   peak = scaled_learning_rate(cfg.learning_rate, global_batch, cfg.lr_scaling)
   warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
   if warmup >= total_steps > 0:
@@ -37,7 +45,7 @@ def build_optimizer(cfg: OptimConfig, variables, global_batch, total_steps, step
   schedule = WarmupCosine(peak, min(warmup, total_steps), total_steps)
   if cfg.optimizer == "lars":
     return LARS(schedule, momentum=cfg.momentum, eta=cfg.lars_eta,
-                weight_decay_rate=cfg.weight_decay)
+                weight_decay_rate=cfg.weight_decay, clip_lr=cfg.lars_clip_lr)
   no_decay = [v for v in variables if is_excluded(v)]
   if cfg.optimizer == "sgd":
     opt = keras.optimizers.SGD(schedule, momentum=cfg.momentum,
