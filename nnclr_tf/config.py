@@ -61,6 +61,10 @@ class SupportSetConfig:
   queue_size: int = 98304
   nn_topk: int = 1
   use_nn: bool = True          # False: the positive is the other view itself (SimCLR ablation)
+  # Paper Sec. 3.2: also softmax each prediction over the batch's neighbours. Kept with the
+  # support set (what the positives are and how they are scored), not in ModelConfig, which is
+  # the architecture a checkpoint must fit: this changes no variable.
+  symmetric_loss: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
