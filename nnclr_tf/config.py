@@ -73,6 +73,9 @@ class OptimConfig:
   learning_rate: float = 0.3   # base lr, scaled by global_batch / 256 (see lr_scaling)
   lr_scaling: str = "linear"   # linear | sqrt | none
   weight_decay: float = 1e-6
+  # sgd only. decoupled: Keras SGD, w -= lr*wd*w, biases/BN excluded. coupled: PyTorch SGD,
+  # wd*w added to the gradient before momentum, every variable decayed (lightly's CIFAR recipe).
+  weight_decay_mode: str = "decoupled"
   momentum: float = 0.9
   lars_eta: float = 0.001
   lars_clip_lr: bool = False   # LARC clip (solo-learn CIFAR): per-layer rate min(trust, lr)

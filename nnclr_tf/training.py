@@ -16,6 +16,7 @@ from nnclr_tf import distributed
 from nnclr_tf.config import OptimConfig
 from nnclr_tf.lars import LARS, is_excluded
 from nnclr_tf.schedules import WarmupCosine, scaled_learning_rate
+from nnclr_tf.sgd import CoupledSGD
 
 
 class ConfigError(ValueError):
@@ -31,6 +32,14 @@ def check_optim_config(cfg: OptimConfig):
   if cfg.lars_clip_lr and cfg.optimizer != "lars":
     raise ConfigError(f"--lars_clip_lr applies to --optimizer=lars only, not "
                       f"--optimizer={cfg.optimizer}; drop it or use lars")
+  if cfg.weight_decay_mode not in ("decoupled", "coupled"):
+    raise ConfigError(f"--weight_decay_mode={cfg.weight_decay_mode!r} is unknown; choose "
+                      "decoupled or coupled")
+  if cfg.weight_decay_mode == "coupled" and cfg.optimizer != "sgd":
+    # LARS always adds its decay to the gradient (before the trust ratio) and AdamW is decoupled
+    # by definition: neither has a choice to make.
+    raise ConfigError(f"--weight_decay_mode=coupled applies to --optimizer=sgd only, not "
+                      f"--optimizer={cfg.optimizer}; drop it or use sgd")
 
 
 def build_optimizer(cfg: OptimConfig, variables, global_batch, total_steps, steps_per_epoch):
@@ -47,6 +56,8 @@ def build_optimizer(cfg: OptimConfig, variables, global_batch, total_steps, step
     return LARS(schedule, momentum=cfg.momentum, eta=cfg.lars_eta,
                 weight_decay_rate=cfg.weight_decay, clip_lr=cfg.lars_clip_lr)
   no_decay = [v for v in variables if is_excluded(v)]
+  if cfg.optimizer == "sgd" and cfg.weight_decay_mode == "coupled":
+    return CoupledSGD(schedule, momentum=cfg.momentum, weight_decay_rate=cfg.weight_decay)
   if cfg.optimizer == "sgd":
     opt = keras.optimizers.SGD(schedule, momentum=cfg.momentum,
                                weight_decay=cfg.weight_decay or None)
