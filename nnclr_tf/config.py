@@ -72,6 +72,10 @@ class SupportSetConfig:
   queue_size: int = 98304
   nn_topk: int = 1
   use_nn: bool = True          # False: the positive is the other view itself (SimCLR ablation)
+  # Paper Sec. 3.2: also softmax each prediction over the batch's neighbours. Kept with the
+  # support set (what the positives are and how they are scored), not in ModelConfig, which is
+  # the architecture a checkpoint must fit: this changes no variable.
+  symmetric_loss: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,8 +84,12 @@ class OptimConfig:
   learning_rate: float = 0.3   # base lr, scaled by global_batch / 256 (see lr_scaling)
   lr_scaling: str = "linear"   # linear | sqrt | none
   weight_decay: float = 1e-6
+  # sgd only. decoupled: Keras SGD, w -= lr*wd*w, biases/BN excluded. coupled: PyTorch SGD,
+  # wd*w added to the gradient before momentum, every variable decayed (lightly's CIFAR recipe).
+  weight_decay_mode: str = "decoupled"
   momentum: float = 0.9
   lars_eta: float = 0.001
+  lars_clip_lr: bool = False   # LARC clip (solo-learn CIFAR): per-layer rate min(trust, lr)
   warmup_epochs: float = 10.0
 
 

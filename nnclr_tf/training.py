@@ -17,11 +17,28 @@ from nnclr_tf.errors import ConfigError, ModelDirError, NonFiniteLossError, Trai
 from nnclr_tf.lars import LARS, is_excluded
 from nnclr_tf.model_dir import read_json, write_json, write_text  # noqa: F401
 from nnclr_tf.schedules import WarmupCosine, scaled_learning_rate
+from nnclr_tf.sgd import CoupledSGD
 
 
+
+
+def check_optim_config(cfg: OptimConfig):
+  """Refuses option combinations that would be silently ignored."""
+  if cfg.lars_clip_lr and cfg.optimizer != "lars":
+    raise ConfigError(f"--lars_clip_lr applies to --optimizer=lars only, not "
+                      f"--optimizer={cfg.optimizer}; drop it or use lars")
+  if cfg.weight_decay_mode not in ("decoupled", "coupled"):
+    raise ConfigError(f"--weight_decay_mode={cfg.weight_decay_mode!r} is unknown; choose "
+                      "decoupled or coupled")
+  if cfg.weight_decay_mode == "coupled" and cfg.optimizer != "sgd":
+    # LARS always adds its decay to the gradient (before the trust ratio) and AdamW is decoupled
+    # by definition: neither has a choice to make.
+    raise ConfigError(f"--weight_decay_mode=coupled applies to --optimizer=sgd only, not "
+                      f"--optimizer={cfg.optimizer}; drop it or use sgd")
 
 
 def build_optimizer(cfg: OptimConfig, variables, global_batch, total_steps, steps_per_epoch):
+  check_optim_config(cfg)
   peak = scaled_learning_rate(cfg.learning_rate, global_batch, cfg.lr_scaling)
   warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
   if warmup >= total_steps > 0:
@@ -32,8 +49,10 @@ def build_optimizer(cfg: OptimConfig, variables, global_batch, total_steps, step
   schedule = WarmupCosine(peak, min(warmup, total_steps), total_steps)
   if cfg.optimizer == "lars":
     return LARS(schedule, momentum=cfg.momentum, eta=cfg.lars_eta,
-                weight_decay_rate=cfg.weight_decay)
+                weight_decay_rate=cfg.weight_decay, clip_lr=cfg.lars_clip_lr)
   no_decay = [v for v in variables if is_excluded(v)]
+  if cfg.optimizer == "sgd" and cfg.weight_decay_mode == "coupled":
+    return CoupledSGD(schedule, momentum=cfg.momentum, weight_decay_rate=cfg.weight_decay)
   if cfg.optimizer == "sgd":
     opt = keras.optimizers.SGD(schedule, momentum=cfg.momentum,
                                weight_decay=cfg.weight_decay or None)
