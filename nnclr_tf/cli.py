@@ -99,6 +99,8 @@ def define_flags(fv=FLAGS):
   real("temperature", 0.1, "InfoNCE temperature.")
   integer("nn_topk", 1, "Sample the positive uniformly from the top-k neighbours.")
   boolean("use_nn", True, "False: the positive is the other view (SimCLR ablation).")
+  boolean("symmetric_loss", False, "Add the paper's column term (softmax over the batch's "
+          "neighbours for each prediction) to the row-wise InfoNCE (paper Sec. 3.2).")
   # Optimisation
   integer("batch_size", 4096, "Global batch size (all replicas and workers).")
   integer("train_epochs", 1000, "Epochs to train.")
@@ -106,9 +108,14 @@ def define_flags(fv=FLAGS):
   enum("optimizer", "lars", ["lars", "sgd", "adamw"], "Optimizer.")
   real("learning_rate", 0.3, "Base learning rate (scaled by --lr_scaling).")
   enum("lr_scaling", "linear", ["linear", "sqrt", "none"], "x B/256, x sqrt(B/256).")
-  real("weight_decay", 1e-6, "Weight decay (biases and BN excluded).")
+  real("weight_decay", 1e-6, "Weight decay (LARS, decoupled SGD, AdamW: biases and BN excluded).")
+  enum("weight_decay_mode", "decoupled", ["decoupled", "coupled"], "SGD: decoupled (w -= lr*wd*w, "
+       "biases/BN excluded) or coupled (PyTorch SGD: wd*w added to every gradient, through "
+       "momentum).")
   real("momentum", 0.9, "Momentum (LARS, SGD).")
   real("lars_eta", 0.001, "LARS trust coefficient.")
+  boolean("lars_clip_lr", False, "LARS clip mode (NVIDIA LARC, solo-learn): per-layer rate "
+          "min(eta*||w||/(||g||+wd*||w||), lr).")
   real("warmup_epochs", 10, "Linear warm-up length in epochs.")
   integer("seed", 0, "Seed for weights, data order and augmentation.")
   # Runtime

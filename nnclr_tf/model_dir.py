@@ -90,6 +90,11 @@ def architecture(model_config):
   return {k: v for k, v in model_config.items() if not k.startswith("online_probe")}
 
 
+# Architecture fields added after model_dirs were recorded, as an older model_config.json
+# means them.
+ARCHITECTURE_DEFAULTS = {"symmetric_loss": False}
+
+
 def has_checkpoint(model_dir):
   return os.path.exists(path(model_dir, "checkpoint"))
 
@@ -110,7 +115,7 @@ def prepare(model_dir, model_config, model=None):
     raise ModelDirError(f"--model_dir={model_dir} is not writable ({e.strerror}); choose another")
   config_path = path(model_dir, MODEL_CONFIG)
   if os.path.exists(config_path):
-    old = architecture(read_json(config_path))
+    old = {**ARCHITECTURE_DEFAULTS, **architecture(read_json(config_path))}
     # Keras numbers model names per process (nnclr, nnclr_1, ...): not part of the architecture.
     diff = sorted(k for k in set(old) | set(model_config)
                   if k != "name" and old.get(k) != model_config.get(k))
