@@ -152,6 +152,12 @@ def test_tfds_dataset_built_locally(tmp_path):
   images, labels = next(iter(data.eval_dataset(stream, 8, 32)))
   assert images.shape == (20, 8, 8, 3)
   np.testing.assert_array_equal(images.numpy().mean(axis=(1, 2, 3)) > 0.4, labels.numpy() == 1)
+  # Held in memory at a crop fraction < 1, a split keeps the evaluation views the stream makes.
+  cropped, _ = data.load_sources(DataConfig(dataset="tiny_shapes", data_dir=str(tmp_path),
+                                            image_size=8, eval_crop_fraction=0.5))
+  assert cropped.eval_images.shape == (20, 8, 8, 3) and cropped.images.shape == (20, 8, 8, 3)
+  views = [next(iter(data.eval_dataset(s, 8, 32, 0.5)))[0].numpy() for s in (cropped, stream)]
+  np.testing.assert_allclose(views[0], views[1], atol=0.5 / 255 + 1e-6)
   with pytest.raises(data.DataError, match="not prepared"):
     data.load_sources(DataConfig(dataset="tiny_shapes", data_dir=str(tmp_path / "empty")))
   with pytest.raises(data.DataError, match="not a tfds dataset"):
