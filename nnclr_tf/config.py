@@ -33,6 +33,10 @@ class DataConfig:
   eval_split: str = "test"
   image_size: int = 32
   cache_limit_mb: int = 2048          # decoded images are held in memory when they fit this
+  # Evaluation view (augment.eval_transform): 1.0 resizes the whole image to image_size (the
+  # published figures); f < 1 resizes the shorter side to image_size / f and centre-crops
+  # image_size (ImageNet protocol: 0.875, 256 -> 224).
+  eval_crop_fraction: float = 1.0
   skip_bad_images: bool = True
 
 
