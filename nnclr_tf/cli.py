@@ -72,6 +72,8 @@ def define_flags(fv=FLAGS):
   string("train_split", "train", "tfds split to pretrain on.")
   string("eval_split", "test", "tfds split to evaluate on ('' for none).")
   integer("image_size", 32, "Training resolution (square).")
+  real("eval_crop_fraction", 1.0, "Evaluation and serving: resize the shorter side to "
+       "image_size / f, centre-crop image_size (ImageNet: 0.875); 1.0 resizes the whole image.")
   integer("cache_limit_mb", 2048, "Hold decoded images in memory up to this size.")
   boolean("skip_bad_images", True, "Leave undecodable image files out (counted in the results as "
           "skipped_images); --noskip_bad_images makes them an error.")

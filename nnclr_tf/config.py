@@ -176,7 +176,7 @@ SECTIONS = ("data", "augment", "model", "support", "optim", "train", "eval", "pr
 FLAG_FIELDS: Dict[str, str] = {
     **{f: f"data.{f}" for f in ("dataset", "image_dir", "eval_image_dir", "val_images", "data_dir",
                                 "train_split", "eval_split", "image_size", "cache_limit_mb",
-                                "skip_bad_images")},
+                                "skip_bad_images", "eval_crop_fraction")},
     "crop_min_scale": "augment.crop_scale",
     **{f: f"augment.{f}" for f in ("flip_prob", "jitter_prob", "brightness", "contrast",
                                    "saturation", "hue", "grayscale_prob", "blur_prob",
@@ -355,6 +355,9 @@ def validate(exp: Experiment):
   d, a, t, o = exp.data, exp.augment, exp.train, exp.optim
   if t.temperature <= 0:
     raise ConfigError(f"--temperature={t.temperature} must be > 0 (the paper uses 0.1)")
+  if not 0 < d.eval_crop_fraction <= 1:
+    raise ConfigError(f"--eval_crop_fraction={d.eval_crop_fraction} must be in (0, 1] (ImageNet "
+                      "protocol: 0.875; 1.0 resizes the whole image)")
   if d.image_size < 8:
     raise ConfigError(f"--image_size={d.image_size} is too small; use 8 or more")
   if not 0 < a.crop_scale[0] <= 1:

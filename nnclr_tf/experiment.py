@@ -118,12 +118,15 @@ def pretrain(exp: Experiment, strategy=None, flags_text: Optional[str] = None) -
   step = results["steps"]
   same_step = recorded.get("steps") == step
   e = exp.export
+  crop = exp.data.eval_crop_fraction
   newest, meta = export.newest_export(e.base)
-  if not e.version and newest and meta.get("checkpoint_step") == step:
-    export_dir = newest  # this checkpoint is served already
+  if (not e.version and newest and meta.get("checkpoint_step") == step
+      and meta.get("eval_crop_fraction", 1.0) == crop):
+    export_dir = newest  # this checkpoint is served already, with this preprocessing
   else:
     export_dir = export.export_encoder(model, e.base, e.version, e.warmup,
-                                       metadata=md.export_metadata(t.model_dir, step))
+                                       metadata=md.export_metadata(t.model_dir, step),
+                                       crop_fraction=crop)
   final = md.checkpoint_at(t.model_dir, step)
   if not (same_step and md.evaluated(recorded)):
     results.update(knn_results(exp, model, train, held, final) or {"knn_skipped": True})
@@ -180,10 +183,10 @@ def eval_features(exp: Experiment, encoder, checkpoint, train, held, use_cache=T
   """(train_f, train_l, eval_f, eval_l) of `encoder`, through model_dir/features when use_cache
   (the key names `checkpoint`; None with use_cache means the random-init encoder)."""
   from nnclr_tf import data, evaluation
-  size, batch = exp.data.image_size, exp.eval.batch_size
+  size, batch, crop = exp.data.image_size, exp.eval.batch_size, exp.data.eval_crop_fraction
   path = feature_cache(exp, checkpoint) if use_cache else None
-  return evaluation.cached_features(path, encoder, data.eval_dataset(train, size, batch),
-                                    data.eval_dataset(held, size, batch))
+  return evaluation.cached_features(path, encoder, data.eval_dataset(train, size, batch, crop),
+                                    data.eval_dataset(held, size, batch, crop))
 
 
 def random_init_features(exp: Experiment, train, held):
@@ -281,7 +284,8 @@ def linear_eval(exp: Experiment, strategy=None) -> Dict[str, Any]:
   ex = exp.export
   results["classifier_export_dir"] = export.export_classifier(
       model, probe_path, ex.base, ex.version, ex.warmup,
-      metadata=md.export_metadata(t.model_dir, md.checkpoint_step(latest)))
+      metadata=md.export_metadata(t.model_dir, md.checkpoint_step(latest)),
+      crop_fraction=exp.data.eval_crop_fraction)
   return md.write_results(t.model_dir, "linear_eval", results)
 
 
@@ -300,7 +304,8 @@ def finetune(exp: Experiment, strategy=None) -> Dict[str, Any]:
       model.encoder, train, held, classes, exp.data.image_size, exp.augment,
       label_fraction=f.label_fraction, epochs=f.epochs, batch_size=f.batch_size,
       learning_rate=f.learning_rate, seed=t.seed, strategy=strategy,
-      eval_batch_size=exp.eval.batch_size, verbose=t.verbose)
+      eval_batch_size=exp.eval.batch_size, verbose=t.verbose,
+      eval_crop_fraction=exp.data.eval_crop_fraction)
   results.update(init=f.init, checkpoint=latest)
   # The latest run at the top level; every (fraction, init) run kept under by_label_fraction.
   runs = md.read_results(t.model_dir, "finetune").get("by_label_fraction", {})
@@ -322,7 +327,8 @@ def write_plots(exp: Experiment, model, train, held, step, checkpoint=None):
                               curves_csv=md.path(t.model_dir, md.CURVES),
                               tb_logdir=os.path.join(t.model_dir, md.LOGS, "plots"), step=step,
                               batch_size=exp.eval.batch_size, seed=t.seed,
-                              max_tsne_points=exp.plots.tsne_points, features=features)
+                              max_tsne_points=exp.plots.tsne_points, features=features,
+                              eval_crop_fraction=exp.data.eval_crop_fraction)
 
 
 def plots(exp: Experiment, strategy=None) -> Dict[str, Any]:
@@ -372,11 +378,13 @@ def export(exp: Experiment, strategy=None) -> Dict[str, Any]:
   md.prepare(t.model_dir, model.get_config())
   md.restore(model, latest, strict=True)  # the optimizer is not needed
   meta = md.export_metadata(t.model_dir, md.checkpoint_step(latest))
-  out = {"encoder": export_lib.export_encoder(model, e.base, e.version, e.warmup, metadata=meta)}
+  crop = exp.data.eval_crop_fraction
+  out = {"encoder": export_lib.export_encoder(model, e.base, e.version, e.warmup, metadata=meta,
+                                              crop_fraction=crop)}
   probe = md.path(t.model_dir, md.PROBE_FILE)
   if os.path.exists(probe):
     out["classifier"] = export_lib.export_classifier(model, probe, e.base, e.version, e.warmup,
-                                                     metadata=meta)
+                                                     metadata=meta, crop_fraction=crop)
   else:
     logging.warning("no linear probe at %s: classifier not exported (run --mode=linear_eval)",
                     probe)
