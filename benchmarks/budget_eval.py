@@ -19,16 +19,12 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import inspect  # noqa: E402
-
 import keras  # noqa: E402
-import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from nnclr_tf import data, evaluation, linear_probe  # noqa: E402
+from nnclr_tf import data, evaluation, experiment, linear_probe  # noqa: E402
 from nnclr_tf.backbones import build_backbone  # noqa: E402
-from nnclr_tf.config import DataConfig  # noqa: E402
-from nnclr_tf.model import NNCLR  # noqa: E402
+from nnclr_tf.config import Experiment  # noqa: E402
 
 
 def main():
@@ -42,17 +38,13 @@ def main():
   ap.add_argument("--knn_temperature", type=float, default=0.1)
   args = ap.parse_args()
 
-  with open(os.path.join(args.model_dir, "model_config.json")) as f:
-    cfg = json.load(f)
-  accepted = inspect.signature(NNCLR.__init__).parameters
-  model = NNCLR(**{k: v for k, v in cfg.items() if k in accepted})
-  latest = tf.train.latest_checkpoint(args.model_dir)
-  tf.train.Checkpoint(model=model).restore(latest).expect_partial()
-  size = cfg["image_size"]
-
-  dcfg = DataConfig(dataset="folder", image_dir=args.image_dir, val_images=args.val_images,
-                    image_size=size)
-  train, held = data.load_sources(dcfg, args.seed)
+  # The run's own flags (flags.txt) with the evaluation data of this script.
+  exp = Experiment.from_flagfile(
+      os.path.join(args.model_dir, "flags.txt"), model_dir=args.model_dir, dataset="folder",
+      image_dir=args.image_dir, val_images=args.val_images, seed=args.seed)
+  model, latest = experiment.restored_model(exp)
+  size = exp.data.image_size
+  train, held = experiment.load_data(exp)
   _, bank = data.split_balanced(train, args.bank, args.seed)
   num_classes = len(train.class_names)
   out = {"checkpoint": latest, "bank_images": len(bank), "eval_images": len(held)}
@@ -71,7 +63,8 @@ def main():
 
   score("trained", model.encoder)
   keras.utils.set_random_seed(args.seed + 1)
-  score("random_init", build_backbone(cfg["backbone"], (size, size, 3), False, cfg["width"]))
+  score("random_init", build_backbone(exp.model.backbone, (size, size, 3), False,
+                                      exp.model.width))
   raw = lambda x, training=False: tf.reshape(x, [tf.shape(x)[0], -1])  # noqa: E731
   score("raw_pixels", raw)
   print(json.dumps(out, sort_keys=True))

@@ -67,21 +67,28 @@ def setup(cpu_replicas=1, mixed_precision="none"):
   return distributed.make_strategy("auto", cpu_replicas)
 
 
+def experiment_of(args, queue_size, use_nn):
+  """The nnclr_tf Experiment of the benchmark's model flags (the CLI's flag names)."""
+  from nnclr_tf.config import Experiment
+  return Experiment.from_flags(dict(
+      backbone=args.backbone, image_size=args.image_size, width=args.width,
+      proj_hidden_dim=args.proj_hidden_dim, proj_layers=args.proj_layers,
+      pred_hidden_dim=args.pred_hidden_dim, embedding_dim=args.embedding_dim,
+      queue_size=queue_size, use_nn=use_nn, temperature=RECIPE["temperature"], seed=args.seed,
+      batch_size=args.batch_size, optimizer=args.optimizer, warmup_epochs=0,
+      jit_compile=args.jit_compile))
+
+
 def build_model(args, strategy, queue_size, use_nn):
-  """The real NNCLR, compiled with the real optimizer (nnclr_tf.training.build_optimizer)."""
-  from nnclr_tf import training
-  from nnclr_tf.config import OptimConfig
-  from nnclr_tf.model import NNCLR
-  keras.utils.set_random_seed(args.seed)
+  """The real NNCLR (experiment.build_model), compiled with the real optimizer
+  (nnclr_tf.training.build_optimizer)."""
+  from nnclr_tf import experiment, training
+  exp = experiment_of(args, queue_size, use_nn)
+  model = experiment.build_model(exp, strategy)
   with strategy.scope():
-    model = NNCLR(backbone=args.backbone, image_size=args.image_size, width=args.width,
-                  proj_hidden_dim=args.proj_hidden_dim, proj_layers=args.proj_layers,
-                  pred_hidden_dim=args.pred_hidden_dim, embedding_dim=args.embedding_dim,
-                  queue_size=queue_size, use_nn=use_nn, temperature=RECIPE["temperature"],
-                  seed=args.seed)
     total = args.warmup + args.steps + 1
-    opt = training.build_optimizer(OptimConfig(optimizer=args.optimizer, warmup_epochs=0),
-                                   model.trainable_variables, args.batch_size, 10 ** 6, total)
+    opt = training.build_optimizer(exp.optim, model.trainable_variables, args.batch_size,
+                                   10 ** 6, total)
     model.compile(optimizer=opt, jit_compile=args.jit_compile)
     opt.build(model.trainable_variables)
   return model

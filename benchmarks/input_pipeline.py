@@ -1,4 +1,5 @@
-"""Augmented pairs per second of the real pretraining input pipeline (nnclr_tf.data.pretrain_dataset:
+"""Augmented pairs per second of the real pretraining input pipeline
+(nnclr_tf.data.pretrain_dataset:
 index shuffle, decode, BYOL augmentation of two views, batch), per number of cores.
 
 Two image sets:

@@ -40,7 +40,8 @@ def main():
       "train": a.train, "queries": a.queries, "dim": a.dim, "classes": a.classes, "k": a.k,
       "batch_size": knn_batch_size(a.train), "seconds": round(seconds, 2),
       "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-      "rss_after_inputs_mb": round(rss_inputs), "inputs_mb": round((train.nbytes + queries.nbytes) / 2 ** 20),
+      "rss_after_inputs_mb": round(rss_inputs),
+      "inputs_mb": round((train.nbytes + queries.nbytes) / 2 ** 20),
       "scores_shape": list(scores.shape)}))
 
 

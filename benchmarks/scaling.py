@@ -60,9 +60,8 @@ def child(args):
   distributed.split_cpu(replicas)
   import keras
   import tensorflow as tf
-  from nnclr_tf import data, training
-  from nnclr_tf.config import AugmentConfig, DataConfig, OptimConfig, TrainConfig
-  from nnclr_tf.model import NNCLR
+  from nnclr_tf import data, experiment, training
+  from nnclr_tf.config import Experiment
 
   class StepTimes(keras.callbacks.Callback):
     def __init__(self):
@@ -78,22 +77,21 @@ def child(args):
 
   tf.get_logger().setLevel("ERROR")
   strategy = distributed.make_strategy("auto", replicas)
-  keras.utils.set_random_seed(0)
-  with strategy.scope():
-    model = NNCLR(backbone=args.backbone, image_size=args.image_size, width=args.width,
-                  proj_hidden_dim=args.proj_hidden_dim, proj_layers=2,
-                  pred_hidden_dim=args.pred_hidden_dim, embedding_dim=args.embedding_dim,
-                  queue_size=args.queue_size, temperature=0.1)
-  aug = AugmentConfig(flip_prob=0, jitter_prob=0, grayscale_prob=0, blur_prob=(0, 0),
-                      solarize_prob=(0, 0), crop_scale=(0.4, 1.0))
-  train, _ = data.load_sources(DataConfig(dataset="digits"))
   timer = StepTimes()
   with tempfile.TemporaryDirectory() as d:
-    training.pretrain(
-        model, strategy, train, DataConfig(image_size=args.image_size), aug,
-        TrainConfig(model_dir=d, batch_size=args.batch_size,
-                    train_steps=args.warmup + args.steps, jit_compile=bool(xla), verbose=0),
-        OptimConfig(optimizer="lars", learning_rate=0.3, warmup_epochs=0), callbacks=[timer])
+    exp = Experiment.from_flags(dict(
+        dataset="digits", backbone=args.backbone, image_size=args.image_size, width=args.width,
+        proj_hidden_dim=args.proj_hidden_dim, proj_layers=2,
+        pred_hidden_dim=args.pred_hidden_dim, embedding_dim=args.embedding_dim,
+        queue_size=args.queue_size, temperature=0.1, seed=0, model_dir=d,
+        batch_size=args.batch_size, train_steps=args.warmup + args.steps, jit_compile=bool(xla),
+        verbose=0, optimizer="lars", learning_rate=0.3, warmup_epochs=0, flip_prob=0,
+        jitter_prob=0, grayscale_prob=0, blur_prob=(0, 0), solarize_prob=(0, 0),
+        crop_min_scale=0.4))
+    model = experiment.build_model(exp, strategy)
+    train, _ = data.load_sources(exp.data)
+    training.pretrain(model, strategy, train, exp.data, exp.augment, exp.train, exp.optim,
+                      callbacks=[timer])
   timed = timer.times[args.warmup:]
   print(json.dumps({"median_step_ms": 1000 * statistics.median(timed),
                     "median_step_cpu_ms": 1000 * statistics.median(timer.cpu[args.warmup:]),

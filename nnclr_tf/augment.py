@@ -8,6 +8,7 @@ seed gives the same image on any machine, replica count or tf.data parallelism.
 from __future__ import annotations
 
 import functools
+import math
 
 import tensorflow as tf
 
@@ -54,18 +55,63 @@ def crop_and_resize(image, seed, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
 
 
 def resize(images, size):
-  """[N, H, W, C] -> [N, size, size, C]: bilinear, antialiased when shrinking (equal to plain
-  bilinear when enlarging). The one resize of un-augmented images: images cached in memory at
-  the training size, the evaluation transform and the exported encoder's preprocessing all use
-  it, so a served image meets the network exactly as evaluation's did (up to the cache's uint8
-  rounding); the random crop uses it too, so a whole-image crop is the evaluation view."""
-  return tf.image.resize(images, [size, size], method="bilinear", antialias=True)
+  """[N, H, W, C] -> [N, size, size, C] (or [N, h, w, C] for size = [h, w]): bilinear,
+  antialiased when shrinking (equal to plain bilinear when enlarging). The one resize of
+  un-augmented images: images cached in memory at the training size, the evaluation transform and
+  the exported encoder's preprocessing all use it, so a served image meets the network exactly as
+  evaluation's did (up to the cache's uint8 rounding); the random crop uses it too, so a
+  whole-image crop is the evaluation view at crop fraction 1."""
+  hw = [size, size] if isinstance(size, int) else size
+  return tf.image.resize(images, hw, method="bilinear", antialias=True)
 
 
 def center_resize(image, size):
-  """The evaluation transform: resize to size x size, no randomness."""
+  """Resize to size x size, no randomness: the non-random training view, and the evaluation
+  transform at crop fraction 1 (see `eval_transform`)."""
   out = resize(image[tf.newaxis], size)[0]
   return tf.ensure_shape(tf.clip_by_value(out, 0.0, 1.0), [size, size, 3])
+
+
+def eval_short_side(size, crop_fraction):
+  """The shorter side an image is resized to before the centre crop: size / crop_fraction rounded
+  half up (224 / 0.875 = 256)."""
+  return int(math.floor(size / crop_fraction + 0.5))
+
+
+def eval_transform(image, size, crop_fraction=1.0):
+  """The one evaluation transform: uint8 or float [H, W, 3] or [N, H, W, 3] (one H, W per batch)
+  -> float [.., size, size, 3] in [0, 1].
+
+  crop_fraction 1: the whole image resized to size x size (aspect ratio not kept).
+  crop_fraction f < 1 (ImageNet protocol, f = 0.875): the image is resized, keeping its aspect
+  ratio, so that its shorter side is T = eval_short_side(size, f) and its longer side L x T /
+  shorter rounded half up, then the centre size x size is cut out, starting at
+  floor((side - size) / 2) (an odd leftover pixel goes to the bottom / right). Resizing is
+  `resize` in both cases.
+  """
+  if not 0.0 < crop_fraction <= 1.0:
+    raise ValueError(f"eval crop fraction {crop_fraction} must be in (0, 1]")
+  image = tf.convert_to_tensor(image)
+  single = image.shape.rank == 3
+  x = tf.image.convert_image_dtype(image, tf.float32)
+  if single:
+    x = x[tf.newaxis]
+  if crop_fraction == 1.0:
+    x = resize(x, size)
+  else:
+    target = eval_short_side(size, crop_fraction)
+    shape = tf.shape(x, out_type=tf.int64)
+    h, w = shape[1], shape[2]
+    short = tf.minimum(h, w)
+    # Integer arithmetic keeps the rounding exact: round(L T / short) = (2 L T + short) // 2 short.
+    new_h = (2 * h * target + short) // (2 * short)
+    new_w = (2 * w * target + short) // (2 * short)
+    x = resize(x, tf.cast(tf.stack([new_h, new_w]), tf.int32))
+    top, left = (new_h - size) // 2, (new_w - size) // 2
+    x = x[:, top:top + size, left:left + size, :]
+  x = tf.clip_by_value(x, 0.0, 1.0)
+  x = tf.ensure_shape(x, [None, size, size, 3])
+  return x[0] if single else x
 
 
 def flip(image, seed, p=0.5):

@@ -22,13 +22,10 @@ import tensorflow as tf
 
 from nnclr_tf import augment
 from nnclr_tf.config import AugmentConfig, DataConfig
+from nnclr_tf.errors import DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 AUTOTUNE = tf.data.AUTOTUNE
-
-
-class DataError(ValueError):
-  """A user-facing data problem: the message names the file or flag and the fix."""
 
 
 @dataclasses.dataclass
@@ -40,6 +37,13 @@ class Source:
   class_names: List[str] = dataclasses.field(default_factory=list)
   name: str = ""
   skipped: int = 0  # unreadable files left out
+  # Set by the in-memory caches: `images` were squashed to cache_size x cache_size, so their
+  # aspect ratio is lost (0: `images` are the originals). For an evaluation crop fraction < 1 the
+  # cache also keeps each original's evaluation view (uint8 [N, S, S, 3], augment.eval_transform
+  # at `eval_crop_fraction`), which cannot be made from a squashed image.
+  cache_size: int = 0
+  eval_images: Optional[np.ndarray] = None
+  eval_crop_fraction: float = 1.0
 
   def __len__(self):
     return len(self.labels)
@@ -50,10 +54,11 @@ class Source:
 
   def subset(self, idx, name=None):
     idx = np.asarray(idx)
-    return Source(labels=self.labels[idx],
-                  images=None if self.images is None else self.images[idx],
-                  paths=None if self.paths is None else self.paths[idx],
-                  class_names=self.class_names, name=name or self.name, skipped=self.skipped)
+    take = lambda a: None if a is None else a[idx]
+    return Source(labels=self.labels[idx], images=take(self.images), paths=take(self.paths),
+                  class_names=self.class_names, name=name or self.name, skipped=self.skipped,
+                  cache_size=self.cache_size, eval_images=take(self.eval_images),
+                  eval_crop_fraction=self.eval_crop_fraction)
 
 
 @dataclasses.dataclass
@@ -198,29 +203,54 @@ def _resize_uint8(image, size):
   return tf.cast(tf.round(tf.clip_by_value(resized, 0.0, 255.0)), tf.uint8)
 
 
-def cache_decoded(source, size, limit_mb, skip_bad=True):
-  """Decodes a file source into memory at size x size when it fits `limit_mb`; unreadable files
-  are left out and counted in `skipped` (or raise a DataError when `skip_bad` is False). Returns
-  the source unchanged when it does not fit."""
-  if source.images is not None or len(source) * size * size * 3 > limit_mb * 2 ** 20:
+def _cached_views(image, size, eval_crop_fraction):
+  """What the in-memory cache keeps of a decoded uint8 image: the training-size image and, when
+  the evaluation view is not that image (crop fraction < 1), the evaluation view in uint8."""
+  views = (_resize_uint8(image, size),)
+  if eval_crop_fraction < 1.0:
+    view = augment.eval_transform(image, size, eval_crop_fraction)
+    views += (tf.cast(tf.round(view * 255.0), tf.uint8),)
+  return views
+
+
+def _cache_bytes(n, size, eval_crop_fraction):
+  return n * size * size * 3 * (2 if eval_crop_fraction < 1.0 else 1)
+
+
+def _set_cached(source, images, size, eval_crop_fraction):
+  """`source` (modified) holding `images`, a list of per-batch view tuples of `_cached_views`."""
+  source.images = np.concatenate([v[0] for v in images])
+  source.cache_size, source.eval_crop_fraction = size, eval_crop_fraction
+  if eval_crop_fraction < 1.0:
+    source.eval_images = np.concatenate([v[1] for v in images])
+  return source
+
+
+def cache_decoded(source, size, limit_mb, skip_bad=True, eval_crop_fraction=1.0):
+  """Decodes a file source into memory at size x size when it fits `limit_mb`, with the
+  evaluation views for `eval_crop_fraction` < 1 (twice the memory); unreadable files are left out
+  and counted in `skipped` (or raise a DataError when `skip_bad` is False). Returns the source
+  unchanged when it does not fit."""
+  if (source.images is not None
+      or _cache_bytes(len(source), size, eval_crop_fraction) > limit_mb * 2 ** 20):
     return source
   ds = tf.data.Dataset.from_tensor_slices((np.arange(len(source)), source.paths))
 
   def load(i, path):
     image = decode_image(tf.io.read_file(path))
-    return i, _resize_uint8(image, size)
+    return i, _cached_views(image, size, eval_crop_fraction)
 
   ds = ds.map(load, num_parallel_calls=AUTOTUNE).ignore_errors().batch(1024)
   idx, images = [], []
-  for i, im in ds.as_numpy_iterator():
+  for i, views in ds.as_numpy_iterator():
     idx.append(i)
-    images.append(im)
+    images.append(views)
   idx = np.concatenate(idx) if idx else np.zeros([0], np.int64)
   out = _drop_bad(source, idx, skip_bad)
   if out is source:
     out = source.subset(idx)
-  out.images, out.paths = np.concatenate(images), None
-  return out
+  out.paths = None
+  return _set_cached(out, images, size, eval_crop_fraction)
 
 
 def check_decodable(source, skip_bad=True):
@@ -236,8 +266,9 @@ def check_decodable(source, skip_bad=True):
   return _drop_bad(source, np.concatenate(idx) if idx else np.zeros([0], np.int64), skip_bad)
 
 
-def tfds_source(name, split, data_dir, size, limit_mb):
-  """A tfds image dataset already prepared in `data_dir` (nothing is downloaded), in memory."""
+def tfds_source(name, split, data_dir, size, limit_mb, eval_crop_fraction=1.0):
+  """A tfds image dataset already prepared in `data_dir` (nothing is downloaded), in memory (as
+  `cache_decoded` keeps it) when it fits `limit_mb`, else a StreamSource."""
   import tensorflow_datasets as tfds
   try:
     builder = tfds.builder(name, data_dir=data_dir)
@@ -255,21 +286,21 @@ def tfds_source(name, split, data_dir, size, limit_mb):
   features = builder.info.features
   has_label = "label" in features
   names = list(features["label"].names) if has_label else []
-  if n * size * size * 3 > limit_mb * 2 ** 20:
+  if _cache_bytes(n, size, eval_crop_fraction) > limit_mb * 2 ** 20:
     return StreamSource(builder=builder, split=split, num_examples=n, class_names=names,
                         labelled=has_label, name=f"{name}:{split}")
   ds = builder.as_dataset(split=split, shuffle_files=False)
 
   def prep(ex):
     image, label = _tfds_example(ex)
-    return _resize_uint8(image, size), label
+    return _cached_views(image, size, eval_crop_fraction), label
 
   images, labels = [], []
-  for im, lb in ds.map(prep, num_parallel_calls=AUTOTUNE).batch(1024).as_numpy_iterator():
-    images.append(im)
+  for views, lb in ds.map(prep, num_parallel_calls=AUTOTUNE).batch(1024).as_numpy_iterator():
+    images.append(views)
     labels.append(lb)
-  return Source(labels=np.concatenate(labels), images=np.concatenate(images),
-                class_names=names, name=f"{name}:{split}")
+  out = Source(labels=np.concatenate(labels), class_names=names, name=f"{name}:{split}")
+  return _set_cached(out, images, size, eval_crop_fraction)
 
 
 def _tfds_example(ex):
@@ -288,17 +319,17 @@ def load_sources(cfg: DataConfig, seed=0):
   elif cfg.dataset == "folder":
     def load(image_dir, flag):
       source = cache_decoded(folder_source(image_dir, flag), cfg.image_size, cfg.cache_limit_mb,
-                             cfg.skip_bad_images)
+                             cfg.skip_bad_images, cfg.eval_crop_fraction)
       return check_decodable(source, cfg.skip_bad_images)  # no-op once cached
     train = load(cfg.image_dir, "--image_dir")
     held = load(cfg.eval_image_dir, "--eval_image_dir") if cfg.eval_image_dir else None
   else:
     train = tfds_source(cfg.dataset, cfg.train_split, cfg.data_dir, cfg.image_size,
-                        cfg.cache_limit_mb)
+                        cfg.cache_limit_mb, cfg.eval_crop_fraction)
     held = None
     if cfg.eval_split:
       held = tfds_source(cfg.dataset, cfg.eval_split, cfg.data_dir, cfg.image_size,
-                         cfg.cache_limit_mb)
+                         cfg.cache_limit_mb, cfg.eval_crop_fraction)
   if cfg.val_images:
     if isinstance(train, StreamSource):
       raise DataError(f"--val_images needs a dataset held in memory; {train.name} is streamed, "
@@ -405,23 +436,34 @@ def distributed_pretrain_dataset(strategy, source, aug, image_size, global_batch
       lambda ctx: pretrain_dataset(source, aug, image_size, global_batch, seed, start_step, ctx))
 
 
-def eval_dataset(source, image_size, batch_size=256):
-  """(images float [b, S, S, 3] in [0, 1], labels) in source order, no augmentation."""
+def eval_dataset(source, image_size, batch_size=256, crop_fraction=1.0):
+  """(images float [b, S, S, 3] in [0, 1], labels) in source order, no augmentation:
+  augment.eval_transform of each decoded image at `crop_fraction` (the cached evaluation views
+  when the source holds them)."""
   if isinstance(source, StreamSource):
     ds = source.builder.as_dataset(split=source.split, shuffle_files=False)
 
     def prep(ex):
       image, label = _tfds_example(ex)
-      return augment.center_resize(tf.image.convert_image_dtype(image, tf.float32),
-                                   image_size), label
+      return augment.eval_transform(image, image_size, crop_fraction), label
 
     return ds.map(prep, num_parallel_calls=AUTOTUNE).batch(batch_size).prefetch(AUTOTUNE)
-  load = _load_fn(source)
   labels = tf.constant(source.labels, tf.int32)
+  if (source.eval_images is not None and source.eval_crop_fraction == crop_fraction
+      and source.eval_images.shape[1:3] == (image_size, image_size)):
+    views = tf.constant(source.eval_images)
+    transform = lambda i: tf.image.convert_image_dtype(tf.gather(views, i), tf.float32)
+  elif crop_fraction != 1.0 and source.cache_size:
+    # A squashed image has lost its aspect ratio: cropping it would silently give other pixels.
+    raise DataError(f"{source.name!r} is cached at {source.cache_size}x{source.cache_size} "
+                    f"without evaluation views for crop fraction {crop_fraction}; load it with "
+                    f"DataConfig(eval_crop_fraction={crop_fraction})")
+  else:
+    load = _load_fn(source)
+    transform = lambda i: augment.eval_transform(load(i), image_size, crop_fraction)
 
   def element(i):
-    image = tf.image.convert_image_dtype(load(i), tf.float32)
-    return augment.center_resize(image, image_size), tf.gather(labels, i)
+    return transform(i), tf.gather(labels, i)
 
   ds = tf.data.Dataset.range(len(source)).map(element, num_parallel_calls=AUTOTUNE)
   return ds.batch(batch_size).prefetch(AUTOTUNE)

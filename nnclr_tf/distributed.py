@@ -47,7 +47,8 @@ def in_multi_worker_mode(strategy=None):
 
 
 def local_rows(x_global, local_batch):
-  """This replica's slice of a globally computed tensor (e.g. random draws over the global batch)."""
+  """This replica's slice of a globally computed tensor (e.g. random draws over the global
+  batch)."""
   return tf.slice(x_global, [replica_id() * local_batch] + [0] * (len(x_global.shape) - 1),
                   [local_batch] + list(x_global.shape[1:]))
 

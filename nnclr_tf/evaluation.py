@@ -79,19 +79,24 @@ def knn_eval(encoder, train_ds, eval_ds, num_classes, k=200, temperature=0.1):
 def knn_eval_features(train_f, train_l, eval_f, eval_l, num_classes, k=200, temperature=0.1):
   """knn_eval on features already extracted (e.g. by `cached_features`)."""
   scores = knn_scores(train_f, train_l, eval_f, num_classes, k, temperature)
-  return {"knn_top1": topk_accuracy(scores, eval_l, 1), "knn_top5": topk_accuracy(scores, eval_l, 5)}
+  return {"knn_top1": topk_accuracy(scores, eval_l, 1),
+          "knn_top5": topk_accuracy(scores, eval_l, 5)}
 
 
 def feature_cache_path(model_dir, checkpoint, data_cfg, seed, extra=None):
   """model_dir/features/<checkpoint>-<hash of the data config, seed and `extra`>.npz: a new
-  checkpoint or a different split (dataset, val_images, seed, image size...) never reuses stale
+  checkpoint or a different split (dataset, val_images, seed, image size, eval crop fraction...)
+  never reuses stale
   features. checkpoint=None names a random-initialisation encoder; pass its architecture (and
   init seed) in `extra`."""
   import dataclasses
   import hashlib
   import json
-  key = json.dumps({"data": dataclasses.asdict(data_cfg), "seed": seed, "extra": extra},
-                   sort_keys=True, default=str)
+  fields = dataclasses.asdict(data_cfg)
+  # The default crop fraction gives the features cached before the field existed: same key.
+  if fields.get("eval_crop_fraction") == 1.0:
+    del fields["eval_crop_fraction"]
+  key = json.dumps({"data": fields, "seed": seed, "extra": extra}, sort_keys=True, default=str)
   digest = hashlib.sha1(key.encode()).hexdigest()[:10]
   name = os.path.basename(checkpoint) if checkpoint else "random_init"
   return os.path.join(model_dir, "features", f"{name}-{digest}.npz")

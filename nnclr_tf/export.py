@@ -13,9 +13,10 @@ Outputs:
   encoder     features float32 [N, D] (backbone), projection float32 [N, d] (L2-normalised z)
   classifier  probabilities float32 [N, C], class_ids int64 [N], class_names string [N]
 
-Images are preprocessed inside the graph as `data.eval_dataset` does (uint8 -> float [0, 1],
-`augment.resize` to the training size, clip); the backbone standardises internally. Loading or
-running an export needs only TensorFlow, no nnclr_tf.
+Images are preprocessed inside the graph as `data.eval_dataset` does: `augment.eval_transform` at
+the training size and the evaluation crop fraction baked in at export time (recorded as
+`eval_crop_fraction` in assets.extra/nnclr_tf.json); the backbone standardises internally. Loading
+or running an export needs only TensorFlow, no nnclr_tf.
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ import numpy as np
 import tensorflow as tf
 
 from nnclr_tf import augment, linear_probe
+from nnclr_tf import model_dir as model_dir_lib
 from nnclr_tf.data import decode_image
+from nnclr_tf.errors import ExportError
 
 ENCODER = "encoder"
 CLASSIFIER = "classifier"
@@ -39,12 +42,10 @@ BYTES_SIGNATURE = "serve_image_bytes"
 WARMUP_FILE = os.path.join("assets.extra", "tf_serving_warmup_requests")
 # Where an export came from (checkpoint step, ...); TF Serving ignores assets.extra/ beyond warm-up.
 METADATA_FILE = os.path.join("assets.extra", "nnclr_tf.json")
-# The Evaluation helper's linear probe, relative to model_dir (see `load_probe` for the contract).
-PROBE_FILE = os.path.join("linear_probe", "probe.npz")
+# linear_eval's probe, relative to model_dir (see `load_probe` for the contract).
+PROBE_FILE = model_dir_lib.PROBE_FILE
 
 
-class ExportError(ValueError):
-  """A refused export (existing version, bad probe file, unwritable base); the message says why."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -168,19 +169,18 @@ def load_probe(path):
 # The servable graph
 
 
-def preprocess(images, image_size):
-  """uint8 [N, H, W, 3] -> float [N, S, S, 3] in [0, 1]: `augment.center_resize` on a batch."""
-  x = tf.image.convert_image_dtype(images, tf.float32)
-  x = augment.resize(x, image_size)
-  return tf.clip_by_value(x, 0.0, 1.0)
+def preprocess(images, image_size, crop_fraction=1.0):
+  """uint8 [N, H, W, 3] -> float [N, S, S, 3] in [0, 1]: `augment.eval_transform` on a batch."""
+  return augment.eval_transform(images, image_size, crop_fraction)
 
 
 class _Servable(tf.Module):
   """Encoder (+ projector, + optional linear probe) behind the two serving signatures."""
 
-  def __init__(self, model, probe=None):
+  def __init__(self, model, probe=None, crop_fraction=1.0):
     super().__init__(name=ENCODER if probe is None else CLASSIFIER)
     self.image_size = int(model.image_size)
+    self.crop_fraction = float(crop_fraction)  # a constant of the traced signatures
     self.encoder = model.encoder
     self.probe = probe is not None
     if probe is None:
@@ -206,15 +206,14 @@ class _Servable(tf.Module):
 
   @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")])
   def serve_images(self, images):
-    return self._outputs(preprocess(images, self.image_size))
+    return self._outputs(preprocess(images, self.image_size, self.crop_fraction))
 
   @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
   def serve_image_bytes(self, image_bytes):
     size = self.image_size
 
-    def one(data):  # the file path of data.eval_dataset: decode, then center_resize
-      image = tf.image.convert_image_dtype(decode_image(data), tf.float32)
-      return augment.center_resize(image, size)
+    def one(data):  # the file path of data.eval_dataset: decode, then the eval transform
+      return augment.eval_transform(decode_image(data), size, self.crop_fraction)
 
     x = tf.map_fn(one, image_bytes, fn_output_signature=tf.TensorSpec([size, size, 3], tf.float32))
     return self._outputs(x)
@@ -278,21 +277,29 @@ def _write_warmup(export_dir, model_name, image_size):
 # Public API
 
 
-def export_encoder(model, export_base, version=0, warmup=True, metadata=None):
+def _with_crop_fraction(metadata, crop_fraction):
+  return {**(metadata or {}), "eval_crop_fraction": float(crop_fraction)}
+
+
+def export_encoder(model, export_base, version=0, warmup=True, metadata=None, crop_fraction=1.0):
   """Writes `<export_base>/encoder/<version>/` from an NNCLR model (encoder + projector).
 
   version 0 takes the next free integer; an existing version raises ExportError. `metadata`
-  (e.g. {"checkpoint_step": N}) goes to `assets.extra/nnclr_tf.json`. Returns the path.
+  (e.g. {"checkpoint_step": N}) goes to `assets.extra/nnclr_tf.json`, with `eval_crop_fraction`.
+  `crop_fraction` is the evaluation crop fraction the signatures preprocess with (the run's
+  DataConfig.eval_crop_fraction). Returns the path.
   """
-  module = _Servable(model)
+  module = _Servable(model, crop_fraction=crop_fraction)
   return _save_versioned(module, module.signatures(), export_base, ENCODER, version, warmup,
-                         metadata)
+                         _with_crop_fraction(metadata, crop_fraction))
 
 
-def export_classifier(model, probe, export_base, version=0, warmup=True, metadata=None):
+def export_classifier(model, probe, export_base, version=0, warmup=True, metadata=None,
+                      crop_fraction=1.0):
   """Writes `<export_base>/classifier/<version>/`: the encoder followed by the linear probe.
 
-  `probe` is a `Probe` or the path of `model_dir/linear_probe/probe.npz`. Returns the path.
+  `probe` is a `Probe` or the path of `model_dir/linear_probe/probe.npz`; `crop_fraction` must be
+  the one its features were extracted at (as for `export_encoder`). Returns the path.
   """
   if not isinstance(probe, Probe):
     probe = load_probe(probe)
@@ -303,6 +310,6 @@ def export_classifier(model, probe, export_base, version=0, warmup=True, metadat
   if probe.image_size != int(model.image_size):
     raise ExportError(f"the linear probe was trained at image_size {probe.image_size} but the "
                       f"model at {model.image_size}; re-run --mode=linear_eval on this model")
-  module = _Servable(model, probe)
+  module = _Servable(model, probe, crop_fraction)
   return _save_versioned(module, module.signatures(), export_base, CLASSIFIER, version, warmup,
-                         metadata)
+                         _with_crop_fraction(metadata, crop_fraction))

@@ -84,9 +84,10 @@ def classifier(encoder, num_classes):
 def finetune(encoder, train_source, eval_source, num_classes, image_size, aug: AugmentConfig,
              label_fraction=0.1, epochs=0, batch_size=256, learning_rate=0.05, momentum=0.9,
              weight_decay=0.0, seed=0, strategy=None, eval_batch_size=256, verbose=0,
-             min_steps=300):
+             min_steps=300, eval_crop_fraction=1.0):
   """Fine-tunes `encoder` (in place) with a linear head on a class-balanced `label_fraction` of
-  `train_source`; returns {"finetune_top1", "finetune_top5", ...} on `eval_source`.
+  `train_source`; returns {"finetune_top1", "finetune_top5", ...} on `eval_source`, seen through
+  `data.eval_dataset` at `eval_crop_fraction`.
 
   epochs=0 picks SimCLR's schedule, 60 epochs for <= 1% labels and 30 otherwise, but at least
   `min_steps` optimizer steps: SimCLR's epochs are hundreds of steps on ImageNet, while 10% of a
@@ -116,8 +117,8 @@ def finetune(encoder, train_source, eval_source, num_classes, image_size, aug: A
                   metrics=["accuracy"])
   history = model.fit(train_dataset(subset, image_size, batch, seed, aug), epochs=epochs,
                       steps_per_epoch=spe, verbose=verbose)
-  logits, labels = extract_features(model, data_lib.eval_dataset(eval_source, image_size,
-                                                                 eval_batch_size))
+  logits, labels = extract_features(model, data_lib.eval_dataset(
+      eval_source, image_size, eval_batch_size, eval_crop_fraction))
   counts = np.bincount(subset.labels)
   counts = counts[counts > 0]
   return {

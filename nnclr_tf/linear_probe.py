@@ -1,4 +1,5 @@
-"""Linear probe on frozen backbone features: L2-regularised softmax regression, fitted to convergence.
+"""Linear probe on frozen backbone features: L2-regularised softmax regression, fitted to
+convergence.
 
 The protocol (SimCLR/BYOL/NNCLR "linear evaluation" with cached features): features are
 extracted once from the frozen encoder (global-pooled, before the projection MLP), standardised

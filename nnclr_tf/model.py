@@ -4,6 +4,8 @@ Per step (NNCLR paper, Algorithm 1), on each replica with its local batch of b p
   z = normalize(projector(encoder(view)))       p = normalize(predictor(projector(...)))
   nn1 = NN(z1, Q), nn2 = NN(z2, Q)              looked up in the queue as it was before this step
   loss = 0.5 * (InfoNCE(nn1, p2) + InfoNCE(nn2, p1)), negatives from the global batch
+    (symmetric_loss: each InfoNCE also averages in its column term, the softmax of a prediction
+    over the global batch's neighbours, so the neighbours are all-gathered too)
   Q <- enqueue(all_gather(z1))                  after the loss
 
 Gradient path: the neighbours are constants (tf.stop_gradient inside SupportSet.nearest_neighbour);
@@ -37,7 +39,7 @@ class NNCLR(keras.Model):
   def __init__(self, backbone="small_cnn", image_size=32, width=64, proj_hidden_dim=2048,
                proj_layers=3, pred_hidden_dim=4096, embedding_dim=256, global_bn=True,
                queue_size=98304, nn_topk=1, use_nn=True, temperature=0.1, seed=0,
-               online_probe_classes=0, online_probe_lr=1e-2, **kwargs):
+               online_probe_classes=0, online_probe_lr=1e-2, symmetric_loss=False, **kwargs):
     super().__init__(**kwargs)
     if temperature <= 0:
       raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -49,11 +51,12 @@ class NNCLR(keras.Model):
                         global_bn=global_bn, queue_size=queue_size, nn_topk=nn_topk,
                         use_nn=use_nn, temperature=temperature, seed=seed,
                         online_probe_classes=online_probe_classes,
-                        online_probe_lr=online_probe_lr)
+                        online_probe_lr=online_probe_lr, symmetric_loss=symmetric_loss)
     self.image_size = image_size
     self.nn_topk = nn_topk
     self.use_nn = use_nn
     self.temperature = temperature
+    self.symmetric_loss = bool(symmetric_loss)
     self.seed = seed
     self.encoder = build_backbone(backbone, (image_size, image_size, 3), global_bn, width)
     feat_dim = self.encoder.output.shape[-1]
@@ -79,7 +82,7 @@ class NNCLR(keras.Model):
                global_bn=model_cfg.global_bn, queue_size=support_cfg.queue_size,
                nn_topk=support_cfg.nn_topk, use_nn=support_cfg.use_nn, temperature=temperature,
                seed=seed, online_probe_classes=online_probe_classes,
-               online_probe_lr=online_probe_lr)
+               online_probe_lr=online_probe_lr, symmetric_loss=support_cfg.symmetric_loss)
 
   def _build_online_probe(self, feat_dim, num_classes, lr):
     # trainable=False keeps the probe out of trainable_variables (and so out of the pretraining
@@ -143,6 +146,12 @@ class NNCLR(keras.Model):
       return z, None  # SimCLR ablation: the positive is the other view's own embedding
     return self.support_set.nearest_neighbour(z, self.nn_topk, choice)
 
+  def _loss(self, nn, p, offset):
+    if not self.symmetric_loss:
+      return nnclr_loss(nn, distributed.all_gather(p), self.temperature, offset)
+    return nnclr_loss(nn, distributed.all_gather(p), self.temperature, offset, symmetric=True,
+                      nn_global=distributed.all_gather(nn), p_local=p)
+
   def train_step(self, data):
     view1, view2 = data["view1"], data["view2"]
     labels = data["label"]
@@ -158,9 +167,8 @@ class NNCLR(keras.Model):
       p1, p2 = p[:b], p[b:]
       nn1, idx1 = self._positives(z1, self._topk_choice(step, b, global_batch, 0))
       nn2, _ = self._positives(z2, self._topk_choice(step, b, global_batch, 1))
-      loss1, logits1, targets = nnclr_loss(nn1, distributed.all_gather(p2), self.temperature,
-                                           offset)
-      loss2, _, _ = nnclr_loss(nn2, distributed.all_gather(p1), self.temperature, offset)
+      loss1, logits1, targets = self._loss(nn1, p2, offset)
+      loss2, _, _ = self._loss(nn2, p1, offset)
       loss = 0.5 * (loss1 + loss2)
       scaled = self.optimizer.scale_loss(loss / replicas)
 

@@ -129,7 +129,8 @@ CURVE_PANELS = (("loss", ("loss",), "NNCLR loss"),
                 ("learning_rate", ("learning_rate",), "learning rate"),
                 ("nn_label_hit", ("nn_label_hit", "contrastive_acc"),
                  "NN label-hit / in-batch contrastive top-1"),
-                ("online_probe", ("online_probe_acc",), "online linear probe top-1 (train batches)"))
+                ("online_probe", ("online_probe_acc",),
+                 "online linear probe top-1 (train batches)"))
 
 
 def training_curves(curves, path, width_px=1000, height_px=700):
@@ -161,15 +162,17 @@ def training_curves(curves, path, width_px=1000, height_px=700):
 # ---------------------------------------------------------------------------------------------
 # Rendering a model's plots.
 
-def _images(source, idx, size):
-  """Images of `source` at `idx` (any order, repeats allowed) as float [n, size, size, 3]."""
+def _images(source, idx, size, crop_fraction=1.0):
+  """Images of `source` at `idx` (any order, repeats allowed) as float [n, size, size, 3], as
+  the encoder saw them (the eval transform)."""
   from nnclr_tf import data
   idx = np.asarray(idx).reshape(-1)
-  out = [x for x, _ in data.eval_dataset(source.subset(idx), size, 256).as_numpy_iterator()]
+  out = [x for x, _ in data.eval_dataset(source.subset(idx), size, 256,
+                                         crop_fraction).as_numpy_iterator()]
   return np.concatenate(out)
 
 
-def _embeddings(model, source, size, batch_size):
+def _embeddings(model, source, size, batch_size, crop_fraction=1.0):
   """(backbone features h, L2-normalised projections z) of a source, eval transform."""
   import tensorflow as tf
 
@@ -178,7 +181,7 @@ def _embeddings(model, source, size, batch_size):
   dim = int(model.encoder.output.shape[-1])
   both, labels = extract_features(
       lambda x, training=False: tf.concat(model.embed(x, training=training)[:2], axis=1),
-      data.eval_dataset(source, size, batch_size))
+      data.eval_dataset(source, size, batch_size, crop_fraction))
   return both[:, :dim], both[:, dim:], labels
 
 
@@ -212,23 +215,26 @@ def nearest(query_z, support_z, k, exclude=None):
 
 def make_plots(model, train_source, eval_source, image_size, out_dir, curves_csv=None,
                tb_logdir=None, step=0, batch_size=256, seed=0, num_queries=8, k=8,
-               max_tsne_points=2000, features=None):
+               max_tsne_points=2000, features=None, eval_crop_fraction=1.0):
   """Writes retrieval_grid.png, embedding_map.png and (if `curves_csv` exists)
   training_curves.png into `out_dir`, and the same images to TensorBoard under `tb_logdir`.
   Queries come from `eval_source` (or the train source when there is none). `features`:
   optional (train_h, train_labels, eval_h, eval_labels) backbone features already extracted
-  (evaluation.cached_features), which saves the pass over the data. Returns {name: path}."""
+  (evaluation.cached_features), which saves the pass over the data; they and the images shown
+  must come from the eval transform at `eval_crop_fraction`. Returns {name: path}."""
   from nnclr_tf import monitors
   same = eval_source is None
   if features is not None and not same:
     train_h, train_y, q_h, q_y = (np.asarray(a) for a in features)
     train_z, q_z = _project(model, train_h), _project(model, q_h)
   else:
-    train_h, train_z, train_y = _embeddings(model, train_source, image_size, batch_size)
+    train_h, train_z, train_y = _embeddings(model, train_source, image_size, batch_size,
+                                            eval_crop_fraction)
     if same:
       q_h, q_z, q_y = train_h, train_z, train_y
     else:
-      q_h, q_z, q_y = _embeddings(model, eval_source, image_size, batch_size)
+      q_h, q_z, q_y = _embeddings(model, eval_source, image_size, batch_size,
+                                  eval_crop_fraction)
   query_source = train_source if same else eval_source
   queries = pick_queries(q_y, num_queries, seed)
   k = min(k, len(train_z) - (1 if same else 0))
@@ -236,8 +242,8 @@ def make_plots(model, train_source, eval_source, image_size, out_dir, curves_csv
   names = list(train_source.class_names) or None
   paths = {}
   paths["retrieval_grid"] = retrieval_grid(
-      _images(query_source, queries, image_size),
-      q_y[queries], _images(train_source, nn, image_size).reshape(
+      _images(query_source, queries, image_size, eval_crop_fraction),
+      q_y[queries], _images(train_source, nn, image_size, eval_crop_fraction).reshape(
           len(queries), k, image_size, image_size, 3),
       train_y[nn], os.path.join(out_dir, "retrieval_grid.png"), names,
       title=f"query | {k} nearest training images in z " +

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import keras
-from keras import ops
 
 
 def scaled_learning_rate(base_lr, global_batch, scaling="linear"):
@@ -19,26 +18,19 @@ def scaled_learning_rate(base_lr, global_batch, scaling="linear"):
   raise ValueError(f"unknown lr_scaling {scaling!r}; choose linear, sqrt or none")
 
 
-@keras.saving.register_keras_serializable(package="nnclr_tf")
-class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
-  """Linear warm-up from 0 to `peak` over `warmup_steps`, then cosine decay to 0 at `total_steps`.
+def WarmupCosine(peak, warmup_steps, total_steps):  # noqa: N802  (reads as the schedule it makes)
+  """Linear warm-up from 0 to `peak` over `warmup_steps`, then cosine decay to 0 at `total_steps`:
 
   lr(s) = peak * s / warmup                                  for s < warmup
         = peak * 0.5 * (1 + cos(pi * (s - warmup) / (total - warmup)))   after, 0 past total.
+
+  Keras's own CosineDecay with its warm-up arguments (equal to the formula above to 1.5e-8,
+  tests/test_schedules.py), so saved optimizers need no nnclr_tf class to load.
   """
-
-  def __init__(self, peak, warmup_steps, total_steps):
-    self.peak = float(peak)
-    self.warmup_steps = int(warmup_steps)
-    self.total_steps = int(max(total_steps, 1))
-
-  def __call__(self, step):
-    s = ops.cast(step, "float32")
-    warm = float(max(self.warmup_steps, 1))
-    decay_len = float(max(self.total_steps - self.warmup_steps, 1))
-    progress = ops.clip((s - self.warmup_steps) / decay_len, 0.0, 1.0)
-    cosine = self.peak * 0.5 * (1.0 + ops.cos(math.pi * progress))
-    return ops.where(s < self.warmup_steps, self.peak * s / warm, cosine)
-
-  def get_config(self):
-    return {"peak": self.peak, "warmup_steps": self.warmup_steps, "total_steps": self.total_steps}
+  total = int(max(total_steps, 1))
+  warmup = int(min(max(warmup_steps, 0), total))
+  if warmup == 0:
+    return keras.optimizers.schedules.CosineDecay(float(peak), decay_steps=total, alpha=0.0)
+  return keras.optimizers.schedules.CosineDecay(0.0, decay_steps=max(total - warmup, 1),
+                                                alpha=0.0, warmup_target=float(peak),
+                                                warmup_steps=warmup)

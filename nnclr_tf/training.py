@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -13,20 +12,33 @@ import tensorflow as tf
 
 from nnclr_tf import data as data_lib
 from nnclr_tf import distributed
-from nnclr_tf.config import OptimConfig
+from nnclr_tf.config import OptimConfig, check_batch
+from nnclr_tf.errors import ConfigError, ModelDirError, NonFiniteLossError, TrainingError  # noqa: F401
 from nnclr_tf.lars import LARS, is_excluded
+from nnclr_tf.model_dir import read_json, write_json, write_text  # noqa: F401
 from nnclr_tf.schedules import WarmupCosine, scaled_learning_rate
+from nnclr_tf.sgd import CoupledSGD
 
 
-class ConfigError(ValueError):
-  """A user-facing configuration problem: the message names the flag and the fix."""
 
 
-class NonFiniteLossError(RuntimeError):
-  """Training produced a NaN/Inf loss or state; the message names the step and what was kept."""
+def check_optim_config(cfg: OptimConfig):
+  """Refuses option combinations that would be silently ignored."""
+  if cfg.lars_clip_lr and cfg.optimizer != "lars":
+    raise ConfigError(f"--lars_clip_lr applies to --optimizer=lars only, not "
+                      f"--optimizer={cfg.optimizer}; drop it or use lars")
+  if cfg.weight_decay_mode not in ("decoupled", "coupled"):
+    raise ConfigError(f"--weight_decay_mode={cfg.weight_decay_mode!r} is unknown; choose "
+                      "decoupled or coupled")
+  if cfg.weight_decay_mode == "coupled" and cfg.optimizer != "sgd":
+    # LARS always adds its decay to the gradient (before the trust ratio) and AdamW is decoupled
+    # by definition: neither has a choice to make.
+    raise ConfigError(f"--weight_decay_mode=coupled applies to --optimizer=sgd only, not "
+                      f"--optimizer={cfg.optimizer}; drop it or use sgd")
 
 
 def build_optimizer(cfg: OptimConfig, variables, global_batch, total_steps, steps_per_epoch):
+  check_optim_config(cfg)
   peak = scaled_learning_rate(cfg.learning_rate, global_batch, cfg.lr_scaling)
   warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
   if warmup >= total_steps > 0:
@@ -37,8 +49,10 @@ def build_optimizer(cfg: OptimConfig, variables, global_batch, total_steps, step
   schedule = WarmupCosine(peak, min(warmup, total_steps), total_steps)
   if cfg.optimizer == "lars":
     return LARS(schedule, momentum=cfg.momentum, eta=cfg.lars_eta,
-                weight_decay_rate=cfg.weight_decay)
+                weight_decay_rate=cfg.weight_decay, clip_lr=cfg.lars_clip_lr)
   no_decay = [v for v in variables if is_excluded(v)]
+  if cfg.optimizer == "sgd" and cfg.weight_decay_mode == "coupled":
+    return CoupledSGD(schedule, momentum=cfg.momentum, weight_decay_rate=cfg.weight_decay)
   if cfg.optimizer == "sgd":
     opt = keras.optimizers.SGD(schedule, momentum=cfg.momentum,
                                weight_decay=cfg.weight_decay or None)
@@ -51,21 +65,7 @@ def build_optimizer(cfg: OptimConfig, variables, global_batch, total_steps, step
   return opt
 
 
-def validate_batch(global_batch, queue_size, replicas, nn_topk=1):
-  if global_batch <= 0:
-    raise ConfigError(f"--batch_size={global_batch} must be positive")
-  if global_batch % replicas:
-    raise ConfigError(f"--batch_size={global_batch} must be divisible by the {replicas} replicas; "
-                      f"use a multiple of {replicas}")
-  if queue_size < global_batch:
-    raise ConfigError(f"--queue_size={queue_size} is smaller than --batch_size={global_batch}; "
-                      "the support set must hold at least one global batch")
-  if queue_size % global_batch:
-    raise ConfigError(f"--queue_size={queue_size} must be a multiple of --batch_size="
-                      f"{global_batch} (static-shape enqueue); try "
-                      f"{max(1, queue_size // global_batch) * global_batch}")
-  if not 1 <= nn_topk <= queue_size:
-    raise ConfigError(f"--nn_topk={nn_topk} must be between 1 and --queue_size={queue_size}")
+validate_batch = check_batch  # batch / support set / replicas / top-k: config.check_batch
 
 
 def make_checkpoint(model):
@@ -100,7 +100,7 @@ def check_checkpoint_fits(model, ckpt_dir):
 
 def _does_not_fit(ckpt_dir, latest, error):
   reason = " ".join(str(error).split())[:300]
-  return ConfigError(f"--model_dir={ckpt_dir} holds {os.path.basename(latest)}, which does not "
+  return ModelDirError(f"--model_dir={ckpt_dir} holds {os.path.basename(latest)}, which does not "
                      f"fit this model ({reason}); use a new --model_dir or the flags it was "
                      "trained with")
 
@@ -319,25 +319,3 @@ def pretrain(model, strategy, source, data_cfg, aug_cfg, train_cfg, optim_cfg, c
       "pairs_per_sec": (timing.steps - 1) * global_batch / timing.seconds
                        if timing.seconds > 0 else None,
   }
-
-
-def write_json(path, obj):
-  write_text(path, json.dumps(obj, indent=2, sort_keys=True))
-
-
-def write_text(path, text):
-  """Temp file + rename: a reader (or a kill) never sees a half-written file."""
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
-
-
-def read_json(path):
-  """The JSON object at `path`, or {} when it is missing or unreadable."""
-  try:
-    with open(path) as f:
-      obj = json.load(f)
-    return obj if isinstance(obj, dict) else {}
-  except (OSError, ValueError):
-    return {}

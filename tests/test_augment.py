@@ -81,3 +81,54 @@ def test_example_seed_depends_on_epoch_and_index_only():
   assert not np.array_equal(a, augment.example_seed(7, 3, 11).numpy())
   assert not np.array_equal(a, augment.example_seed(7, 2, 12).numpy())
   assert not np.array_equal(a, augment.example_seed(8, 2, 11).numpy())
+
+
+def _box_oracle(image, resized_hw, top_left, size):
+  """The expected eval view, from a hand-computed resize shape and crop corner."""
+  x = tf.image.resize(tf.image.convert_image_dtype(image, tf.float32), resized_hw,
+                      method="bilinear", antialias=True)
+  (t, l) = top_left
+  return np.clip(x.numpy()[t:t + size, l:l + size], 0.0, 1.0)
+
+
+# (H, W) -> (resized H, W, crop top, left) at size 16, worked out by hand from the documented
+# rules: shorter side round_half_up(16 / f), longer side round_half_up(L x T / short), crop corner
+# floor((side - 16) / 2).
+EVAL_BOXES = [
+    ((40, 25), 0.875, (29, 18), (6, 1)),   # T = round(18.29) = 18, 40 * 18 / 25 = 28.8 -> 29
+    ((25, 40), 0.875, (18, 29), (1, 6)),
+    ((64, 65), 0.5, (32, 33), (8, 8)),     # 65 * 32 / 64 = 32.5: rounded up; leftover 17 -> 8
+    ((12, 12), 0.875, (18, 18), (1, 1)),   # smaller than the view: enlarged, then cropped
+]
+
+
+@pytest.mark.parametrize("hw,fraction,resized,corner", EVAL_BOXES)
+def test_eval_transform_resizes_shorter_side_then_centre_crops(hw, fraction, resized, corner):
+  rng = np.random.default_rng(5)
+  images = rng.integers(0, 256, (3, *hw, 3), dtype=np.uint8)
+  want = np.stack([_box_oracle(im, resized, corner, 16) for im in images])
+  batch = augment.eval_transform(tf.constant(images), 16, fraction)
+  assert batch.shape == (3, 16, 16, 3) and batch.dtype == tf.float32
+  np.testing.assert_allclose(batch.numpy(), want, atol=1e-6)
+  one = augment.eval_transform(tf.constant(images[1]), 16, fraction)
+  assert one.shape == (16, 16, 3)
+  np.testing.assert_allclose(one.numpy(), want[1], atol=1e-6)
+  as_float = augment.eval_transform(tf.constant(images.astype(np.float32) / 255.0), 16, fraction)
+  np.testing.assert_allclose(as_float.numpy(), want, atol=1e-6)
+  traced = tf.function(lambda x: augment.eval_transform(x, 16, fraction),
+                       input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8)])
+  np.testing.assert_allclose(traced(tf.constant(images)).numpy(), want, atol=1e-6)
+
+
+def test_eval_transform_at_fraction_one_is_the_whole_image_resize():
+  rng = np.random.default_rng(6)
+  image = rng.integers(0, 256, (40, 25, 3), dtype=np.uint8)
+  want = _box_oracle(image, (16, 16), (0, 0), 16)
+  np.testing.assert_allclose(augment.eval_transform(image, 16).numpy(), want, atol=1e-6)
+  np.testing.assert_array_equal(
+      augment.eval_transform(image, 16).numpy(),
+      augment.center_resize(tf.image.convert_image_dtype(image, tf.float32), 16).numpy())
+  assert augment.eval_short_side(224, 0.875) == 256 and augment.eval_short_side(32, 0.875) == 37
+  for bad in (0.0, 1.5, -0.5):
+    with pytest.raises(ValueError, match="crop fraction"):
+      augment.eval_transform(image, 16, bad)

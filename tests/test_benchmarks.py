@@ -71,7 +71,8 @@ def test_input_pipeline_on_a_small_folder(tmp_path, capsys):
       img = rng.integers(0, 256, size=(12, 12, 3), dtype=np.uint8)
       tf.io.write_file(str(tmp_path / "train" / c / f"{i}.jpg"), tf.io.encode_jpeg(img))
   large = tmp_path / "large"
-  input_pipeline.main([f"--image_dir={tmp_path / 'train'}", "--images=12", "--image_size=16", "--modes=cached",
+  input_pipeline.main([f"--image_dir={tmp_path / 'train'}", "--images=12", "--image_size=16",
+                       "--modes=cached",
                        "--batch_size=4", "--large_size=24", "--large_images=8",
                        f"--large_dir={large}", "--large_batch_size=4", "--cores=1",
                        "--warmup_batches=1", "--batches=1"])

@@ -10,7 +10,7 @@ import sys
 import pytest
 from absl import flags
 
-import run
+from nnclr_tf import cli
 from conftest import REPO
 
 PRESETS = sorted(glob.glob(os.path.join(REPO, "flags", "*.cfg")))
@@ -22,12 +22,12 @@ def parse():
   Flags are reset before and after so tests cannot leak values into each other."""
 
   def call(*args):
-    run.F.unparse_flags()
-    run.parse_flags(["run.py", *args])
-    return run.F
+    cli.FLAGS.unparse_flags()
+    cli.parse_flags(["run.py", *args])
+    return cli.FLAGS
 
   yield call
-  run.F.unparse_flags()
+  cli.FLAGS.unparse_flags()
 
 
 def preset_flag_names(path):
@@ -77,7 +77,7 @@ def test_presets_set_what_their_text_says(parse):
 def test_command_line_beats_every_preset_flag_in_both_orders(parse, path):
   preset = {name: parse(f"--flagfile={path}")[name].value for name in preset_flag_names(path)}
   for name, preset_value in preset.items():
-    arg, expected = override(run.F[name])
+    arg, expected = override(cli.FLAGS[name])
     assert expected != preset_value, name
     for argv in ([arg, f"--flagfile={path}"], [f"--flagfile={path}", arg]):
       parsed = parse(*argv)
@@ -140,9 +140,9 @@ def test_nested_flagfile_paths_are_relative_to_the_current_directory(parse, tmp_
 
 def test_flagfile_moves_but_nothing_after_double_dash(parse):
   path = os.path.join(REPO, "flags", "quickstart.cfg")
-  assert run.flagfiles_first(["run.py", "--mode=plots", "--flagfile", path, "--seed=2", "--",
-                              "--flagfile=x"]) == [
-      "run.py", "--flagfile", path, "--mode=plots", "--seed=2", "--", "--flagfile=x"]
+  assert cli.command_line_first(["run.py", "--mode=plots", "--flagfile", path, "--seed=2", "--",
+                                 "--flagfile=x"]) == [
+      "run.py", f"--flagfile={path}", "--mode=plots", "--seed=2", "--", "--flagfile=x"]
 
 
 def test_mode_from_the_command_line_reaches_main(tmp_path):

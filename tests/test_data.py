@@ -152,34 +152,99 @@ def test_tfds_dataset_built_locally(tmp_path):
   images, labels = next(iter(data.eval_dataset(stream, 8, 32)))
   assert images.shape == (20, 8, 8, 3)
   np.testing.assert_array_equal(images.numpy().mean(axis=(1, 2, 3)) > 0.4, labels.numpy() == 1)
+  # Held in memory at a crop fraction < 1, a split keeps the evaluation views the stream makes.
+  cropped, _ = data.load_sources(DataConfig(dataset="tiny_shapes", data_dir=str(tmp_path),
+                                            image_size=8, eval_crop_fraction=0.5))
+  assert cropped.eval_images.shape == (20, 8, 8, 3) and cropped.images.shape == (20, 8, 8, 3)
+  views = [next(iter(data.eval_dataset(s, 8, 32, 0.5)))[0].numpy() for s in (cropped, stream)]
+  np.testing.assert_allclose(views[0], views[1], atol=0.5 / 255 + 1e-6)
   with pytest.raises(data.DataError, match="not prepared"):
     data.load_sources(DataConfig(dataset="tiny_shapes", data_dir=str(tmp_path / "empty")))
   with pytest.raises(data.DataError, match="not a tfds dataset"):
     data.load_sources(DataConfig(dataset="no_such_dataset_xyz", data_dir=str(tmp_path)))
 
 
-def test_cached_lazy_and_served_images_are_resized_alike(tmp_path):
-  # Images larger than the training size: cached in memory (resized once, uint8), decoded lazily
-  # (resized per use) and the exported encoder's preprocessing must give the network the same
-  # pixels, up to the cache's rounding to uint8 (half a grey level).
-  from nnclr_tf import export
+class _PixelsOut:
+  """Stands in for a model in export._Servable: its 'features' output is the preprocessed image."""
+  image_size = 16
+  encoder = staticmethod(lambda x, training=False: tf.reshape(x, [tf.shape(x)[0], -1]))
+  projector = staticmethod(lambda h, training=False: h)
+
+
+# Hand-worked evaluation views at size 16 (see test_augment.EVAL_BOXES): (H, W) -> resized H, W
+# and crop corner, per crop fraction.
+VIEW_BOXES = {1.0: {(40, 25): ((16, 16), (0, 0)), (25, 40): ((16, 16), (0, 0))},
+              0.875: {(40, 25): ((29, 18), (6, 1)), (25, 40): ((18, 29), (1, 6))}}
+
+
+@pytest.mark.parametrize("fraction", [1.0, 0.875])
+def test_cached_lazy_and_served_images_are_resized_alike(tmp_path, fraction, monkeypatch):
+  # Non-square images larger than the training size give the network the same evaluation view
+  # through every path: cached in memory (uint8, so up to half a grey level), decoded lazily, both
+  # signatures of the exported encoder, fine-tuning's evaluation and the plots' retrieval images.
+  # The oracle: the hand-worked crop box of the antialiased bilinear resize.
+  from nnclr_tf import export, finetune, plots
   rng = np.random.default_rng(3)
-  os.makedirs(tmp_path / "a")
-  raw = []
-  for i in range(4):
-    img = rng.integers(0, 256, size=(40, 30, 3), dtype=np.uint8)
-    tf.io.write_file(str(tmp_path / "a" / f"{i}.png"), tf.io.encode_png(img))  # lossless
-    raw.append(img)
+  raw = {}
+  for cls, hw in (("a", (40, 25)), ("b", (25, 40))):
+    os.makedirs(tmp_path / cls)
+    for i in range(3):
+      img = rng.integers(0, 256, size=(*hw, 3), dtype=np.uint8)
+      path = str(tmp_path / cls / f"{i}.png")
+      tf.io.write_file(path, tf.io.encode_png(img))  # lossless
+      raw[path] = img
   lazy = data.folder_source(str(tmp_path))
-  cached = data.cache_decoded(lazy, 16, limit_mb=10)
+  cached = data.cache_decoded(lazy, 16, limit_mb=10, eval_crop_fraction=fraction)
   assert cached.images is not None and lazy.images is None
-  order = [int(os.path.basename(p)[0]) for p in lazy.paths]
+  originals = [raw[p] for p in lazy.paths]
+
+  def oracle(img):
+    (h, w), (t, l) = VIEW_BOXES[fraction][img.shape[:2]]
+    x = tf.image.resize(img.astype(np.float32) / 255.0, [h, w], method="bilinear",
+                        antialias=True).numpy()
+    return np.clip(x[t:t + 16, l:l + 16], 0.0, 1.0)
+
+  want = np.stack([oracle(img) for img in originals])
   as_float = lambda ds: np.concatenate([x.numpy() for x, _ in ds])
-  from_cache = as_float(data.eval_dataset(cached, 16))
-  from_files = as_float(data.eval_dataset(lazy, 16))
-  np.testing.assert_allclose(from_cache, from_files, atol=0.5 / 255 + 1e-6)
-  served = export.preprocess(tf.constant(np.stack([raw[k] for k in order])), 16).numpy()
-  np.testing.assert_allclose(served, from_files, atol=1e-6)
+  from_files = as_float(data.eval_dataset(lazy, 16, crop_fraction=fraction))
+  np.testing.assert_allclose(from_files, want, atol=1e-6)
+  from_cache = as_float(data.eval_dataset(cached, 16, crop_fraction=fraction))
+  np.testing.assert_allclose(from_cache, want, atol=0.5 / 255 + 1e-6)
+  # Training still sees the whole image squashed to 16 x 16, whatever the evaluation view.
+  squashed = data.cache_decoded(lazy, 16, limit_mb=10)
+  np.testing.assert_array_equal(cached.images, squashed.images)
+  if fraction != 1.0:
+    with pytest.raises(data.DataError, match="without evaluation views"):
+      data.eval_dataset(squashed, 16, crop_fraction=fraction)
+  # serving_default takes a batch of one H, W; serve_image_bytes any mix of encoded sizes.
+  for hw in ((40, 25), (25, 40)):
+    rows = [k for k, img in enumerate(originals) if img.shape[:2] == hw]
+    batch = tf.constant(np.stack([originals[k] for k in rows]))
+    np.testing.assert_allclose(export.preprocess(batch, 16, fraction).numpy(), want[rows],
+                               atol=1e-6)
+  servable = export._Servable(_PixelsOut(), crop_fraction=fraction)
+  pngs = tf.constant([tf.io.read_file(p).numpy() for p in lazy.paths])
+  served = servable.serve_image_bytes(pngs)["features"].numpy().reshape(want.shape)
+  np.testing.assert_allclose(served, want, atol=1e-6)
+  rows = [k for k, img in enumerate(originals) if img.shape[:2] == (25, 40)]
+  served = servable.serve_images(tf.constant(np.stack([originals[k] for k in rows])))
+  np.testing.assert_allclose(served["features"].numpy().reshape(want[rows].shape), want[rows],
+                             atol=1e-6)
+  np.testing.assert_allclose(plots._images(lazy, [4, 0], 16, fraction), want[[4, 0]], atol=1e-6)
+  # Fine-tuning evaluates what it is handed through data.eval_dataset at its crop fraction.
+  seen = []
+
+  def recording(model, dataset):
+    seen.append(as_float(dataset))
+    return np.zeros((len(seen[-1]), 2), np.float32), np.zeros(len(seen[-1]), np.int32)
+
+  monkeypatch.setattr(finetune, "extract_features", recording)
+  import keras
+  inputs = keras.Input((16, 16, 3))
+  encoder = keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(inputs))
+  finetune.finetune(encoder, cached, lazy, 2, 16, AugmentConfig(), label_fraction=1.0, epochs=1,
+                    batch_size=6, eval_crop_fraction=fraction)
+  np.testing.assert_allclose(seen[0], want, atol=1e-6)
   # The shrink is antialiased: a fine checkerboard averages to grey instead of aliasing. (At a
   # non-integer ratio: 40 -> 7 plain bilinear is up to 0.37 off grey; 40 -> 10 would be grey
   # either way, sampling exactly between two pixels.)

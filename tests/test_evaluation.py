@@ -75,3 +75,16 @@ def test_feature_cache_is_reused_and_keyed(tmp_path):
     np.testing.assert_array_equal(a, b)
   np.testing.assert_allclose(first[0], 0.5)
   np.testing.assert_array_equal(first[1], np.arange(6))
+
+
+def test_feature_cache_key_names_the_eval_crop_fraction():
+  from nnclr_tf.config import DataConfig
+  # Features cached before eval_crop_fraction existed were made at 1.0 and keep their key (this
+  # digest is what that code computed); another fraction never reuses them.
+  cfg = DataConfig(image_size=16, val_images=5)
+  path = feature_cache_path("/m", "/m/ckpt-7", cfg, 0)
+  assert path == "/m/features/ckpt-7-55fe4e6826.npz"
+  assert path == feature_cache_path("/m", "/m/ckpt-7", DataConfig(image_size=16, val_images=5,
+                                                                  eval_crop_fraction=1.0), 0)
+  assert path != feature_cache_path("/m", "/m/ckpt-7", DataConfig(image_size=16, val_images=5,
+                                                                  eval_crop_fraction=0.875), 0)

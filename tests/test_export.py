@@ -393,3 +393,40 @@ def test_keras_format_round_trip(tmp_path):
   before, after = state(model), state(loaded)
   for k in before:
     np.testing.assert_allclose(after[k], before[k], rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+def test_export_bakes_in_the_eval_crop_fraction(tmp_path):
+  """An export made at crop fraction 0.875 preprocesses with it after loading (both signatures,
+  encoder and classifier) and records it in assets.extra/nnclr_tf.json; the default stays 1."""
+  model = tiny_model()
+  base = str(tmp_path / "export")
+  probe = export.load_probe(write_probe(str(tmp_path / "probe.npz")))
+  enc = export.export_encoder(model, base, warmup=False, metadata={"checkpoint_step": 3},
+                              crop_fraction=0.875)
+  cls = export.export_classifier(model, probe, base, warmup=False, crop_fraction=0.875)
+  plain = export.export_encoder(model, base, warmup=False)
+  assert export.read_metadata(enc) == {"checkpoint_step": 3, "eval_crop_fraction": 0.875}
+  assert export.read_metadata(cls)["eval_crop_fraction"] == 0.875
+  assert export.read_metadata(plain)["eval_crop_fraction"] == 1.0
+  rng = np.random.default_rng(4)
+  images = rng.integers(0, 256, (2, 40, 25, 3), dtype=np.uint8)
+  pngs = tf.constant([tf.io.encode_png(im).numpy() for im in images])
+
+  def features(fraction):
+    return model.embed(augment.eval_transform(images, 16, fraction))[0].numpy()
+
+  want, squashed = features(0.875), features(1.0)
+  assert np.abs(want - squashed).max() > 1e-3  # the two views are told apart
+  for path, want_h in ((enc, want), (plain, squashed)):
+    loaded = tf.saved_model.load(path)
+    for name, arg in ((export.IMAGES_SIGNATURE, {"images": tf.constant(images)}),
+                      (export.BYTES_SIGNATURE, {"image_bytes": pngs})):
+      got = loaded.signatures[name](**arg)["features"].numpy()
+      np.testing.assert_allclose(got, want_h, rtol=1e-5, atol=1e-5, err_msg=f"{path} {name}")
+  logits = (want - probe.feature_mean) / probe.feature_std @ probe.kernel + probe.bias
+  e = np.exp(logits - logits.max(axis=1, keepdims=True))
+  loaded = tf.saved_model.load(cls)
+  for name, arg in ((export.IMAGES_SIGNATURE, {"images": tf.constant(images)}),
+                    (export.BYTES_SIGNATURE, {"image_bytes": pngs})):
+    np.testing.assert_allclose(loaded.signatures[name](**arg)["probabilities"].numpy(),
+                               e / e.sum(axis=1, keepdims=True), rtol=1e-5, atol=1e-5)

@@ -1,4 +1,4 @@
-"""Reliability (issue 6): resume after kill -9, atomic checkpoints, the NaN/Inf guard, the bad-input
+"""Reliability: resume after kill -9, atomic checkpoints, the NaN/Inf guard, the bad-input
 matrix (one clear line, exit code 2, or a counted skip) and --deterministic.
 
 Fast cases run in-process against the library or `run.run_main` with absl flags parsed by hand;
@@ -26,7 +26,10 @@ from nnclr_tf import data, training
 from nnclr_tf.config import AugmentConfig, DataConfig, OptimConfig, TrainConfig
 from nnclr_tf.model import NNCLR
 
-import run  # noqa: E402  (defines the absl flags; parsed per test below)
+from nnclr_tf import cli as cli_lib  # noqa: E402  (defines the absl flags; parsed per test)
+from nnclr_tf import experiment  # noqa: E402
+from nnclr_tf import model_dir as model_dir_lib  # noqa: E402
+from nnclr_tf.config import Experiment  # noqa: E402
 
 AUG = AugmentConfig(flip_prob=0, jitter_prob=0, grayscale_prob=0, blur_prob=(0, 0),
                     solarize_prob=(0, 0), crop_scale=(0.4, 1.0))
@@ -134,21 +137,21 @@ def error_lines(stderr):
 
 @pytest.fixture
 def cli(capsys):
-  """Runs run.py's parse + run_main in this process: returns (exit code, the `error:` lines)."""
+  """Runs the CLI's parse + run_main in this process: returns (exit code, the `error:` lines)."""
 
   def call(*args):
-    run.F.unparse_flags()
+    cli_lib.FLAGS.unparse_flags()
     code = 0
     try:
-      run.parse_flags(["run.py", *args])
-      run.run_main(["run.py"])
+      cli_lib.parse_flags(["run.py", *args])
+      cli_lib.run_main(["run.py"])
     except SystemExit as e:
       code = e.code
     err = capsys.readouterr().err
     return code, error_lines(err)
 
   yield call
-  run.F.unparse_flags()
+  cli_lib.FLAGS.unparse_flags()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -490,8 +493,7 @@ def test_one_class_folder_trains_but_knn_is_skipped(tmp_path):
         _encode(np.full((8, 8, 3), 40 * i, np.uint8), "PNG"))
   train, _ = data.load_sources(DataConfig(dataset="folder", image_dir=str(tmp_path), image_size=8))
   assert train.class_names == ["only"] and train.has_labels
-  cfg = {"eval": None, "data": DataConfig(image_size=8)}
-  assert run.knn_results(cfg, None, train, train) == {}
+  assert experiment.knn_results(Experiment(), None, train, train) == {}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -526,7 +528,7 @@ def test_typo_in_a_flagfile_names_the_file(tmp_path, cli):
   code, lines = cli(f"--flagfile={cfg}")
   assert code == 2
   assert lines == [f"error: unknown flag --lerning_rate in --flagfile={cfg}; did you mean "
-                   "--learning_rate? see python run.py --helpfull"]
+                   "--learning_rate? see nnclr-tf --helpfull"]
 
 
 def test_unwritable_model_dir(tmp_path, cli):
@@ -560,7 +562,7 @@ def test_model_dir_of_another_architecture_is_refused_untouched(tmp_path, cli):
     assert file_bytes(d) == before
   # The same architecture is accepted, and its config recorded from then on.
   same = NNCLR.from_configs(*_model_cfgs(width=8), image_size=16, temperature=0.1, seed=0)
-  run.prepare_model_dir(str(tmp_path / "api"), same.get_config(), same)
+  model_dir_lib.prepare(str(tmp_path / "api"), same.get_config(), same)
   assert os.path.exists(tmp_path / "api" / "model_config.json")
 
 

@@ -61,7 +61,8 @@ def _checkpoint(model_dir):
 
 def test_one_two_four_replicas_agree(tmp_path):
   # A small lr keeps float reduction-order differences (1e-7) from being amplified by LARS.
-  common = ["--flagfile=flags/quickstart.cfg", "--train_steps=3", "--seed=7", "--learning_rate=0.05",
+  common = ["--flagfile=flags/quickstart.cfg", "--train_steps=3", "--seed=7",
+            "--learning_rate=0.05",
             *TINY]
   out = {}
   for n in (1, 2, 4):

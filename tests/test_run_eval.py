@@ -113,8 +113,8 @@ def test_plots_mode_redraws(pretrained):
 def test_online_probe_size_follows_labels_and_resumed_checkpoints(pretrained, tmp_path):
   """New runs size the probe from the labels; a resumed run keeps its checkpoint's probe (or its
   absence), so toggling --online_probe never breaks a restore."""
-  import run
-  from nnclr_tf import data
+  from nnclr_tf import data, experiment
+  from nnclr_tf.config import Experiment
   from nnclr_tf.model import NNCLR
   digits = data.digits_source()
   unlabelled = data.numpy_source(digits.images[:50])
@@ -123,15 +123,12 @@ def test_online_probe_size_follows_labels_and_resumed_checkpoints(pretrained, tm
   tf.train.Checkpoint(model=NNCLR(backbone="small_cnn", image_size=16, width=8, queue_size=64,
                                   proj_hidden_dim=32, pred_hidden_dim=32, embedding_dim=16)
                       ).save(os.path.join(plain_dir, "ckpt"))
-  try:
-    run.F.unparse_flags()
-    run.F(["run.py"])
-    assert run.online_probe_classes(digits, str(tmp_path / "new"), strategy) == 10
-    assert run.online_probe_classes(unlabelled, str(tmp_path / "new"), strategy) == 0
-    assert run.online_probe_classes(digits, pretrained, strategy) == 10
-    assert run.online_probe_classes(digits, plain_dir, strategy) == 0
-    run.F.unparse_flags()
-    run.F(["run.py", "--noonline_probe"])
-    assert run.online_probe_classes(digits, str(tmp_path / "new"), strategy) == 0
-  finally:
-    run.F.unparse_flags()
+  def classes(source, model_dir, **flags):
+    exp = Experiment.from_flags({"model_dir": model_dir, **flags})
+    return experiment.online_probe_classes(exp, source, strategy)
+
+  assert classes(digits, str(tmp_path / "new")) == 10
+  assert classes(unlabelled, str(tmp_path / "new")) == 0
+  assert classes(digits, pretrained) == 10
+  assert classes(digits, plain_dir) == 0
+  assert classes(digits, str(tmp_path / "new"), online_probe=False) == 0

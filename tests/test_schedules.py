@@ -41,7 +41,8 @@ def test_warmup_not_shorter_than_the_run_is_warned(caplog):
   assert "--warmup_epochs=10 is 40 steps, not fewer than the run's 20" in caplog.text
   # The schedule is then a pure ramp over the whole run (warm-up capped at its length).
   sched = keras.saving.deserialize_keras_object(opt.get_config()["learning_rate"])
-  assert (sched.warmup_steps, sched.total_steps) == (20, 20)
+  assert isinstance(sched, keras.optimizers.schedules.CosineDecay)  # loads without nnclr_tf
+  assert sched.warmup_steps == 20
   assert float(sched(19)) == pytest.approx(0.3 * 19 / 20)
   caplog.clear()
   with caplog.at_level(logging.WARNING):

@@ -1,0 +1,403 @@
+"""pretrain / knn_eval / linear_eval / finetune / plots / export as functions of one Experiment.
+
+The CLI, notebooks, benchmarks and tests call these; none reads flags. Each returns its results
+dict and (on the chief) writes it into the model_dir (`nnclr_tf.model_dir` has the layout):
+
+  exp = Experiment.from_flagfile("flags/quickstart.cfg", model_dir="/tmp/q", train_steps=40)
+  strategy = experiment.setup(exp)          # once per process, before other TensorFlow work
+  experiment.pretrain(exp, strategy)        # train, export the encoder, kNN, plots
+  experiment.linear_eval(exp, strategy)     # probe on frozen features, classifier export
+
+`strategy` may be omitted (setup(exp) is then called on first use).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import Any, Dict, Optional
+
+from nnclr_tf import model_dir as md
+from nnclr_tf.config import Experiment
+from nnclr_tf.errors import ConfigError, DataError, ModelDirError
+
+_STRATEGIES = {}
+
+
+def setup(exp: Experiment):
+  """Runtime set-up: logical CPU devices (before TensorFlow initialises them), op determinism,
+  mixed precision; returns the distribution strategy. One strategy per (kind, devices) and
+  process: TF's collectives cannot have two over the same devices."""
+  import keras
+  import tensorflow as tf
+  from nnclr_tf import distributed
+  r = exp.runtime
+  distributed.split_cpu(r.cpu_replicas)
+  if r.deterministic:
+    tf.config.experimental.enable_op_determinism()
+  if r.mixed_precision != "none":
+    keras.mixed_precision.set_global_policy(
+        {"bf16": "mixed_bfloat16", "fp16": "mixed_float16"}[r.mixed_precision])
+  key = (r.strategy, r.cpu_replicas, r.tpu)
+  if key not in _STRATEGIES:
+    _STRATEGIES[key] = distributed.make_strategy(r.strategy, r.cpu_replicas, r.tpu)
+  strategy = _STRATEGIES[key]
+  logging.info("strategy %s with %d replicas", type(strategy).__name__,
+               strategy.num_replicas_in_sync)
+  return strategy
+
+
+def _strategy(exp, strategy):
+  return strategy if strategy is not None else setup(exp)
+
+
+def build_model(exp: Experiment, strategy=None, online_probe_classes=0):
+  """The NNCLR model the experiment describes, built in the strategy's scope."""
+  import keras
+  from nnclr_tf.model import NNCLR
+  strategy = _strategy(exp, strategy)
+  keras.utils.set_random_seed(exp.train.seed)
+  with strategy.scope():
+    return NNCLR.from_configs(exp.model, exp.support, exp.data.image_size, exp.train.temperature,
+                              exp.train.seed, online_probe_classes, exp.probe.online_probe_lr)
+
+
+def restored_model(exp: Experiment, strategy=None):
+  """(model, checkpoint path) of the latest checkpoint in the model_dir."""
+  latest = md.require_checkpoint(exp.train.model_dir)
+  model = build_model(exp, strategy)
+  md.restore(model, latest)
+  return model, latest
+
+
+def load_data(exp: Experiment):
+  """(train, held-out) sources of the experiment (held-out may be None)."""
+  from nnclr_tf import data
+  return data.load_sources(exp.data, exp.train.seed)
+
+
+# --- pretrain ----------------------------------------------------------------------------------
+
+def pretrain(exp: Experiment, strategy=None, flags_text: Optional[str] = None) -> Dict[str, Any]:
+  """Trains (resuming from the model_dir), then on the chief exports the encoder, runs kNN of
+  the final checkpoint and writes the plots. A model_dir whose run is complete is left as it is;
+  parts missing after a crash (export, kNN, plots) run alone. `flags_text` goes to flags.txt
+  (default: the experiment as JSON)."""
+  from nnclr_tf import data, distributed, export, training
+  strategy = _strategy(exp, strategy)
+  t = exp.train
+  training.validate_batch(t.batch_size, exp.support.queue_size, strategy.num_replicas_in_sync,
+                          exp.support.nn_topk)
+  done = md.finished_pretraining(t, exp.plots.enabled)
+  if done:
+    print(done)
+    return md.read_results(t.model_dir, "pretrain")
+  recorded = md.read_results(t.model_dir, "pretrain")
+  # The online probe's size comes from the data, so the data is loaded before the model is built.
+  train, held = load_data(exp)
+  logging.info("training on %d images (%s), %d held out, %d unreadable skipped", len(train),
+               train.name, 0 if held is None else len(held), train.skipped)
+  model = build_model(exp, strategy, online_probe_classes(exp, train, strategy))
+  chief = distributed.is_chief(strategy)
+  if chief:
+    md.prepare(t.model_dir, model.get_config(), model)
+    md.write_flags(t.model_dir, flags_text if flags_text is not None else exp.to_json())
+  total = t.train_steps or t.train_epochs * data.steps_per_epoch(len(train), t.batch_size)
+  if recorded.get("steps") and total > recorded["steps"]:
+    logging.warning("%s finished pretraining at step %d; continuing to step %d: the warm-up + "
+                    "cosine learning-rate schedule is recomputed for %d steps, so the rate "
+                    "jumps back up at step %d", t.model_dir, recorded["steps"], total, total,
+                    recorded["steps"])
+  curves = curve_logger(exp, train, strategy)
+  results = training.pretrain(model, strategy, train, exp.data, exp.augment, t, exp.optim,
+                              callbacks=[curves])
+  results["online_probe_acc"] = curves.last_logs.get("online_probe_acc")
+  if not chief:
+    return results
+  step = results["steps"]
+  same_step = recorded.get("steps") == step
+  e = exp.export
+  crop = exp.data.eval_crop_fraction
+  newest, meta = export.newest_export(e.base)
+  if (not e.version and newest and meta.get("checkpoint_step") == step
+      and meta.get("eval_crop_fraction", 1.0) == crop):
+    export_dir = newest  # this checkpoint is served already, with this preprocessing
+  else:
+    export_dir = export.export_encoder(model, e.base, e.version, e.warmup,
+                                       metadata=md.export_metadata(t.model_dir, step),
+                                       crop_fraction=crop)
+  final = md.checkpoint_at(t.model_dir, step)
+  if not (same_step and md.evaluated(recorded)):
+    results.update(knn_results(exp, model, train, held, final) or {"knn_skipped": True})
+  if exp.plots.enabled and not (same_step and md.plots_exist(recorded)):
+    results["plots"] = write_plots(exp, model, train, held, step, final)
+  results.update(export_dir=export_dir, train_examples=len(train), skipped_images=train.skipped,
+                 skipped_eval_images=0 if held is None else held.skipped,
+                 global_batch=t.batch_size, replicas=strategy.num_replicas_in_sync)
+  return md.write_results(t.model_dir, "pretrain", md.merge_results(recorded, results))
+
+
+def online_probe_classes(exp: Experiment, train, strategy):
+  """Classes of the online probe; 0 (off) without probe.online_probe or without labels.
+
+  A resumed run keeps what its checkpoint holds (a probe of its size, or none), so that turning
+  the probe on for a model_dir pretrained without it, or a different label count, never breaks
+  the restore; a new run sizes the probe from the training labels."""
+  import numpy as np
+  from nnclr_tf import distributed
+  if not exp.probe.online_probe:
+    return 0
+  in_checkpoint = md.online_probe_classes(distributed.worker_dir(exp.train.model_dir, strategy))
+  if in_checkpoint is not None:
+    return in_checkpoint
+  labels = getattr(train, "labels", None)
+  if labels is None:  # a streamed tfds split
+    return len(train.class_names) if train.has_labels else 0
+  labels = np.asarray(labels)
+  if not (labels >= 0).any():
+    return 0
+  return max(len(train.class_names), int(labels.max()) + 1)
+
+
+def curve_logger(exp: Experiment, train, strategy):
+  from nnclr_tf import data, distributed, monitors
+  t = exp.train
+  spe = max(1, data.steps_per_epoch(len(train), t.batch_size))
+  return monitors.CurveLogger(os.path.join(distributed.worker_dir(t.model_dir, strategy),
+                                           md.CURVES), max(1, spe // 10))
+
+
+# --- features, kNN -----------------------------------------------------------------------------
+
+def feature_cache(exp: Experiment, checkpoint):
+  """model_dir/features/... of the encoder at `checkpoint` (None: the random-init encoder)."""
+  from nnclr_tf import evaluation
+  t = exp.train
+  extra = None if checkpoint else {"random_init": dataclasses.asdict(exp.model),
+                                   "seed": t.seed + 1}
+  return evaluation.feature_cache_path(t.model_dir, checkpoint, exp.data, t.seed, extra)
+
+
+def eval_features(exp: Experiment, encoder, checkpoint, train, held, use_cache=True):
+  """(train_f, train_l, eval_f, eval_l) of `encoder`, through model_dir/features when use_cache
+  (the key names `checkpoint`; None with use_cache means the random-init encoder)."""
+  from nnclr_tf import data, evaluation
+  size, batch, crop = exp.data.image_size, exp.eval.batch_size, exp.data.eval_crop_fraction
+  path = feature_cache(exp, checkpoint) if use_cache else None
+  return evaluation.cached_features(path, encoder, data.eval_dataset(train, size, batch, crop),
+                                    data.eval_dataset(held, size, batch, crop))
+
+
+def random_init_features(exp: Experiment, train, held):
+  """Features of the architecture at random initialisation (seed + 1, local BN), cached: the
+  baseline of knn_top1_random_init and linear_top1_random_init."""
+  import keras
+  from nnclr_tf.backbones import build_backbone
+  size = exp.data.image_size
+  keras.utils.set_random_seed(exp.train.seed + 1)
+  fresh = build_backbone(exp.model.backbone, (size, size, 3), False, exp.model.width)
+  return eval_features(exp, fresh, None, train, held)
+
+
+def num_classes(train, held):
+  return len(train.class_names) or int(max(train.labels.max(), held.labels.max())) + 1
+
+
+def knn_results(exp: Experiment, model, train, held, checkpoint=None):
+  """kNN of the trained encoder and of the same architecture at random initialisation ({} when
+  there is no labelled eval split or a single class).
+
+  With `checkpoint` (the path `model` holds), features come from and go to the cache shared with
+  linear_eval and plots (model_dir/features)."""
+  from nnclr_tf import evaluation
+  if held is None or not train.has_labels or not held.has_labels:
+    logging.info("no labelled eval split: kNN skipped")
+    return {}
+  if len(set(train.labels.tolist())) < 2:  # one class: every vote is right, a meaningless 100%
+    logging.warning("kNN skipped: the training images have a single class (%s)",
+                    ", ".join(train.class_names) or "0")
+    return {}
+  e = exp.eval
+  classes = num_classes(train, held)
+  out = evaluation.knn_eval_features(
+      *eval_features(exp, model.encoder, checkpoint, train, held, use_cache=bool(checkpoint)),
+      classes, e.knn_k, e.knn_temperature)
+  rand = evaluation.knn_eval_features(*random_init_features(exp, train, held), classes,
+                                      e.knn_k, e.knn_temperature)
+  out.update(knn_top1_random_init=rand["knn_top1"], knn_top5_random_init=rand["knn_top5"],
+             knn_k=e.knn_k, knn_temperature=e.knn_temperature, eval_examples=len(held))
+  return out
+
+
+def knn_eval(exp: Experiment, strategy=None) -> Dict[str, Any]:
+  """Weighted kNN of the latest checkpoint's backbone features, eval split against train split."""
+  from nnclr_tf import distributed
+  strategy = _strategy(exp, strategy)
+  model, latest = restored_model(exp, strategy)
+  train, held = load_data(exp)
+  results = knn_results(exp, model, train, held)  # extracted afresh: checks the restore
+  results["checkpoint"] = latest
+  if distributed.is_chief(strategy):  # multi-worker: only the chief writes into model_dir
+    md.write_results(exp.train.model_dir, "knn_eval", results)
+  return results
+
+
+# --- linear_eval, finetune, plots --------------------------------------------------------------
+
+def labelled_splits(exp: Experiment, mode):
+  """(train, held, num_classes) for a supervised evaluation; DataError when labels are missing."""
+  train, held = load_data(exp)
+  if not train.has_labels:
+    raise DataError(f"--mode={mode} needs labelled training images (class sub-folders or a "
+                    "labelled dataset)")
+  if held is None or not held.has_labels:
+    raise DataError(f"--mode={mode} needs a labelled eval split: set --val_images=N, "
+                    "--eval_split or --eval_image_dir")
+  return train, held, num_classes(train, held)
+
+
+def linear_eval(exp: Experiment, strategy=None) -> Dict[str, Any]:
+  """Linear probe on frozen features of the latest checkpoint (and of the random-init
+  architecture), then the classifier export of the probe."""
+  from nnclr_tf import export, linear_probe
+  strategy = _strategy(exp, strategy)
+  t, size = exp.train, exp.data.image_size
+  train, held, classes = labelled_splits(exp, "linear_eval")
+  model, latest = restored_model(exp, strategy)
+  l2 = list(exp.probe.linear_l2)
+  cache = feature_cache(exp, latest)
+  train_f, train_l, eval_f, eval_l = eval_features(exp, model.encoder, latest, train, held)
+  probe, info = linear_probe.fit_probe(train_f, train_l, classes, train.class_names, size,
+                                       l2=l2, seed=t.seed)
+  scores = linear_probe.evaluate_probe(probe, eval_f, eval_l)
+  probe_path = linear_probe.save_probe(md.path(t.model_dir, md.PROBE_FILE), probe)
+  results = {"linear_top1": scores["top1"], "linear_top5": scores["top5"], **info,
+             "eval_examples": int(len(eval_l)), "feature_dim": int(train_f.shape[1]),
+             "probe": probe_path, "feature_cache": cache, "checkpoint": latest}
+  if exp.probe.linear_random_init:
+    rf = random_init_features(exp, train, held)  # the encoder of knn_top1_random_init
+    rand, rand_info = linear_probe.fit_probe(rf[0], rf[1], classes, l2=l2, seed=t.seed)
+    rand_scores = linear_probe.evaluate_probe(rand, rf[2], rf[3])
+    results.update(linear_top1_random_init=rand_scores["top1"],
+                   linear_top5_random_init=rand_scores["top5"], l2_random_init=rand_info["l2"])
+  ex = exp.export
+  results["classifier_export_dir"] = export.export_classifier(
+      model, probe_path, ex.base, ex.version, ex.warmup,
+      metadata=md.export_metadata(t.model_dir, md.checkpoint_step(latest)),
+      crop_fraction=exp.data.eval_crop_fraction)
+  return md.write_results(t.model_dir, "linear_eval", results)
+
+
+def finetune(exp: Experiment, strategy=None) -> Dict[str, Any]:
+  """Semi-supervised fine-tune of the whole network on a class-balanced labelled fraction (or
+  from scratch with finetune.init="random"); every (fraction, init) run is kept in the results."""
+  from nnclr_tf import finetune as finetune_lib
+  strategy = _strategy(exp, strategy)
+  t, f = exp.train, exp.finetune
+  train, held, classes = labelled_splits(exp, "finetune")
+  if f.init == "random":
+    model, latest = build_model(exp, strategy), None
+  else:
+    model, latest = restored_model(exp, strategy)
+  results = finetune_lib.finetune(
+      model.encoder, train, held, classes, exp.data.image_size, exp.augment,
+      label_fraction=f.label_fraction, epochs=f.epochs, batch_size=f.batch_size,
+      learning_rate=f.learning_rate, seed=t.seed, strategy=strategy,
+      eval_batch_size=exp.eval.batch_size, verbose=t.verbose,
+      eval_crop_fraction=exp.data.eval_crop_fraction)
+  results.update(init=f.init, checkpoint=latest)
+  # The latest run at the top level; every (fraction, init) run kept under by_label_fraction.
+  runs = md.read_results(t.model_dir, "finetune").get("by_label_fraction", {})
+  key = f"{f.label_fraction:g}" + ("" if f.init == "pretrained" else "_random_init")
+  runs[key] = dict(results)
+  md.write_results(t.model_dir, "finetune", {**results, "by_label_fraction": runs})
+  return results
+
+
+def write_plots(exp: Experiment, model, train, held, step, checkpoint=None):
+  from nnclr_tf import plots as plots_lib
+  t = exp.train
+  # Backbone features from the cache shared with kNN and linear_eval (z is recomputed from them).
+  features = None
+  if checkpoint and held is not None:
+    features = eval_features(exp, model.encoder, checkpoint, train, held)
+  return plots_lib.make_plots(model, train, held, exp.data.image_size,
+                              md.path(t.model_dir, md.PLOTS),
+                              curves_csv=md.path(t.model_dir, md.CURVES),
+                              tb_logdir=os.path.join(t.model_dir, md.LOGS, "plots"), step=step,
+                              batch_size=exp.eval.batch_size, seed=t.seed,
+                              max_tsne_points=exp.plots.tsne_points, features=features,
+                              eval_crop_fraction=exp.data.eval_crop_fraction)
+
+
+def plots(exp: Experiment, strategy=None) -> Dict[str, Any]:
+  """Retrieval grid, embedding map and training curves of the latest checkpoint."""
+  strategy = _strategy(exp, strategy)
+  model, latest = restored_model(exp, strategy)
+  train, held = load_data(exp)
+  return {"plots": write_plots(exp, model, train, held, md.checkpoint_step(latest), latest),
+          "checkpoint": latest}
+
+
+# --- export ------------------------------------------------------------------------------------
+
+def check_export_target(exp: Experiment, explicit_base=True):
+  """Refuses an unwritable export base or an existing export version before any work."""
+  import tempfile
+  from nnclr_tf import export as export_lib
+  e = exp.export
+  if explicit_base:
+    try:
+      os.makedirs(e.base, exist_ok=True)
+      probe = tempfile.mkdtemp(prefix=".write_test-", dir=e.base)
+      os.rmdir(probe)
+    except OSError as err:
+      raise ConfigError(f"--export_base={e.base} is not writable ({err.strerror}); choose "
+                        "another") from None
+  if not e.version:
+    return
+  for name in (export_lib.ENCODER, export_lib.CLASSIFIER):
+    path = export_lib.version_path(e.base, name, e.version)
+    if os.path.exists(path):
+      nxt = max(export_lib.next_version(os.path.join(e.base, n))
+                for n in (export_lib.ENCODER, export_lib.CLASSIFIER))
+      raise ConfigError(f"--export_version={e.version}: {path} already exists and a served "
+                        f"version is never overwritten; omit --export_version (next free: {nxt}) "
+                        "or choose another --export_base")
+
+
+def export(exp: Experiment, strategy=None) -> Dict[str, Any]:
+  """Encoder (and, when linear_eval has written its probe, classifier) SavedModels of the latest
+  checkpoint, in TF Serving's layout."""
+  from nnclr_tf import export as export_lib
+  strategy = _strategy(exp, strategy)
+  t, e = exp.train, exp.export
+  latest = md.require_checkpoint(t.model_dir)
+  model = build_model(exp, strategy)
+  md.prepare(t.model_dir, model.get_config())
+  md.restore(model, latest, strict=True)  # the optimizer is not needed
+  meta = md.export_metadata(t.model_dir, md.checkpoint_step(latest))
+  crop = exp.data.eval_crop_fraction
+  out = {"encoder": export_lib.export_encoder(model, e.base, e.version, e.warmup, metadata=meta,
+                                              crop_fraction=crop)}
+  probe = md.path(t.model_dir, md.PROBE_FILE)
+  if os.path.exists(probe):
+    out["classifier"] = export_lib.export_classifier(model, probe, e.base, e.version, e.warmup,
+                                                     metadata=meta, crop_fraction=crop)
+  else:
+    logging.warning("no linear probe at %s: classifier not exported (run --mode=linear_eval)",
+                    probe)
+  results = {"checkpoint": latest}
+  for name, path in out.items():
+    results[f"{name}_export_dir"] = path
+    results[f"{name}_export_bytes"] = export_lib.dir_size(path)
+  return md.write_results(t.model_dir, "export", results)
+
+
+MODES = {"pretrain": pretrain, "knn_eval": knn_eval, "linear_eval": linear_eval,
+         "finetune": finetune, "plots": plots, "export": export}
+EXPORTING_MODES = ("pretrain", "linear_eval", "export")
+
+__all__ = ["setup", "build_model", "restored_model", "pretrain", "knn_eval", "linear_eval",
+           "finetune", "plots", "export", "MODES", "ModelDirError"]

@@ -1,0 +1,240 @@
+"""The model_dir's on-disk contract, in one place.
+
+  model_config.json        the architecture (NNCLR.get_config() less the online probe); a
+                           model_dir holding another architecture is refused
+  flags.txt                the resolved flags of the last run that wrote here
+  checkpoint, ckpt-N.*     tf.train.CheckpointManager (model incl. support set, optimizer, step);
+                           other workers of a multi-worker run: .workers/worker_<i>/
+  curves.csv, logs/        training curves (CSV, TensorBoard)
+  features/                feature cache of an encoder (kNN, linear_eval, plots)
+  plots/                   retrieval grid, embedding map, training curves
+  linear_probe/probe.npz   linear_eval's probe (what the classifier export serves)
+  export/<encoder|classifier>/<version>/   TF Serving exports (--export_base elsewhere)
+  <mode>_results.json      each mode's figures: pretrain, knn, linear_eval, finetune, export
+
+Every file is written by temp file + rename, so a kill leaves the previous version.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+from nnclr_tf.errors import ModelDirError
+
+MODEL_CONFIG = "model_config.json"
+FLAGS_FILE = "flags.txt"
+CURVES = "curves.csv"
+LOGS = "logs"
+FEATURES = "features"
+PLOTS = "plots"
+PROBE_FILE = os.path.join("linear_probe", "probe.npz")
+EXPORT = "export"
+RESULTS = {"pretrain": "pretrain_results.json", "knn_eval": "knn_results.json",
+           "linear_eval": "linear_eval_results.json", "finetune": "finetune_results.json",
+           "export": "export_results.json"}
+
+
+def path(model_dir, name):
+  return os.path.join(model_dir, name)
+
+
+# --- files -------------------------------------------------------------------------------------
+
+def write_text(file_path, text):
+  """Temp file + rename: a reader (or a kill) never sees a half-written file."""
+  tmp = file_path + ".tmp"
+  with open(tmp, "w") as f:
+    f.write(text)
+  os.replace(tmp, file_path)
+
+
+def write_json(file_path, obj):
+  write_text(file_path, json.dumps(obj, indent=2, sort_keys=True))
+
+
+def read_json(file_path):
+  """The JSON object at `file_path`, or {} when it is missing or unreadable."""
+  try:
+    with open(file_path) as f:
+      obj = json.load(f)
+    return obj if isinstance(obj, dict) else {}
+  except (OSError, ValueError):
+    return {}
+
+
+def results_path(model_dir, mode):
+  return path(model_dir, RESULTS[mode])
+
+
+def read_results(model_dir, mode):
+  return read_json(results_path(model_dir, mode))
+
+
+def write_results(model_dir, mode, results):
+  write_json(results_path(model_dir, mode), results)
+  return results
+
+
+def write_flags(model_dir, text):
+  write_text(path(model_dir, FLAGS_FILE), text)
+
+
+# --- the recorded architecture -----------------------------------------------------------------
+
+def architecture(model_config):
+  """The model config as recorded and compared: the online probe is a training monitor, not the
+  architecture (eval and export build the model without it; a resume sizes it from the
+  checkpoint)."""
+  return {k: v for k, v in model_config.items() if not k.startswith("online_probe")}
+
+
+# Architecture fields added after model_dirs were recorded, as an older model_config.json
+# means them.
+ARCHITECTURE_DEFAULTS = {"symmetric_loss": False}
+
+
+def has_checkpoint(model_dir):
+  return os.path.exists(path(model_dir, "checkpoint"))
+
+
+def prepare(model_dir, model_config, model=None):
+  """Creates model_dir, refuses one that holds a different architecture, records the config.
+
+  A model_dir with a checkpoint but no model_config.json (written by the Python API) is checked
+  by loading the checkpoint into `model` when it is given; without it no config is recorded."""
+  model_config = architecture(model_config)
+  try:
+    os.makedirs(model_dir, exist_ok=True)
+    probe = path(model_dir, ".write_test")
+    with open(probe, "w") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise ModelDirError(f"--model_dir={model_dir} is not writable ({e.strerror}); choose another")
+  config_path = path(model_dir, MODEL_CONFIG)
+  if os.path.exists(config_path):
+    old = {**ARCHITECTURE_DEFAULTS, **architecture(read_json(config_path))}
+    # Keras numbers model names per process (nnclr, nnclr_1, ...): not part of the architecture.
+    diff = sorted(k for k in set(old) | set(model_config)
+                  if k != "name" and old.get(k) != model_config.get(k))
+    if diff:
+      raise ModelDirError(
+          f"--model_dir={model_dir} holds a model with different {', '.join(diff)} "
+          f"({', '.join(f'{k}={old.get(k)!r}' for k in diff)}); use a new --model_dir or the "
+          "same flags")
+  elif model is not None or not has_checkpoint(model_dir):
+    if model is not None:
+      from nnclr_tf import training
+      training.check_checkpoint_fits(model, model_dir)
+    write_json(config_path, model_config)
+
+
+# --- checkpoints -------------------------------------------------------------------------------
+
+def latest_checkpoint(model_dir) -> Optional[str]:
+  import tensorflow as tf
+  return tf.train.latest_checkpoint(model_dir)
+
+
+def checkpoint_step(checkpoint) -> int:
+  """N of a `.../ckpt-N` checkpoint path (0 for None)."""
+  tail = (checkpoint or "").rsplit("-", 1)[-1]
+  return int(tail) if tail.isdigit() else 0
+
+
+def checkpoint_at(model_dir, step):
+  """The latest checkpoint if it holds `step` (the model's state after pretraining), else None."""
+  latest = latest_checkpoint(model_dir)
+  return latest if latest and checkpoint_step(latest) == step else None
+
+
+def require_checkpoint(model_dir):
+  latest = latest_checkpoint(model_dir)
+  if not latest:
+    raise ModelDirError(f"--model_dir={model_dir} holds no checkpoint; run --mode=pretrain first")
+  return latest
+
+
+def restore(model, checkpoint, strict=False):
+  """Loads the model's part of `checkpoint` (the optimizer is not needed to evaluate or export);
+  strict: every variable of the model must be in the checkpoint."""
+  import tensorflow as tf
+  status = tf.train.Checkpoint(model=model).restore(checkpoint)
+  if strict:
+    status.assert_existing_objects_matched()
+  status.expect_partial()
+  return checkpoint
+
+
+def online_probe_classes(model_dir):
+  """The online probe's class count in model_dir's newest checkpoint (0: none), or None when
+  there is no readable checkpoint."""
+  import tensorflow as tf
+  latest = latest_checkpoint(model_dir)
+  if not latest:
+    return None
+  try:
+    kernels = [shape for name, shape in tf.train.list_variables(latest)
+               if name.startswith("model/online_probe/") and "kernel" in name]
+  except (tf.errors.OpError, ValueError):
+    return None  # an unreadable checkpoint: the restore reports it
+  return int(kernels[0][-1]) if kernels else 0
+
+
+# --- a finished pretraining run ----------------------------------------------------------------
+
+def target_steps(train_cfg, recorded):
+  """The step a run trains to, if it can be known before the data is loaded (from the steps per
+  epoch a finished run recorded at the same global batch), else None."""
+  if train_cfg.train_steps:
+    return train_cfg.train_steps
+  if recorded.get("global_batch") == train_cfg.batch_size and recorded.get("steps_per_epoch"):
+    return train_cfg.train_epochs * int(recorded["steps_per_epoch"])
+  return None
+
+
+def evaluated(recorded):
+  return recorded.get("knn_top1") is not None or bool(recorded.get("knn_skipped"))
+
+
+def plots_exist(recorded):
+  paths = recorded.get("plots") or {}
+  return bool(paths) and all(os.path.exists(p) for p in paths.values())
+
+
+def finished_pretraining(train_cfg, plots_enabled):
+  """A one-line summary when model_dir's pretraining reached its last step and its kNN, plots and
+  encoder export exist (a rerun then has nothing to do), else None."""
+  from nnclr_tf import export
+  model_dir = train_cfg.model_dir
+  recorded = read_results(model_dir, "pretrain")
+  step = recorded.get("steps")
+  if not step or checkpoint_step(latest_checkpoint(model_dir)) != step:
+    return None
+  if target_steps(train_cfg, recorded) != step or not evaluated(recorded):
+    return None
+  if plots_enabled and not plots_exist(recorded):
+    return None
+  export_dir = recorded.get("export_dir")
+  if not export_dir or export.read_metadata(export_dir).get("checkpoint_step") != step:
+    return None
+  return (f"{model_dir}: pretraining finished at step {step}; results in "
+          f"{results_path(model_dir, 'pretrain')}, encoder export {export_dir}; nothing to do "
+          "(raise --train_steps or --train_epochs to train longer)")
+
+
+def merge_results(recorded, results):
+  """New figures over the recorded ones of the same step; a recorded figure is never replaced by
+  None (a rerun that trained nothing has no loss or speed of its own)."""
+  if recorded.get("steps") != results.get("steps"):
+    return results
+  merged = dict(recorded)
+  merged.update({k: v for k, v in results.items() if v is not None or k not in recorded})
+  return merged
+
+
+def export_metadata(model_dir, step):
+  """What `assets.extra/nnclr_tf.json` records of an export's origin."""
+  return {"checkpoint_step": int(step), "model_dir": os.path.abspath(model_dir)}

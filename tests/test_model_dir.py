@@ -1,0 +1,60 @@
+"""The model_dir contract: checkpoint steps, results merging, finished-run detection."""
+
+import json
+import os
+
+from nnclr_tf import model_dir as md
+from nnclr_tf.config import TrainConfig
+
+
+def test_checkpoint_step():
+  assert md.checkpoint_step("/a/b/ckpt-120") == 120
+  assert md.checkpoint_step(None) == 0 and md.checkpoint_step("/a/ckpt-x") == 0
+
+
+def test_merge_never_replaces_a_figure_with_none():
+  old = {"steps": 10, "final_loss": 2.5, "knn_top1": 0.9}
+  new = {"steps": 10, "final_loss": None, "knn_top1": 0.91, "export_dir": "e/2"}
+  assert md.merge_results(old, new) == {"steps": 10, "final_loss": 2.5, "knn_top1": 0.91,
+                                        "export_dir": "e/2"}
+  # Another step: the old figures describe another model and are not carried over.
+  assert md.merge_results(old, {"steps": 12, "final_loss": None}) == {"steps": 12,
+                                                                      "final_loss": None}
+
+
+def test_target_steps_before_the_data_is_loaded():
+  recorded = {"global_batch": 128, "steps_per_epoch": 11}
+  assert md.target_steps(TrainConfig(train_steps=7), recorded) == 7
+  assert md.target_steps(TrainConfig(train_epochs=20, batch_size=128), recorded) == 220
+  assert md.target_steps(TrainConfig(train_epochs=20, batch_size=64), recorded) is None
+
+
+def test_results_and_flags_are_written_whole(tmp_path):
+  d = str(tmp_path)
+  md.write_results(d, "knn_eval", {"knn_top1": 0.5})
+  md.write_flags(d, "--seed=1\n")
+  assert md.read_results(d, "knn_eval") == {"knn_top1": 0.5}
+  assert sorted(os.listdir(d)) == ["flags.txt", "knn_results.json"]  # no temp file left
+  with open(os.path.join(d, "pretrain_results.json"), "w") as f:
+    f.write("{not json")
+  assert md.read_results(d, "pretrain") == {}
+  json.dumps(md.export_metadata(d, 3))
+
+
+def test_a_run_is_finished_only_with_checkpoint_results_and_export(tmp_path):
+  from nnclr_tf import export
+  d = str(tmp_path)
+  t = TrainConfig(model_dir=d, train_steps=4)
+  assert md.finished_pretraining(t, plots_enabled=False) is None
+  with open(os.path.join(d, "checkpoint"), "w") as f:
+    f.write('model_checkpoint_path: "ckpt-4"\nall_model_checkpoint_paths: "ckpt-4"\n')
+  for suffix in (".index", ".data-00000-of-00001"):
+    open(os.path.join(d, "ckpt-4" + suffix), "w").close()
+  enc = os.path.join(d, "export", "encoder", "1")
+  os.makedirs(os.path.dirname(os.path.join(enc, export.METADATA_FILE)))
+  md.write_results(d, "pretrain", {"steps": 4, "knn_top1": 0.8, "export_dir": enc})
+  assert md.finished_pretraining(t, plots_enabled=False) is None  # the export lacks its step
+  md.write_json(os.path.join(enc, export.METADATA_FILE), {"checkpoint_step": 4})
+  assert "finished at step 4" in md.finished_pretraining(t, plots_enabled=False)
+  assert md.finished_pretraining(t, plots_enabled=True) is None  # no plots yet
+  assert md.finished_pretraining(TrainConfig(model_dir=d, train_steps=6), False) is None
