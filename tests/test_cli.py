@@ -45,12 +45,12 @@ def test_installed_wheel_runs_the_quickstart_outside_the_repo(tmp_path):
   elsewhere.mkdir()
   p = subprocess.run([str(target / "bin" / "nnclr-tf"), "--mode=pretrain",
                       "--flagfile=flags/quickstart.cfg", "--train_steps=2", "--noplots",
-                      "--width=8", "--proj_hidden_dim=32", "--pred_hidden_dim=32", "--verbose=0",
-                      "--model_dir=run"], cwd=elsewhere, env=env, capture_output=True,
-                     text=True, timeout=300)
+                      "--model_dir=runs/qs", "--width=8", "--proj_hidden_dim=32",
+                      "--pred_hidden_dim=32", "--verbose=0"], cwd=elsewhere, env=env,
+                     capture_output=True, text=True, timeout=300)
   assert p.returncode == 0, p.stderr[-3000:]
   where = subprocess.run([sys.executable, "-c", "import nnclr_tf; print(nnclr_tf.__file__)"],
                          cwd=elsewhere, env=env,
                          capture_output=True, text=True, check=True).stdout.strip()
   assert where.startswith(str(target)), where  # the installed copy, not the repository's
-  assert (elsewhere / "run" / "pretrain_results.json").exists()
+  assert (elsewhere / "runs" / "qs" / "pretrain_results.json").exists()

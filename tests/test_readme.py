@@ -28,7 +28,7 @@ from conftest import REPO
 
 README = os.path.join(REPO, "README.md")
 COMMAND_WORDS = ("python", "pip", "curl", "docker", "cat", "export", "saved_model_cli",
-                 "tensorflow_model_server")
+                 "tensorflow_model_server", "nnclr-tf")
 MARKER = re.compile(r"^# Needs .+; not run by the tests\.$")
 QS = "runs/quickstart"
 QS_TINY = ["--train_steps=10"]
@@ -51,6 +51,7 @@ NOT_RUN = "not run"      # needs what this machine lacks; not a run.py command
 BENCHMARK = "benchmark"  # minutes each: the script and its flags must exist
 PIP = "pip"              # pip install --dry-run in a scratch copy (metadata and resolution)
 CI = "ci"                # the test command itself: .ci/run must run exactly it
+INSTALLED = "installed"  # the installed `nnclr-tf`: tests/test_cli.py runs it from a wheel
 
 README_COMMANDS = {
     # Set-up
@@ -88,6 +89,8 @@ README_COMMANDS = {
     "python run.py --mode=export --flagfile=flags/quickstart.cfg":
         Run(outputs=(f"{QS}/export_results.json",)),
     'pip install -e ".[serving]"': PIP,
+    "pip install .": PIP,
+    "nnclr-tf --mode=pretrain --flagfile=flags/quickstart.cfg --model_dir=runs/qs": INSTALLED,
     "saved_model_cli show --dir runs/quickstart/export/encoder/1 --all":
         Run(stdout="signature_def['serving_default']"),
     "cat > runs/quickstart/export/models.config <<'CFG'": NOT_RUN,
@@ -114,6 +117,7 @@ README_COMMANDS = {
 README_SNIPPETS = {
     "import keras, nnclr_tf": Run(stdout="(256, 128)"),  # small_cnn width 32: 4 x 32 features
     "import numpy as np, tensorflow as tf": Run(stdout="linear probe top-1:"),
+    "from nnclr_tf import Experiment, experiment": Run(stdout="kNN top-1"),
 }
 
 
@@ -188,7 +192,7 @@ def readme_items():
     prose.append(line)
     i += 1
   for span in re.findall(r"`([^`]+)`", " ".join(prose)):
-    if span.split()[0] in COMMAND_WORDS:
+    if span.split()[0] in COMMAND_WORDS and len(span.split()) > 1:  # not a lone name
       items.append(("inline", collapse(span), span, None))
   return items
 
@@ -382,3 +386,15 @@ def test_python_snippet_as_written(first_line, quickstart):
   p = shell(f"python {path}", quickstart)
   assert p.returncode == 0, p.stderr[-3000:]
   check_outputs(README_SNIPPETS[first_line], quickstart, p.stdout)
+
+
+def test_installed_command_is_the_one_the_wheel_test_runs():
+  """tests/test_cli.py runs the README's `nnclr-tf` command from an installed wheel outside the
+  repository (with tiny-run flags appended)."""
+  with open(os.path.join(REPO, "tests", "test_cli.py")) as f:
+    wheel_test = f.read()
+  for key, kind in README_COMMANDS.items():
+    if kind == INSTALLED:
+      argv = shlex.split(key)
+      assert argv[0] == "nnclr-tf"
+      assert all(f'"{a}"' in wheel_test for a in argv[1:]), key
