@@ -349,10 +349,32 @@ def quickstart(scratch):
   return scratch
 
 
+def tree_digest(root):
+  """sha256 of every file under root by relative path (lock files aside)."""
+  import hashlib
+  out = {}
+  for d, _, files in os.walk(root):
+    for name in files:
+      if name.endswith(".lock"):
+        continue
+      path = os.path.join(d, name)
+      with open(path, "rb") as f:
+        out[os.path.relpath(path, root)] = hashlib.sha256(f.read()).hexdigest()
+  return out
+
+
 @pytest.mark.slow
 def test_quickstart_as_written(quickstart):
   # Also proves the appended flag beat the preset (20 epochs), and nothing landed in the repo.
   assert not os.path.exists(os.path.join(REPO, QS))
+  # The same command again: a finished run is not redone or rewritten, no new export version.
+  before = tree_digest(quickstart / QS)
+  text = shlex.join([*shlex.split(SHELL[QUICKSTART][0].split(" && ")[-1]), *QS_TINY])
+  p = shell(text, quickstart)
+  assert p.returncode == 0, p.stderr[-3000:]
+  assert "nothing to do" in p.stdout and "finished at step 10" in p.stdout, p.stdout[-2000:]
+  assert tree_digest(quickstart / QS) == before
+  assert os.listdir(quickstart / QS / "export" / "encoder") == ["1"]
 
 
 @pytest.mark.slow
