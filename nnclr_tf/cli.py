@@ -338,7 +338,7 @@ def quiet_logs():
 
   class Plain(py_logging.Formatter):
     def format(self, record):
-      return f"{record.levelname.lower()}: {record.getMessage()}\n"
+      return f"{record.levelname.lower()}: {record.getMessage()}"
 
   logging.get_absl_handler().setFormatter(Plain())
 
@@ -411,24 +411,6 @@ def main(argv):
   print(json.dumps(results, sort_keys=True))
 
 
-def disk_full_message(error, model_dir):
-  """One line for a write that failed on a full disk (or a quota, or a file-size limit)."""
-  import tensorflow as tf
-
-  from nnclr_tf.training import DISK_FULL_TEXT
-  text = str(error)
-  # TensorFlow's messages carry the file among graph details: keep the path only.
-  paths = re.findall(r"(/[^\s:;,'\"]+)", text)
-  what = getattr(error, "filename", None) or (paths[0] if paths else "a file")
-  reason = getattr(error, "strerror", None) or next(
-      (t for t in DISK_FULL_TEXT if t in text), "no space left")
-  latest = tf.train.latest_checkpoint(model_dir) if os.path.isdir(model_dir) else None
-  kept = (f"the last good checkpoint {os.path.basename(latest)} is kept and a rerun resumes "
-          "from it" if latest else "no checkpoint was written")
-  return (f"--model_dir={model_dir}: writing {what} failed ({reason}); free space on its disk "
-          f"or use another --model_dir; {kept}")
-
-
 def run_main(argv):
   """main, with every user-facing error as one `error:` line and its exit code."""
   try:
@@ -449,6 +431,7 @@ def run_main(argv):
       import errno
       full = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
     if full:
+      from nnclr_tf.training import disk_full_message
       print(f"error: {disk_full_message(e, FLAGS.model_dir)}", file=sys.stderr)
       sys.exit(errors.EXIT_USAGE)
     if isinstance(e, (FileExistsError, RuntimeError)):

@@ -16,8 +16,8 @@ import tensorflow as tf
 from nnclr_tf import data as data_lib
 from nnclr_tf import distributed
 from nnclr_tf.config import OptimConfig, check_batch
-from nnclr_tf.errors import (ConfigError, ModelDirError, NonFiniteLossError, Preempted,  # noqa: F401
-                             TrainingError)
+from nnclr_tf.errors import (ConfigError, DiskFullError, ModelDirError,  # noqa: F401
+                             NonFiniteLossError, Preempted, TrainingError)
 from nnclr_tf.lars import LARS, is_excluded
 from nnclr_tf.model_dir import read_json, write_json, write_text  # noqa: F401
 from nnclr_tf.schedules import WarmupCosine, scaled_learning_rate
@@ -180,7 +180,14 @@ class CheckpointCallback(keras.callbacks.Callback):
     step = int(self.model.optimizer.iterations.numpy())
     if self.manager.latest_checkpoint and self.manager.latest_checkpoint.endswith(f"-{step}"):
       return
-    self.manager.save(checkpoint_number=step)
+    try:
+      self.manager.save(checkpoint_number=step)
+    except (OSError, tf.errors.OpError) as e:
+      # TensorFlow reports EFBIG as OutOfRangeError, which model.fit takes for the end of the
+      # data and ends the epoch quietly: raise ours, which it does not catch.
+      if is_disk_full(e):
+        raise DiskFullError(disk_full_message(e, self.model_dir)) from None
+      raise
 
   def on_train_batch_end(self, batch, logs=None):
     if self.stopper is not None and self.stopper.stopped_at is not None:
@@ -259,6 +266,22 @@ def is_disk_full(error):
   if isinstance(error, OSError) and error.errno in DISK_FULL_ERRNOS:
     return True
   return isinstance(error, tf.errors.OpError) and any(t in str(error) for t in DISK_FULL_TEXT)
+
+
+def disk_full_message(error, model_dir):
+  """One line for a write that failed on a full disk (or a quota, or a file-size limit)."""
+  import re
+  text = str(error)
+  # TensorFlow's messages carry the file among graph details: keep the path under model_dir.
+  paths = re.findall(re.escape(os.path.abspath(model_dir)) + r"[^\s:;,'\"]*", text)
+  what = getattr(error, "filename", None) or (paths[0] if paths else "a file")
+  reason = getattr(error, "strerror", None) or next(
+      (t for t in DISK_FULL_TEXT if t in text), "no space left")
+  latest = tf.train.latest_checkpoint(model_dir) if os.path.isdir(model_dir) else None
+  kept = (f"the last good checkpoint {os.path.basename(latest)} is kept and a rerun resumes "
+          "from it" if latest else "no checkpoint was written")
+  return (f"--model_dir={model_dir}: writing {what} failed ({reason}); free space on its disk "
+          f"or use another --model_dir; {kept}")
 
 
 def remove_orphaned_temp_dirs(ckpt_dir):
