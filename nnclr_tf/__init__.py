@@ -34,11 +34,21 @@ from nnclr_tf.errors import (  # noqa: E402
     NonFiniteLossError,
     TrainingError,
 )
-from nnclr_tf.lars import LARS  # noqa: E402
-from nnclr_tf.losses import nnclr_loss  # noqa: E402
-from nnclr_tf.model import NNCLR  # noqa: E402
-from nnclr_tf.schedules import WarmupCosine  # noqa: E402
-from nnclr_tf.support_set import SupportSet  # noqa: E402
+
+# The TensorFlow-backed names load on first use: `import nnclr_tf` (and the CLI, which must take
+# the model_dir lock and capture TensorFlow's native start-up lines first) stays light.
+_LAZY = {"LARS": "nnclr_tf.lars", "nnclr_loss": "nnclr_tf.losses", "NNCLR": "nnclr_tf.model",
+         "WarmupCosine": "nnclr_tf.schedules", "SupportSet": "nnclr_tf.support_set"}
+
+
+def __getattr__(name):
+  if name in _LAZY:
+    import importlib
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value
+    return value
+  raise AttributeError(f"module 'nnclr_tf' has no attribute {name!r}")
+
 
 __version__ = "0.2.0"
 

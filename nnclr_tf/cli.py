@@ -19,8 +19,15 @@ included, are relative to the current directory; `--flagfile=flags/<preset>.cfg`
 preset's name) also finds the presets shipped inside the package, so an installed `nnclr-tf`
 works outside the repository.
 
-Exit codes: 0 done, 2 a flag/file/data/model_dir mistake (one `error:` line says what to change),
-3 training diverged (NaN/Inf; the last finite checkpoint is kept). Rerunning resumes.
+Exit codes: 0 done, 2 a flag/file/data/model_dir mistake, a model_dir in use by another run or a
+full disk (one `error:` line says what to change), 3 training diverged (NaN/Inf; the last finite
+checkpoint is kept), 143 / 130 stopped by SIGTERM / SIGINT after saving a checkpoint (one
+`stopped:` line). Rerunning resumes.
+
+Output: stdout has Keras's training progress (--verbose), one line or bar per later stage, a
+short summary, and the results JSON as the last line. stderr has warnings and errors only: absl
+INFO logs need --verbosity=0, and TensorFlow's native start-up lines (CUDA stubs, CPU feature
+notes, absl::InitializeLog) are filtered out unless TF_CPP_MIN_LOG_LEVEL is set below 2.
 """
 
 from __future__ import annotations
@@ -29,11 +36,17 @@ import os
 import sys
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+# Below 2 the user asked for TensorFlow's native INFO/WARNING lines: then nothing is filtered.
+_NATIVE_QUIET = os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2") >= "2"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # TensorFlow leaves its oneDNN CPU kernels off unless the CPU has AVX512-VNNI/BF16 or AMX; without
 # them convolutions run on slower Eigen kernels (the ResNet-18 step took ~40% more CPU time,
 # benchmarks/RESULTS.md). TF_ENABLE_ONEDNN_OPTS=0 still turns it off.
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
+
+import contextlib  # noqa: E402
+import re  # noqa: E402
+import tempfile  # noqa: E402
 
 from absl import app, flags, logging  # noqa: E402
 
@@ -145,8 +158,9 @@ def define_flags(fv=FLAGS):
   real("online_probe_lr", 1e-2, "Adam learning rate of the online probe.")
   strings("linear_l2", ["1e-5", "1e-4", "1e-3", "1e-2", "1e-1"],
           "L2 strengths of the linear probe; several: chosen on 10% of the train features.")
-  boolean("linear_random_init", True, "--mode=linear_eval: also probe the architecture at random "
-          "initialisation (the baseline, as knn_top1_random_init).")
+  boolean("random_init_baseline", True, "kNN and linear_eval also score the architecture at "
+          "random initialisation (knn_top1_random_init, linear_top1_random_init): one more "
+          "forward pass over the train and eval splits.")
   real("label_fraction", 0.1, "--mode=finetune: class-balanced labelled fraction.")
   integer("finetune_epochs", 0, "Fine-tune epochs (0: SimCLR's 60 for <=1% labels, else 30, but "
           "at least 300 steps).")
@@ -160,6 +174,9 @@ def define_flags(fv=FLAGS):
   string("export_base", None, "TF Serving model base path (default <model_dir>/export).")
   integer("export_version", 0, "Version to write; 0: one past the newest. An existing version "
           "is never overwritten.")
+  from nnclr_tf.config import FLAG_ALIASES
+  for old, new in FLAG_ALIASES.items():
+    flags.DEFINE_alias(old, new, flag_values=fv)
 
 
 define_flags()
@@ -278,24 +295,125 @@ def parse_flags(argv):
 
 # --- running -----------------------------------------------------------------------------------
 
+# TensorFlow's native start-up lines on a machine without a GPU, and notes about CPU instructions:
+# they say nothing a user can act on. Errors and anything unknown pass through.
+NATIVE_NOISE = re.compile(
+    r"All log messages before absl::InitializeLog|cudart_stub\.cc|cuda_platform\.cc.*cuInit|"
+    r"cpu_feature_guard\.cc|^To enable the following instructions|rebuild TensorFlow with the "
+    r"appropriate compiler flags|Unable to register cu(DNN|FFT|BLAS) factory|computation placer "
+    r"already registered|oneDNN custom operations are on|TF-TRT Warning")
+
+
+@contextlib.contextmanager
+def native_start_up_filtered():
+  """Runs the block (TensorFlow's import and device set-up) with file descriptor 2 captured, then
+  writes the captured lines back to stderr less NATIVE_NOISE. TensorFlow's C++ logs before absl's
+  InitializeLog ignore TF_CPP_MIN_LOG_LEVEL, so only the descriptor can catch them. Everything is
+  replayed unfiltered when the block raises."""
+  if not _NATIVE_QUIET:
+    yield
+    return
+  sys.stderr.flush()
+  saved = os.dup(2)
+  failed = False
+  with tempfile.TemporaryFile() as capture:
+    os.dup2(capture.fileno(), 2)
+    try:
+      yield
+    except BaseException:
+      failed = True
+      raise
+    finally:
+      sys.stderr.flush()
+      os.dup2(saved, 2)
+      os.close(saved)
+      capture.seek(0)
+      lines = capture.read().decode(errors="replace").splitlines(keepends=True)
+      kept = lines if failed else [line for line in lines if not NATIVE_NOISE.search(line)]
+      sys.stderr.write("".join(kept))
+      sys.stderr.flush()
+
+
+def quiet_logs():
+  """absl at WARNING unless --verbosity was given; warnings as `warning: <message>` lines (absl's
+  own format, with time, thread and file, when --verbosity is given for debugging)."""
+  import logging as py_logging
+  if FLAGS["verbosity"].present:
+    return
+  logging.set_verbosity(logging.WARNING)
+
+  class Plain(py_logging.Formatter):
+    def format(self, record):
+      return f"{record.levelname.lower()}: {record.getMessage()}"
+
+  logging.get_absl_handler().setFormatter(Plain())
+
+
+def _fmt(value, digits=3):
+  return "n/a" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else value
+
+
+def summary(mode, exp, results):
+  """A few human-readable lines of a mode's results (the JSON line follows)."""
+  r, d = results, exp.train.model_dir
+  lines = []
+  if mode == "pretrain":
+    lines.append(f"pretrained {d} to step {r.get('steps')} ({_fmt(r.get('epochs'), 2)} epochs"
+                 + (f", resumed from step {r['resumed_from_step']}" if r.get("resumed_from_step")
+                    else "") + ")")
+    lines.append(f"  final loss {_fmt(r.get('final_loss'))} (mean of the last epoch), NN "
+                 f"label-hit {_fmt(r.get('nn_label_hit'))}, "
+                 f"{_fmt(r.get('pairs_per_sec'), 1)} pairs/s")
+  if r.get("knn_top1") is not None:
+    base = (f" (random init {_fmt(r['knn_top1_random_init'])})"
+            if r.get("knn_top1_random_init") is not None else "")
+    lines.append(f"  kNN top-1 {_fmt(r['knn_top1'])}{base}, k={r.get('knn_k')}, "
+                 f"{r.get('eval_examples')} eval images")
+  if r.get("linear_top1") is not None:
+    base = (f" (random init {_fmt(r['linear_top1_random_init'])})"
+            if r.get("linear_top1_random_init") is not None else "")
+    lines.append(f"linear probe top-1 {_fmt(r['linear_top1'])}{base}, l2={r.get('l2')}")
+  if mode == "finetune" and r.get("top1") is not None:
+    lines.append(f"fine-tuned top-1 {_fmt(r['top1'])} ({r.get('init')}, "
+                 f"label fraction {exp.finetune.label_fraction:g})")
+  for key in ("export_dir", "encoder_export_dir", "classifier_export_dir"):
+    if r.get(key):
+      lines.append(f"  export: {r[key]}")
+  if r.get("plots"):
+    lines.append(f"  plots: {os.path.dirname(next(iter(r['plots'].values())))}/")
+  if r.get("checkpoint"):
+    lines.append(f"  checkpoint: {r['checkpoint']}")
+  from nnclr_tf import model_dir as md
+  if mode in md.RESULTS:
+    lines.append(f"  results: {md.results_path(d, mode)}")
+  return "\n".join(lines)
+
+
 def main(argv):
   import json
   if len(argv) > 1:
     raise errors.ConfigError(f"unexpected arguments {' '.join(argv[1:])}; flags look like "
                              "--name=value")
-  from nnclr_tf import experiment
+  quiet_logs()
+  from nnclr_tf import experiment, progress
+  from nnclr_tf import model_dir as md
   exp = experiment_from_flags()
-  if FLAGS.mode in experiment.EXPORTING_MODES:
-    experiment.check_export_target(exp, explicit_base=bool(FLAGS.export_base))
-  import tensorflow as tf
-  tf.get_logger().setLevel("ERROR")
-  logging.set_verbosity(logging.WARNING if FLAGS.verbose < 2 else logging.INFO)
-  strategy = experiment.setup(exp)
-  run = experiment.MODES[FLAGS.mode]
-  if FLAGS.mode == "pretrain":
-    results = run(exp, strategy, flags_text=FLAGS.flags_into_string())
-  else:
-    results = run(exp, strategy)
+  progress.set_verbose(FLAGS.verbose)
+  # Before TensorFlow is imported: a second run on the same model_dir stops within a second.
+  with md.lock(exp.train.model_dir, FLAGS.mode):
+    with native_start_up_filtered():
+      if FLAGS.mode in experiment.EXPORTING_MODES:
+        experiment.check_export_target(exp, explicit_base=bool(FLAGS.export_base))
+      import tensorflow as tf
+      tf.get_logger().setLevel("ERROR")
+      strategy = experiment.setup(exp)
+    run = experiment.MODES[FLAGS.mode]
+    if FLAGS.mode == "pretrain":
+      results = run(exp, strategy, flags_text=FLAGS.flags_into_string())
+    else:
+      results = run(exp, strategy)
+  if FLAGS.verbose:
+    print(summary(FLAGS.mode, exp, results))
   print(json.dumps(results, sort_keys=True))
 
 
@@ -304,11 +422,28 @@ def run_main(argv):
   try:
     main(argv)
   except errors.NNCLRError as e:
-    print(f"error: {e}", file=sys.stderr)
+    print(f"{e.prefix}: {e}", file=sys.stderr)
     sys.exit(e.exit_code)
-  except (FileExistsError, RuntimeError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(errors.EXIT_USAGE)
+  except KeyboardInterrupt:
+    # Ctrl-C outside training (data loading, evaluation, export): nothing half-written is kept.
+    print("stopped: interrupted (SIGINT); the same command resumes from the last checkpoint",
+          file=sys.stderr)
+    sys.exit(errors.EXIT_SIGINT)
+  except Exception as e:  # noqa: BLE001  (only disk-full is ours; everything else re-raised)
+    if "tensorflow" in sys.modules:
+      from nnclr_tf.training import is_disk_full
+      full = is_disk_full(e)
+    else:
+      import errno
+      full = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+    if full:
+      from nnclr_tf.training import disk_full_message
+      print(f"error: {disk_full_message(e, FLAGS.model_dir)}", file=sys.stderr)
+      sys.exit(errors.EXIT_USAGE)
+    if isinstance(e, (FileExistsError, RuntimeError)):
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(errors.EXIT_USAGE)
+    raise
 
 
 def run():

@@ -117,6 +117,9 @@ class EvalConfig:
   knn_k: int = 200
   knn_temperature: float = 0.1
   batch_size: int = 256
+  # kNN and linear_eval also score the architecture at random initialisation (*_random_init):
+  # one more forward pass over the train and eval splits
+  random_init_baseline: bool = True
 
 
 def to_dict(*configs) -> dict:
@@ -142,7 +145,6 @@ class ProbeConfig:
   online_probe: bool = True          # only when the training data is labelled
   online_probe_lr: float = 1e-2      # its own Adam, constant lr
   linear_l2: Tuple[float, ...] = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)  # several: chosen on 10% of train
-  linear_random_init: bool = True    # also probe the architecture at random initialisation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,6 +175,9 @@ SECTIONS = ("data", "augment", "model", "support", "optim", "train", "eval", "pr
             "plots", "export", "runtime")
 
 # flag name -> "section.field" (the field has the flag's name unless listed otherwise here).
+# Old flag names still accepted (absl aliases in the CLI, keys of from_flags): old -> new.
+FLAG_ALIASES: Dict[str, str] = {"linear_random_init": "random_init_baseline"}
+
 FLAG_FIELDS: Dict[str, str] = {
     **{f: f"data.{f}" for f in ("dataset", "image_dir", "eval_image_dir", "val_images", "data_dir",
                                 "train_split", "eval_split", "image_size", "cache_limit_mb",
@@ -191,9 +196,8 @@ FLAG_FIELDS: Dict[str, str] = {
                                  "temperature", "seed", "checkpoint_every_steps",
                                  "keep_checkpoints", "jit_compile", "verbose")},
     "knn_k": "eval.knn_k", "knn_temperature": "eval.knn_temperature",
-    "eval_batch_size": "eval.batch_size",
-    **{f: f"probe.{f}" for f in ("online_probe", "online_probe_lr", "linear_l2",
-                                 "linear_random_init")},
+    "eval_batch_size": "eval.batch_size", "random_init_baseline": "eval.random_init_baseline",
+    **{f: f"probe.{f}" for f in ("online_probe", "online_probe_lr", "linear_l2")},
     "label_fraction": "finetune.label_fraction", "finetune_epochs": "finetune.epochs",
     "finetune_batch_size": "finetune.batch_size", "finetune_lr": "finetune.learning_rate",
     "finetune_init": "finetune.init",
@@ -267,6 +271,7 @@ class Experiment:
 
     Without an explicit export_base the exports go to <model_dir>/export."""
     base = base or _DEFAULT
+    values = {FLAG_ALIASES.get(k, k): v for k, v in values.items()}
     unknown = sorted(set(values) - set(FLAG_FIELDS))
     if unknown:
       raise ConfigError(f"unknown flag {', '.join('--' + u for u in unknown)}; see "
@@ -314,6 +319,10 @@ class Experiment:
   @classmethod
   def from_json(cls, text: str) -> "Experiment":
     raw = json.loads(text)
+    probe = raw.get("probe", {})
+    if "linear_random_init" in probe:  # written before eval.random_init_baseline replaced it
+      raw.setdefault("eval", {}).setdefault("random_init_baseline",
+                                            probe.pop("linear_random_init"))
     sections = {}
     for name in SECTIONS:
       section_cls = type(getattr(_DEFAULT_FIELDS, name))

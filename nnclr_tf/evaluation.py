@@ -12,17 +12,21 @@ import numpy as np
 import tensorflow as tf
 
 
-def extract_features(encoder, dataset):
-  """Runs `encoder(images, training=False)` over a dataset of (images, labels) batches."""
+def extract_features(encoder, dataset, name="features", total=None):
+  """Runs `encoder(images, training=False)` over a dataset of (images, labels) batches; `name`
+  and `total` (images, if known) label its progress (nnclr_tf.progress)."""
+  from nnclr_tf import progress
 
   @tf.function(reduce_retracing=True)
   def forward(x):
     return tf.cast(encoder(x, training=False), tf.float32)
 
   feats, labels = [], []
-  for x, y in dataset:
-    feats.append(forward(x).numpy())
-    labels.append(y.numpy())
+  with progress.stage(name, total) as bar:
+    for x, y in dataset:
+      feats.append(forward(x).numpy())
+      labels.append(y.numpy())
+      bar.update(len(labels[-1]))
   return np.concatenate(feats), np.concatenate(labels)
 
 
@@ -58,8 +62,13 @@ def knn_scores(train_features, train_labels, query_features, num_classes, k=200,
                                          rows * num_classes)
     return tf.reshape(votes, [rows, num_classes])
 
-  out = [score(tf.constant(query_features[i:i + batch_size], tf.float32)).numpy()
-         for i in range(0, len(query_features), batch_size)]
+  from nnclr_tf import progress
+  out = []
+  with progress.stage(f"kNN (k={k}) over {int(train.shape[0]):,} training features",
+                      len(query_features), "queries") as bar:
+    for i in range(0, len(query_features), batch_size):
+      out.append(score(tf.constant(query_features[i:i + batch_size], tf.float32)).numpy())
+      bar.update(len(out[-1]))
   return np.concatenate(out) if out else np.zeros((0, num_classes), np.float32)
 
 
@@ -71,8 +80,8 @@ def topk_accuracy(scores, labels, k):
 
 def knn_eval(encoder, train_ds, eval_ds, num_classes, k=200, temperature=0.1):
   """{"knn_top1", "knn_top5"} of `encoder`'s features: eval split queried against train split."""
-  train_f, train_l = extract_features(encoder, train_ds)
-  eval_f, eval_l = extract_features(encoder, eval_ds)
+  train_f, train_l = extract_features(encoder, train_ds, "features of the training split")
+  eval_f, eval_l = extract_features(encoder, eval_ds, "features of the eval split")
   return knn_eval_features(train_f, train_l, eval_f, eval_l, num_classes, k, temperature)
 
 
@@ -102,14 +111,19 @@ def feature_cache_path(model_dir, checkpoint, data_cfg, seed, extra=None):
   return os.path.join(model_dir, "features", f"{name}-{digest}.npz")
 
 
-def cached_features(path, encoder, train_ds, eval_ds):
+def cached_features(path, encoder, train_ds, eval_ds, name="encoder", totals=(None, None)):
   """(train_features, train_labels, eval_features, eval_labels), read from `path` when it exists,
-  else extracted with `encoder` and written there (atomically)."""
+  else extracted with `encoder` and written there (atomically). `name` and `totals` (image counts
+  of the two datasets) label the progress."""
+  from nnclr_tf import progress
   if path and os.path.exists(path):
+    progress.say(f"features of the {name}: read from {path}")
     with np.load(path) as z:
       return z["train_features"], z["train_labels"], z["eval_features"], z["eval_labels"]
-  train_f, train_l = extract_features(encoder, train_ds)
-  eval_f, eval_l = extract_features(encoder, eval_ds)
+  train_f, train_l = extract_features(encoder, train_ds, f"features of the {name}, training split",
+                                      totals[0])
+  eval_f, eval_l = extract_features(encoder, eval_ds, f"features of the {name}, eval split",
+                                    totals[1])
   if path:
     import tempfile
     os.makedirs(os.path.dirname(path), exist_ok=True)

@@ -25,6 +25,19 @@ from nnclr_tf.errors import ConfigError, DataError, ModelDirError
 _STRATEGIES = {}
 
 
+def _locked(mode):
+  """Runs the mode holding model_dir/run.lock (model_dir.RunLock; re-entrant, chief only)."""
+  import functools
+
+  def wrap(fn):
+    @functools.wraps(fn)
+    def run(exp, *args, **kwargs):
+      with md.lock(exp.train.model_dir, mode):
+        return fn(exp, *args, **kwargs)
+    return run
+  return wrap
+
+
 def setup(exp: Experiment):
   """Runtime set-up: logical CPU devices (before TensorFlow initialises them), op determinism,
   mixed precision; returns the distribution strategy. One strategy per (kind, devices) and
@@ -79,6 +92,7 @@ def load_data(exp: Experiment):
 
 # --- pretrain ----------------------------------------------------------------------------------
 
+@_locked("pretrain")
 def pretrain(exp: Experiment, strategy=None, flags_text: Optional[str] = None) -> Dict[str, Any]:
   """Trains (resuming from the model_dir), then on the chief exports the encoder, runs kNN of
   the final checkpoint and writes the plots. A model_dir whose run is complete is left as it is;
@@ -110,6 +124,9 @@ def pretrain(exp: Experiment, strategy=None, flags_text: Optional[str] = None) -
                     "jumps back up at step %d", t.model_dir, recorded["steps"], total, total,
                     recorded["steps"])
   curves = curve_logger(exp, train, strategy)
+  if chief:
+    log_view_pairs(exp, train, os.path.join(t.model_dir, md.LOGS, "views"),
+                   md.checkpoint_step(md.latest_checkpoint(t.model_dir)))
   results = training.pretrain(model, strategy, train, exp.data, exp.augment, t, exp.optim,
                               callbacks=[curves])
   results["online_probe_acc"] = curves.last_logs.get("online_probe_acc")
@@ -117,6 +134,16 @@ def pretrain(exp: Experiment, strategy=None, flags_text: Optional[str] = None) -
     return results
   step = results["steps"]
   same_step = recorded.get("steps") == step
+  final = md.checkpoint_at(t.model_dir, step)
+  # kNN and plots before the export, so that the export's metadata carries the kNN figures.
+  if not (same_step and md.evaluated(recorded)):
+    results.update(knn_results(exp, model, train, held, final) or {"knn_skipped": True})
+  if exp.plots.enabled and not (same_step and md.plots_exist(recorded)):
+    results["plots"] = write_plots(exp, model, train, held, step, final)
+  results.update(train_examples=len(train), skipped_images=train.skipped,
+                 skipped_eval_images=0 if held is None else held.skipped,
+                 global_batch=t.batch_size, replicas=strategy.num_replicas_in_sync)
+  merged = md.merge_results(recorded, results)
   e = exp.export
   crop = exp.data.eval_crop_fraction
   newest, meta = export.newest_export(e.base)
@@ -124,18 +151,12 @@ def pretrain(exp: Experiment, strategy=None, flags_text: Optional[str] = None) -
       and meta.get("eval_crop_fraction", 1.0) == crop):
     export_dir = newest  # this checkpoint is served already, with this preprocessing
   else:
-    export_dir = export.export_encoder(model, e.base, e.version, e.warmup,
-                                       metadata=md.export_metadata(t.model_dir, step),
-                                       crop_fraction=crop)
-  final = md.checkpoint_at(t.model_dir, step)
-  if not (same_step and md.evaluated(recorded)):
-    results.update(knn_results(exp, model, train, held, final) or {"knn_skipped": True})
-  if exp.plots.enabled and not (same_step and md.plots_exist(recorded)):
-    results["plots"] = write_plots(exp, model, train, held, step, final)
-  results.update(export_dir=export_dir, train_examples=len(train), skipped_images=train.skipped,
-                 skipped_eval_images=0 if held is None else held.skipped,
-                 global_batch=t.batch_size, replicas=strategy.num_replicas_in_sync)
-  return md.write_results(t.model_dir, "pretrain", md.merge_results(recorded, results))
+    export_dir = export.export_encoder(
+        model, e.base, e.version, e.warmup,
+        metadata=md.export_metadata(t.model_dir, step, exp.data.image_size, merged),
+        crop_fraction=crop)
+  merged["export_dir"] = export_dir
+  return md.write_results(t.model_dir, "pretrain", merged)
 
 
 def online_probe_classes(exp: Experiment, train, strategy):
@@ -161,11 +182,37 @@ def online_probe_classes(exp: Experiment, train, strategy):
 
 
 def curve_logger(exp: Experiment, train, strategy):
+  """Rows of per-step values; about 50 per epoch (each the mean over the steps since the previous
+  row; a row per step when an epoch has 50 steps or fewer)."""
   from nnclr_tf import data, distributed, monitors
   t = exp.train
   spe = max(1, data.steps_per_epoch(len(train), t.batch_size))
   return monitors.CurveLogger(os.path.join(distributed.worker_dir(t.model_dir, strategy),
-                                           md.CURVES), max(1, spe // 10))
+                                           md.CURVES), max(1, spe // 50))
+
+
+def log_view_pairs(exp: Experiment, train, logdir, step, pairs=8):
+  """TensorBoard image `augmented_view_pairs`: the first `pairs` training pairs of the run's
+  first batch as the training pipeline makes them (view1 above view2), at `step`."""
+  import numpy as np
+  import tensorflow as tf
+  from nnclr_tf import data
+  # A batch of `pairs` only: rows and augmentation seeds follow the stream position, so starting
+  # at the position of `step` gives the first pairs of the real batch without augmenting all of it.
+  batch = exp.train.batch_size
+  pairs = min(pairs, len(train))
+  small = batch % pairs == 0
+  ds = data.pretrain_dataset(train, exp.augment, exp.data.image_size, pairs if small else batch,
+                             exp.train.seed, step * batch // pairs if small else step)
+  first = next(iter(ds.take(1)))
+  n = min(pairs, int(first["view1"].shape[0]))
+  rows = [np.concatenate(list(first[v][:n].numpy()), axis=1) for v in ("view1", "view2")]
+  grid = np.clip(np.concatenate(rows, axis=0), 0, 1)
+  writer = tf.summary.create_file_writer(logdir)
+  with writer.as_default():
+    tf.summary.image("augmented_view_pairs", grid[None], step=step,
+                     description="top: view1, bottom: view2 of the same images")
+  writer.close()
 
 
 # --- features, kNN -----------------------------------------------------------------------------
@@ -185,8 +232,11 @@ def eval_features(exp: Experiment, encoder, checkpoint, train, held, use_cache=T
   from nnclr_tf import data, evaluation
   size, batch, crop = exp.data.image_size, exp.eval.batch_size, exp.data.eval_crop_fraction
   path = feature_cache(exp, checkpoint) if use_cache else None
+  name = ("random-init encoder" if use_cache and not checkpoint else
+          f"encoder of {os.path.basename(checkpoint)}" if checkpoint else "trained encoder")
   return evaluation.cached_features(path, encoder, data.eval_dataset(train, size, batch, crop),
-                                    data.eval_dataset(held, size, batch, crop))
+                                    data.eval_dataset(held, size, batch, crop), name,
+                                    (len(train), len(held)))
 
 
 def random_init_features(exp: Experiment, train, held):
@@ -223,13 +273,15 @@ def knn_results(exp: Experiment, model, train, held, checkpoint=None):
   out = evaluation.knn_eval_features(
       *eval_features(exp, model.encoder, checkpoint, train, held, use_cache=bool(checkpoint)),
       classes, e.knn_k, e.knn_temperature)
-  rand = evaluation.knn_eval_features(*random_init_features(exp, train, held), classes,
-                                      e.knn_k, e.knn_temperature)
-  out.update(knn_top1_random_init=rand["knn_top1"], knn_top5_random_init=rand["knn_top5"],
-             knn_k=e.knn_k, knn_temperature=e.knn_temperature, eval_examples=len(held))
+  if e.random_init_baseline:
+    rand = evaluation.knn_eval_features(*random_init_features(exp, train, held), classes,
+                                        e.knn_k, e.knn_temperature)
+    out.update(knn_top1_random_init=rand["knn_top1"], knn_top5_random_init=rand["knn_top5"])
+  out.update(knn_k=e.knn_k, knn_temperature=e.knn_temperature, eval_examples=len(held))
   return out
 
 
+@_locked("knn_eval")
 def knn_eval(exp: Experiment, strategy=None) -> Dict[str, Any]:
   """Weighted kNN of the latest checkpoint's backbone features, eval split against train split."""
   from nnclr_tf import distributed
@@ -257,6 +309,7 @@ def labelled_splits(exp: Experiment, mode):
   return train, held, num_classes(train, held)
 
 
+@_locked("linear_eval")
 def linear_eval(exp: Experiment, strategy=None) -> Dict[str, Any]:
   """Linear probe on frozen features of the latest checkpoint (and of the random-init
   architecture), then the classifier export of the probe."""
@@ -268,27 +321,49 @@ def linear_eval(exp: Experiment, strategy=None) -> Dict[str, Any]:
   l2 = list(exp.probe.linear_l2)
   cache = feature_cache(exp, latest)
   train_f, train_l, eval_f, eval_l = eval_features(exp, model.encoder, latest, train, held)
-  probe, info = linear_probe.fit_probe(train_f, train_l, classes, train.class_names, size,
-                                       l2=l2, seed=t.seed)
+  from nnclr_tf import progress
+  with progress.timed(f"linear probe on {len(train_l):,} features (l2 from {len(l2)} values)"):
+    probe, info = linear_probe.fit_probe(train_f, train_l, classes, train.class_names, size,
+                                         l2=l2, seed=t.seed)
   scores = linear_probe.evaluate_probe(probe, eval_f, eval_l)
   probe_path = linear_probe.save_probe(md.path(t.model_dir, md.PROBE_FILE), probe)
   results = {"linear_top1": scores["top1"], "linear_top5": scores["top5"], **info,
              "eval_examples": int(len(eval_l)), "feature_dim": int(train_f.shape[1]),
              "probe": probe_path, "feature_cache": cache, "checkpoint": latest}
-  if exp.probe.linear_random_init:
+  if exp.eval.random_init_baseline:
     rf = random_init_features(exp, train, held)  # the encoder of knn_top1_random_init
-    rand, rand_info = linear_probe.fit_probe(rf[0], rf[1], classes, l2=l2, seed=t.seed)
+    with progress.timed("linear probe on the random-init features"):
+      rand, rand_info = linear_probe.fit_probe(rf[0], rf[1], classes, l2=l2, seed=t.seed)
     rand_scores = linear_probe.evaluate_probe(rand, rf[2], rf[3])
     results.update(linear_top1_random_init=rand_scores["top1"],
                    linear_top5_random_init=rand_scores["top5"], l2_random_init=rand_info["l2"])
   ex = exp.export
   results["classifier_export_dir"] = export.export_classifier(
       model, probe_path, ex.base, ex.version, ex.warmup,
-      metadata=md.export_metadata(t.model_dir, md.checkpoint_step(latest)),
+      metadata=classifier_metadata(exp, latest, results),
       crop_fraction=exp.data.eval_crop_fraction)
   return md.write_results(t.model_dir, "linear_eval", results)
 
 
+LINEAR_FIGURES = ("linear_top1", "linear_top5", "l2", "linear_top1_random_init", "eval_examples",
+                  "feature_dim")
+
+
+def classifier_metadata(exp: Experiment, checkpoint, linear):
+  """The classifier export's metadata: the encoder's (export_metadata of `checkpoint`, the
+  checkpoint the probe was fitted on), the probe's figures and the encoder export of the same
+  checkpoint, when there is one."""
+  from nnclr_tf import export as export_lib
+  step = md.checkpoint_step(checkpoint)
+  newest, meta = export_lib.newest_export(exp.export.base)
+  return md.export_metadata(
+      exp.train.model_dir, step, exp.data.image_size,
+      encoder_checkpoint=os.path.abspath(checkpoint),
+      encoder_export=newest if newest and meta.get("checkpoint_step") == step else None,
+      linear_eval={k: linear[k] for k in LINEAR_FIGURES if linear.get(k) is not None})
+
+
+@_locked("finetune")
 def finetune(exp: Experiment, strategy=None) -> Dict[str, Any]:
   """Semi-supervised fine-tune of the whole network on a class-balanced labelled fraction (or
   from scratch with finetune.init="random"); every (fraction, init) run is kept in the results."""
@@ -328,9 +403,16 @@ def write_plots(exp: Experiment, model, train, held, step, checkpoint=None):
                               tb_logdir=os.path.join(t.model_dir, md.LOGS, "plots"), step=step,
                               batch_size=exp.eval.batch_size, seed=t.seed,
                               max_tsne_points=exp.plots.tsne_points, features=features,
-                              eval_crop_fraction=exp.data.eval_crop_fraction)
+                              eval_crop_fraction=exp.data.eval_crop_fraction,
+                              run_name=run_name(exp))
 
 
+def run_name(exp: Experiment):
+  """The name figures carry: the model_dir's last component."""
+  return os.path.basename(os.path.normpath(os.path.abspath(exp.train.model_dir)))
+
+
+@_locked("plots")
 def plots(exp: Experiment, strategy=None) -> Dict[str, Any]:
   """Retrieval grid, embedding map and training curves of the latest checkpoint."""
   strategy = _strategy(exp, strategy)
@@ -367,6 +449,7 @@ def check_export_target(exp: Experiment, explicit_base=True):
                         "or choose another --export_base")
 
 
+@_locked("export")
 def export(exp: Experiment, strategy=None) -> Dict[str, Any]:
   """Encoder (and, when linear_eval has written its probe, classifier) SavedModels of the latest
   checkpoint, in TF Serving's layout."""
@@ -377,14 +460,23 @@ def export(exp: Experiment, strategy=None) -> Dict[str, Any]:
   model = build_model(exp, strategy)
   md.prepare(t.model_dir, model.get_config())
   md.restore(model, latest, strict=True)  # the optimizer is not needed
-  meta = md.export_metadata(t.model_dir, md.checkpoint_step(latest))
+  meta = md.export_metadata(t.model_dir, md.checkpoint_step(latest), exp.data.image_size)
   crop = exp.data.eval_crop_fraction
   out = {"encoder": export_lib.export_encoder(model, e.base, e.version, e.warmup, metadata=meta,
                                               crop_fraction=crop)}
   probe = md.path(t.model_dir, md.PROBE_FILE)
-  if os.path.exists(probe):
-    out["classifier"] = export_lib.export_classifier(model, probe, e.base, e.version, e.warmup,
-                                                     metadata=meta, crop_fraction=crop)
+  linear = md.read_results(t.model_dir, "linear_eval")
+  fitted_on = linear.get("checkpoint")
+  if os.path.exists(probe) and fitted_on and md.checkpoint_step(fitted_on) != \
+      md.checkpoint_step(latest):
+    # Its probe reads the features of another checkpoint: serving it on this one would be wrong.
+    logging.warning("the linear probe %s was fitted on %s, not the latest %s: classifier not "
+                    "exported (run --mode=linear_eval again)", probe,
+                    os.path.basename(fitted_on), os.path.basename(latest))
+  elif os.path.exists(probe):
+    out["classifier"] = export_lib.export_classifier(
+        model, probe, e.base, e.version, e.warmup,
+        metadata=classifier_metadata(exp, latest, linear), crop_fraction=crop)
   else:
     logging.warning("no linear probe at %s: classifier not exported (run --mode=linear_eval)",
                     probe)

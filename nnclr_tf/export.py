@@ -278,7 +278,14 @@ def _write_warmup(export_dir, model_name, image_size):
 
 
 def _with_crop_fraction(metadata, crop_fraction):
-  return {**(metadata or {}), "eval_crop_fraction": float(crop_fraction)}
+  meta = {**(metadata or {}), "eval_crop_fraction": float(crop_fraction)}
+  if "preprocessing" in meta and "image_size" in meta:
+    size, f = int(meta["image_size"]), float(crop_fraction)
+    meta["preprocessing"] = {**meta["preprocessing"], "crop_fraction": f, "resize": (
+        f"whole image to {size}x{size}, bilinear, antialiased, aspect ratio not kept" if f == 1
+        else f"shorter side to {augment.eval_short_side(size, f)}, bilinear, antialiased, then "
+             f"the centre {size}x{size}")}
+  return meta
 
 
 def export_encoder(model, export_base, version=0, warmup=True, metadata=None, crop_fraction=1.0):

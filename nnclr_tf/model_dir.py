@@ -11,6 +11,7 @@
   linear_probe/probe.npz   linear_eval's probe (what the classifier export serves)
   export/<encoder|classifier>/<version>/   TF Serving exports (--export_base elsewhere)
   <mode>_results.json      each mode's figures: pretrain, knn, linear_eval, finetune, export
+  run.lock                 held while a run writes here (pid, host, start time, mode)
 
 Every file is written by temp file + rename, so a kill leaves the previous version.
 """
@@ -18,10 +19,13 @@ Every file is written by temp file + rename, so a kill leaves the previous versi
 from __future__ import annotations
 
 import json
+import logging
 import os
+import socket
+import time
 from typing import Optional
 
-from nnclr_tf.errors import ModelDirError
+from nnclr_tf.errors import ModelDirError, ModelDirLockedError
 
 MODEL_CONFIG = "model_config.json"
 FLAGS_FILE = "flags.txt"
@@ -31,6 +35,7 @@ FEATURES = "features"
 PLOTS = "plots"
 PROBE_FILE = os.path.join("linear_probe", "probe.npz")
 EXPORT = "export"
+LOCK = "run.lock"
 RESULTS = {"pretrain": "pretrain_results.json", "knn_eval": "knn_results.json",
            "linear_eval": "linear_eval_results.json", "finetune": "finetune_results.json",
            "export": "export_results.json"}
@@ -235,6 +240,181 @@ def merge_results(recorded, results):
   return merged
 
 
-def export_metadata(model_dir, step):
-  """What `assets.extra/nnclr_tf.json` records of an export's origin."""
-  return {"checkpoint_step": int(step), "model_dir": os.path.abspath(model_dir)}
+PRETRAIN_FIGURES = ("steps", "epochs", "final_loss", "nn_label_hit", "contrastive_acc",
+                    "nn_similarity", "online_probe_acc", "knn_top1", "knn_top5",
+                    "knn_top1_random_init", "knn_k", "global_batch", "train_examples")
+
+
+def export_metadata(model_dir, step, image_size=None, results=None, **extra):
+  """What `assets.extra/nnclr_tf.json` records of an export's origin: the checkpoint (step and
+  path), model_dir, the architecture (model_config.json), the serving preprocessing, and the
+  pretraining figures recorded for this checkpoint (`results`, or pretrain_results.json when it
+  is of the same step); `extra` is added as is (the classifier's probe figures)."""
+  ckpt = path(model_dir, f"ckpt-{int(step)}")
+  meta = {"checkpoint_step": int(step), "model_dir": os.path.abspath(model_dir),
+          "checkpoint": os.path.abspath(ckpt),
+          "model_config": read_json(path(model_dir, MODEL_CONFIG))}
+  if image_size:
+    meta["image_size"] = int(image_size)
+    meta["preprocessing"] = {
+        "input": "RGB images, any size (uint8 [N, H, W, 3] or encoded bytes)",
+        "scale": "uint8 / 255 -> float in [0, 1]",
+        "crop_fraction": 1.0,
+        "resize": f"whole image to {int(image_size)}x{int(image_size)}, bilinear, antialiased, "
+                  "aspect ratio not kept",
+        "normalisation": "inside the backbone (per-channel standardisation)"}
+  if results is None:
+    recorded = read_results(model_dir, "pretrain")
+    results = recorded if recorded.get("steps") == int(step) else {}
+  meta["pretraining"] = {k: results[k] for k in PRETRAIN_FIGURES if results.get(k) is not None}
+  meta.update(extra)
+  return meta
+
+
+# --- one run per model_dir ---------------------------------------------------------------------
+
+def pid_alive(pid):
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True  # another user's live process
+  return True
+
+
+def is_chief_process(tf_config=None):
+  """Whether this process is the chief of a multi-worker cluster by TF_CONFIG (True without one):
+  read from the environment, so the lock can be taken before TensorFlow is imported."""
+  text = os.environ.get("TF_CONFIG", "") if tf_config is None else tf_config
+  try:
+    cfg = json.loads(text) if text else {}
+  except ValueError:
+    return True  # the strategy reports a malformed TF_CONFIG
+  task = cfg.get("task") or {}
+  kind, index = task.get("type"), int(task.get("index", 0) or 0)
+  if not kind:
+    return True
+  if kind == "chief":
+    return True
+  return kind == "worker" and index == 0 and "chief" not in (cfg.get("cluster") or {})
+
+
+_HELD = {}  # absolute lock path -> how many nested holders in this process
+
+
+class RunLock:
+  """`model_dir/run.lock`, created atomically (O_CREAT | O_EXCL) with the holder's pid, host,
+  start time and mode, removed on release. A second run finds it and stops with
+  ModelDirLockedError naming the holder; a lock whose pid is dead on this host (a kill -9, a
+  reboot) is taken over with a warning. Re-entrant within a process (the CLI and the experiment
+  function it calls both take it). A lock held from another host cannot be checked: it stands
+  until that run ends or someone deletes the file."""
+
+  def __init__(self, model_dir, mode="pretrain"):
+    self.model_dir = model_dir
+    self.mode = mode
+    self.path = os.path.abspath(path(model_dir, LOCK))
+    self.held = False
+
+  def _holder_text(self, holder):
+    return (f"pid {holder.get('pid')} on {holder.get('host')} (--mode={holder.get('mode')}, "
+            f"started {holder.get('started')})")
+
+  def acquire(self):
+    if _HELD.get(self.path):
+      _HELD[self.path] += 1
+      self.held = True
+      return self
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "mode": self.mode,
+          "started": time.strftime("%Y-%m-%d %H:%M:%S %z")}
+    try:
+      os.makedirs(self.model_dir, exist_ok=True)
+    except OSError as e:
+      raise ModelDirError(f"--model_dir={self.model_dir} cannot be created ({e.strerror}); "
+                          "choose another") from None
+    for attempt in range(50):
+      try:
+        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+      except FileExistsError:
+        holder = read_json(self.path)
+        if not holder:
+          # Being written by its creator (or left empty by a kill right after the create).
+          if attempt < 10 or time.time() - _mtime(self.path) < 5:
+            time.sleep(0.1)
+            continue
+          logging.warning("%s is empty; taking it over", self.path)
+          _remove_if_same(self.path, holder)
+          continue
+        if holder.get("host") == me["host"] and not pid_alive(int(holder.get("pid", -1))):
+          logging.warning("--model_dir=%s: taking over the stale lock of %s, which is no longer "
+                          "running", self.model_dir, self._holder_text(holder))
+          _remove_if_same(self.path, holder)
+          continue
+        raise ModelDirLockedError(
+            f"--model_dir={self.model_dir} is in use by {self._holder_text(holder)}; wait for it "
+            f"to finish or stop it, or use another --model_dir (if that run is gone, delete "
+            f"{self.path})") from None
+      except OSError as e:
+        raise ModelDirError(f"--model_dir={self.model_dir} is not writable ({e.strerror}); "
+                            "choose another") from None
+      with os.fdopen(fd, "w") as f:
+        json.dump(me, f)
+      _HELD[self.path] = 1
+      self.held = True
+      return self
+    raise ModelDirLockedError(f"--model_dir={self.model_dir}: could not take {self.path}; "
+                              "delete it if no run is using this model_dir")
+
+  def release(self):
+    if not self.held:
+      return
+    self.held = False
+    _HELD[self.path] -= 1
+    if _HELD[self.path]:
+      return
+    del _HELD[self.path]
+    holder = read_json(self.path)
+    if holder.get("pid") == os.getpid():
+      try:
+        os.remove(self.path)
+      except FileNotFoundError:
+        pass
+
+  def __enter__(self):
+    return self.acquire()
+
+  def __exit__(self, *exc):
+    self.release()
+
+
+def _mtime(file_path):
+  try:
+    return os.path.getmtime(file_path)
+  except OSError:
+    return 0.0
+
+
+def _remove_if_same(file_path, holder):
+  """Removes a stale lock unless another process replaced it meanwhile (several runs may find the
+  same stale lock; the rename makes exactly one of them remove it)."""
+  aside = f"{file_path}.stale-{os.getpid()}"
+  try:
+    os.rename(file_path, aside)
+  except FileNotFoundError:
+    return
+  if read_json(aside) != holder and not os.path.exists(file_path):
+    os.rename(aside, file_path)  # a fresh lock: put it back
+  else:
+    os.remove(aside)
+
+
+def lock(model_dir, mode, chief=None):
+  """The RunLock of `model_dir` for a process that writes there; a no-op context on non-chief
+  workers (they write into .workers/) and, for modes other than pretrain, on a model_dir that does
+  not exist (nothing is written; the mode reports the missing checkpoint)."""
+  import contextlib
+  chief = is_chief_process() if chief is None else chief
+  if not chief or (mode != "pretrain" and not os.path.isdir(model_dir)):
+    return contextlib.nullcontext()
+  return RunLock(model_dir, mode)

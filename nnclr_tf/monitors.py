@@ -1,10 +1,14 @@
 """Training monitors written next to the TensorBoard logs: a CSV of the curves the plots need.
 
 `CurveLogger` appends one row every `every_steps` optimizer steps and at each epoch end: the global
-step, the learning rate, and the running epoch means Keras reports (loss, nn_label_hit,
-contrastive_acc, nn_similarity, online_probe_acc, online_probe_loss). A resumed run appends to the
-same file; rows of steps re-run after a crash are superseded by the later row of the same step
-(`read_curves` keeps the last).
+step, the learning rate, and the mean of each metric (loss, nn_label_hit, contrastive_acc,
+nn_similarity, online_probe_acc, online_probe_loss) over the steps since the previous row, so a
+row with every_steps=1 holds that step's own values. Keras reports running means since the epoch
+began, which would draw a staircase resetting every epoch; the step values are recovered from two
+consecutive running means m_a (after a batches) and m_b (after b): (b*m_b - a*m_a) / (b - a),
+in float64 (float32 rounding of the means leaves an error of about b * 1e-7 relative).
+A resumed run appends to the same file; rows of steps re-run after a crash are superseded by the
+later row of the same step (`read_curves` keeps the last).
 """
 
 from __future__ import annotations
@@ -25,17 +29,36 @@ class CurveLogger(keras.callbacks.Callback):
     super().__init__()
     self.path = path
     self.every_steps = max(1, int(every_steps))
-    self.last_logs = {}
+    self.last_logs = {}  # Keras's logs (running epoch means) at the last row
     self._epoch = 0
+    self._seen = 0  # batches of this epoch (of this fit call) behind the last row
+    self._sums = {}  # running mean x batches at the last row
+    self._last_step = None
+    self._batches = 0
 
-  def _write(self, logs):
-    opt = self.model.optimizer
+  @staticmethod
+  def _scalars(logs):
     # Under multi-worker training the logs are [1]-shaped (model.py), elsewhere scalars.
-    row = {k: float(np.asarray(v).reshape(-1)[0]) for k, v in (logs or {}).items()
-           if k in COLUMNS}
-    row.update(step=int(opt.iterations.numpy()), epoch=self._epoch,
+    return {k: float(np.asarray(v).reshape(-1)[0]) for k, v in (logs or {}).items()
+            if k in COLUMNS}
+
+  def _write(self, logs, batches):
+    opt = self.model.optimizer
+    step = int(opt.iterations.numpy())
+    if step == self._last_step:
+      return
+    means = self._scalars(logs)
+    self.last_logs = dict(means)
+    new = batches - self._seen
+    row = {}
+    for k, m in means.items():
+      total = m * batches
+      row[k] = (total - self._sums.get(k, 0.0)) / new if new > 0 else m
+      self._sums[k] = total
+    self._seen = batches
+    self._last_step = step
+    row.update(step=step, epoch=self._epoch,
                learning_rate=float(np.asarray(keras.ops.convert_to_numpy(opt.learning_rate))))
-    self.last_logs = row
     new = not os.path.exists(self.path)
     with open(self.path, "a", newline="") as f:
       w = csv.DictWriter(f, fieldnames=COLUMNS)
@@ -45,13 +68,15 @@ class CurveLogger(keras.callbacks.Callback):
 
   def on_epoch_begin(self, epoch, logs=None):
     self._epoch = epoch
+    self._seen, self._sums, self._batches = 0, {}, 0  # Keras resets its metrics here
 
   def on_train_batch_end(self, batch, logs=None):
+    self._batches = batch + 1  # `batch` is the index of the last batch run in this epoch
     if int(self.model.optimizer.iterations.numpy()) % self.every_steps == 0:
-      self._write(logs)
+      self._write(logs, self._batches)
 
   def on_epoch_end(self, epoch, logs=None):
-    self._write(logs)
+    self._write(logs, self._batches)
 
 
 def read_curves(path):

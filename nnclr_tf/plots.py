@@ -133,10 +133,12 @@ CURVE_PANELS = (("loss", ("loss",), "NNCLR loss"),
                  "online linear probe top-1 (train batches)"))
 
 
-def training_curves(curves, path, width_px=1000, height_px=700):
+def training_curves(curves, path, width_px=1000, height_px=700, title=""):
   """2x2 panels of `curves` ({"step": [...], "loss": [...], ...}, e.g. monitors.read_curves)
   against the step: loss, learning rate, NN label-hit (+ contrastive top-1), online probe."""
   fig = _figure(width_px, height_px)
+  if title:
+    fig.suptitle(title, fontsize=11)
   axes = fig.subplots(2, 2)
   steps = np.asarray(curves.get("step", []))
   for ax, (_, keys, title) in zip(axes.ravel(), CURVE_PANELS):
@@ -155,7 +157,8 @@ def training_curves(curves, path, width_px=1000, height_px=700):
     ax.set_title(title, fontsize=10)
     ax.set_xlabel("step", fontsize=8)
     ax.grid(alpha=0.3)
-  fig.subplots_adjust(hspace=0.35, wspace=0.2, left=0.06, right=0.98, top=0.94, bottom=0.08)
+  fig.subplots_adjust(hspace=0.35, wspace=0.2, left=0.06, right=0.98, top=0.90 if title else 0.94,
+                      bottom=0.08)
   return _save(fig, path)
 
 
@@ -215,13 +218,14 @@ def nearest(query_z, support_z, k, exclude=None):
 
 def make_plots(model, train_source, eval_source, image_size, out_dir, curves_csv=None,
                tb_logdir=None, step=0, batch_size=256, seed=0, num_queries=8, k=8,
-               max_tsne_points=2000, features=None, eval_crop_fraction=1.0):
+               max_tsne_points=2000, features=None, eval_crop_fraction=1.0, run_name=""):
   """Writes retrieval_grid.png, embedding_map.png and (if `curves_csv` exists)
   training_curves.png into `out_dir`, and the same images to TensorBoard under `tb_logdir`.
   Queries come from `eval_source` (or the train source when there is none). `features`:
   optional (train_h, train_labels, eval_h, eval_labels) backbone features already extracted
   (evaluation.cached_features), which saves the pass over the data; they and the images shown
-  must come from the eval transform at `eval_crop_fraction`. Returns {name: path}."""
+  must come from the eval transform at `eval_crop_fraction`. Every figure's title names
+  `run_name` and `step`. Returns {name: path}."""
   from nnclr_tf import monitors
   same = eval_source is None
   if features is not None and not same:
@@ -236,6 +240,7 @@ def make_plots(model, train_source, eval_source, image_size, out_dir, curves_csv
       q_h, q_z, q_y = _embeddings(model, eval_source, image_size, batch_size,
                                   eval_crop_fraction)
   query_source = train_source if same else eval_source
+  run = f"{run_name}, step {step}: " if run_name else f"step {step}: "
   queries = pick_queries(q_y, num_queries, seed)
   k = min(k, len(train_z) - (1 if same else 0))
   nn = nearest(q_z[queries], train_z, k, exclude=queries if same else None)
@@ -246,15 +251,16 @@ def make_plots(model, train_source, eval_source, image_size, out_dir, curves_csv
       q_y[queries], _images(train_source, nn, image_size, eval_crop_fraction).reshape(
           len(queries), k, image_size, image_size, 3),
       train_y[nn], os.path.join(out_dir, "retrieval_grid.png"), names,
-      title=f"query | {k} nearest training images in z " +
+      title=f"{run}query | {k} nearest training images in z " +
       ("(green: same label, red: different)" if (q_y >= 0).any() else "(labels unknown)"))
   paths["embedding_map"] = embedding_map(
       q_h, q_y, os.path.join(out_dir, "embedding_map.png"), names, max_tsne_points, seed,
-      title=f"t-SNE of {min(len(q_h), max_tsne_points)} backbone features "
+      title=f"{run}t-SNE of {min(len(q_h), max_tsne_points)} backbone features "
             f"({'train' if same else 'held-out'} split)")
   if curves_csv and os.path.exists(curves_csv):
     paths["training_curves"] = training_curves(monitors.read_curves(curves_csv),
-                                               os.path.join(out_dir, "training_curves.png"))
+                                               os.path.join(out_dir, "training_curves.png"),
+                                               title=f"{run}training curves (per-step values)")
   if tb_logdir:
     write_to_tensorboard(paths, tb_logdir, step)
   return paths

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import signal
+import threading
 import time
 
 import keras
@@ -13,13 +16,12 @@ import tensorflow as tf
 from nnclr_tf import data as data_lib
 from nnclr_tf import distributed
 from nnclr_tf.config import OptimConfig, check_batch
-from nnclr_tf.errors import ConfigError, ModelDirError, NonFiniteLossError, TrainingError  # noqa: F401
+from nnclr_tf.errors import (ConfigError, DiskFullError, ModelDirError,  # noqa: F401
+                             NonFiniteLossError, Preempted, TrainingError)
 from nnclr_tf.lars import LARS, is_excluded
 from nnclr_tf.model_dir import read_json, write_json, write_text  # noqa: F401
 from nnclr_tf.schedules import WarmupCosine, scaled_learning_rate
 from nnclr_tf.sgd import CoupledSGD
-
-
 
 
 def check_optim_config(cfg: OptimConfig):
@@ -146,13 +148,14 @@ class NonFiniteGuard(keras.callbacks.Callback):
 class CheckpointCallback(keras.callbacks.Callback):
   """Saves (model incl. support set, optimizer incl. step) every N steps and at each epoch end."""
 
-  def __init__(self, model_dir, every_steps=0, keep=3, guard=None):
+  def __init__(self, model_dir, every_steps=0, keep=3, guard=None, stopper=None):
     super().__init__()
     self.model_dir = model_dir
     self.every_steps = every_steps
     self.keep = keep
     self.manager = None
     self.guard = guard  # a NonFiniteGuard: no save once it has tripped
+    self.stopper = stopper  # a StopOnSignal: save at the step it stops training
     self._interval = None
 
   def on_train_begin(self, logs=None):
@@ -177,9 +180,19 @@ class CheckpointCallback(keras.callbacks.Callback):
     step = int(self.model.optimizer.iterations.numpy())
     if self.manager.latest_checkpoint and self.manager.latest_checkpoint.endswith(f"-{step}"):
       return
-    self.manager.save(checkpoint_number=step)
+    try:
+      self.manager.save(checkpoint_number=step)
+    except (OSError, tf.errors.OpError) as e:
+      # TensorFlow reports EFBIG as OutOfRangeError, which model.fit takes for the end of the
+      # data and ends the epoch quietly: raise ours, which it does not catch.
+      if is_disk_full(e):
+        raise DiskFullError(disk_full_message(e, self.model_dir)) from None
+      raise
 
   def on_train_batch_end(self, batch, logs=None):
+    if self.stopper is not None and self.stopper.stopped_at is not None:
+      self._save()
+      return
     if self.every_steps:
       # Compare intervals, not `step % every == 0`: with steps_per_execution > 1 this callback
       # sees every k-th step only and an exact multiple could be skipped forever.
@@ -190,6 +203,85 @@ class CheckpointCallback(keras.callbacks.Callback):
 
   def on_epoch_end(self, epoch, logs=None):
     self._save()
+
+
+class StopOnSignal(keras.callbacks.Callback):
+  """SIGTERM (a preempted VM, a scheduler) and SIGINT (Ctrl-C) let the current step finish, then
+  stop training; CheckpointCallback (after this one in the list) saves that step, and `pretrain`
+  raises Preempted. A second signal of the same kind gets the default behaviour (immediate exit).
+
+  Under MultiWorkerMirroredStrategy only some workers may receive the signal, so every step the
+  workers agree through a collective whether any of them was asked to stop: all stop, and save,
+  at the same step. With a single worker the step costs one attribute check."""
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+  def __init__(self, strategy=None):
+    super().__init__()
+    self.strategy = strategy
+    self.requested = None  # the signal received, if any
+    self.stopped_at = None  # the step training stopped after
+    self._previous = {}
+    self._agree = strategy is not None and distributed.in_multi_worker_mode(strategy)
+
+  def install(self):
+    if threading.current_thread() is not threading.main_thread():
+      return self  # Python delivers signals to the main thread only
+    for sig in self.SIGNALS:
+      self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def uninstall(self):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+    self._previous = {}
+
+  def _handle(self, signum, frame):
+    if self.requested == signum:
+      self.uninstall()
+      signal.raise_signal(signum)  # the second one: what it would have done without us
+      return
+    self.requested = signum
+    logging.warning("%s received: stopping after the current step and saving a checkpoint (send "
+                    "it again to exit at once)", signal.Signals(signum).name)
+
+  def on_train_batch_end(self, batch, logs=None):
+    wanted = self.requested or 0
+    if self._agree:
+      wanted = max(distributed.gather_ints(self.strategy, wanted))
+      if wanted and not self.requested:
+        self.requested = wanted  # another worker's signal
+    if wanted:
+      self.stopped_at = int(self.model.optimizer.iterations.numpy())
+      self.model.stop_training = True
+
+
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+DISK_FULL_TEXT = ("No space left", "Disk quota", "File too large")
+
+
+def is_disk_full(error):
+  """True for an OSError or a TensorFlow error caused by a full disk, a quota or a file-size
+  limit (TensorFlow's file system layer reports errno only as text)."""
+  if isinstance(error, OSError) and error.errno in DISK_FULL_ERRNOS:
+    return True
+  return isinstance(error, tf.errors.OpError) and any(t in str(error) for t in DISK_FULL_TEXT)
+
+
+def disk_full_message(error, model_dir):
+  """One line for a write that failed on a full disk (or a quota, or a file-size limit)."""
+  import re
+  text = str(error)
+  # TensorFlow's messages carry the file among graph details: keep the path under model_dir.
+  paths = re.findall(re.escape(os.path.abspath(model_dir)) + r"[^\s:;,'\"]*", text)
+  what = getattr(error, "filename", None) or (paths[0] if paths else "a file")
+  reason = getattr(error, "strerror", None) or next(
+      (t for t in DISK_FULL_TEXT if t in text), "no space left")
+  latest = tf.train.latest_checkpoint(model_dir) if os.path.isdir(model_dir) else None
+  kept = (f"the last good checkpoint {os.path.basename(latest)} is kept and a rerun resumes "
+          "from it" if latest else "no checkpoint was written")
+  return (f"--model_dir={model_dir}: writing {what} failed ({reason}); free space on its disk "
+          f"or use another --model_dir; {kept}")
 
 
 def remove_orphaned_temp_dirs(ckpt_dir):
@@ -279,12 +371,40 @@ def pretrain(model, strategy, source, data_cfg, aug_cfg, train_cfg, optim_cfg, c
   check_workers_agree(strategy, start)
   timing = TimingCallback()
   guard = NonFiniteGuard()  # first: it decides whether CheckpointCallback may save
-  cbs = [guard,
+  stopper = StopOnSignal(strategy)  # before CheckpointCallback, which saves the step it stops at
+  cbs = [guard, stopper,
          CheckpointCallback(out_dir, train_cfg.checkpoint_every_steps, train_cfg.keep_checkpoints,
-                            guard),
+                            guard, stopper),
          keras.callbacks.TensorBoard(os.path.join(out_dir, "logs"), update_freq=max(1, spe // 10)),
          timing, *callbacks]
   step = start
+  stopper.install()
+  try:
+    _fit_to(model, strategy, source, data_cfg, aug_cfg, train_cfg, cbs, guard, stopper, out_dir,
+            step, total, spe)
+  finally:
+    stopper.uninstall()
+  step = int(model.optimizer.iterations.numpy())
+  logs = {k: float(v) for k, v in timing.last_logs.items()}
+  return {
+      "steps": step,
+      "epochs": step / spe,
+      "steps_per_epoch": spe,
+      "resumed_from_step": start if restored else 0,
+      "final_loss": logs.get("loss"),
+      "nn_label_hit": logs.get("nn_label_hit") if source.has_labels and model.use_nn else None,
+      "contrastive_acc": logs.get("contrastive_acc"),
+      "nn_similarity": logs.get("nn_similarity"),
+      "pairs_per_sec": (timing.steps - 1) * global_batch / timing.seconds
+                       if timing.seconds > 0 else None,
+  }
+
+
+def _fit_to(model, strategy, source, data_cfg, aug_cfg, train_cfg, cbs, guard, stopper, out_dir,
+            step, total, spe):
+  """model.fit, an epoch range at a time, from `step` to `total`; raises when the guard tripped
+  or a signal stopped training."""
+  global_batch = train_cfg.batch_size
   while step < total:
     epoch = step // spe
     ds = data_lib.distributed_pretrain_dataset(strategy, source, aug_cfg, data_cfg.image_size,
@@ -305,17 +425,10 @@ def pretrain(model, strategy, source, data_cfg, aug_cfg, train_cfg, optim_cfg, c
           f"training stopped at step {guard.bad_step}: {guard.reason}; {kept}. Lower "
           "--learning_rate or raise --warmup_epochs, or check the input data for NaN/Inf; a "
           "rerun resumes from the last checkpoint")
+    if stopper.stopped_at is not None:
+      latest = tf.train.latest_checkpoint(out_dir)
+      raise Preempted(
+          f"{signal.Signals(stopper.requested).name} at step {stopper.stopped_at}: "
+          f"{os.path.basename(latest or 'no checkpoint')} saved in {out_dir}; the same command "
+          "resumes from it", stopper.requested)
     step = int(model.optimizer.iterations.numpy())
-  logs = {k: float(v) for k, v in timing.last_logs.items()}
-  return {
-      "steps": step,
-      "epochs": step / spe,
-      "steps_per_epoch": spe,
-      "resumed_from_step": start if restored else 0,
-      "final_loss": logs.get("loss"),
-      "nn_label_hit": logs.get("nn_label_hit") if source.has_labels and model.use_nn else None,
-      "contrastive_acc": logs.get("contrastive_acc"),
-      "nn_similarity": logs.get("nn_similarity"),
-      "pairs_per_sec": (timing.steps - 1) * global_batch / timing.seconds
-                       if timing.seconds > 0 else None,
-  }

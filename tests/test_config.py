@@ -6,7 +6,7 @@ import os
 import pytest
 
 from nnclr_tf import cli
-from nnclr_tf.config import FLAG_FIELDS, SECTIONS, Experiment
+from nnclr_tf.config import FLAG_ALIASES, FLAG_FIELDS, SECTIONS, Experiment
 from nnclr_tf.errors import ConfigError
 
 PRESETS = cli.presets()
@@ -14,11 +14,15 @@ PRESETS = cli.presets()
 
 def test_every_cli_flag_is_an_experiment_field_and_back():
   """Only --mode is the CLI's own; every other flag has one field and every field (but the
-  library-only ones) one flag."""
+  library-only ones) one flag; old names are aliases of a flag."""
   fv = cli.flags.FlagValues()
   cli.define_flags(fv)
   cli_flags = set(fv)
-  assert cli_flags - set(FLAG_FIELDS) == {"mode"}
+  assert cli_flags - set(FLAG_FIELDS) == {"mode", *FLAG_ALIASES}
+  assert set(FLAG_ALIASES.values()) <= set(FLAG_FIELDS)
+  fv(["nnclr-tf", "--nolinear_random_init"])
+  assert fv.random_init_baseline is False
+  assert Experiment.from_flags({"linear_random_init": False}).eval.random_init_baseline is False
   assert set(FLAG_FIELDS) <= cli_flags
   fields = {f"{s}.{f.name}" for s in SECTIONS
             for f in dataclasses.fields(getattr(Experiment(), s))}

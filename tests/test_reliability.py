@@ -102,12 +102,16 @@ def spawn(tmp_path):
   running when the test ends, passed or failed, is killed with its process group."""
   procs = []
 
-  def start(args):
+  def start(args, ignore_sigxfsz=False):
     log = tmp_path / f"proc{len(procs)}"
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    # An ignored SIGXFSZ makes a write past RLIMIT_FSIZE fail with EFBIG, like a full disk,
+    # instead of killing the process.
+    pre = (lambda: signal.signal(signal.SIGXFSZ, signal.SIG_IGN)) if ignore_sigxfsz else None
     with open(f"{log}.out", "w") as out, open(f"{log}.err", "w") as err:
       p = subprocess.Popen([sys.executable, os.path.join(REPO, "run.py"), *args], cwd=REPO,
-                           env=env, stdout=out, stderr=err, start_new_session=True)
+                           env=env, stdout=out, stderr=err, start_new_session=True,
+                           preexec_fn=pre)
     p.log = log
     procs.append(p)
     return p
