@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import tolerances
 from conftest import mirrored
 from nnclr_tf import data, distributed, training
 from nnclr_tf.config import AugmentConfig, DataConfig, OptimConfig, TrainConfig
@@ -53,24 +54,51 @@ def state(model):
   return {v.path: np.array(v.numpy()) for v in model.weights}
 
 
-def test_xla_train_step_compiles_and_matches_the_graph_step(tmp_path):
-  """The whole step (NN lookup, loss, LARS, enqueue) under jit_compile=True gives the same loss,
-  weights and support set as without XLA; the compiled program holds the lookup and the enqueue."""
+@pytest.fixture(scope="module")
+def xla_and_graph(tmp_path_factory):
+  """3 steps from the same initial state with and without XLA: (init, graph, xla), each a
+  (results, state) pair; xla also holds its model."""
   s = tf.distribute.get_strategy()
   plain, xla = build(s), build(s)
-  r0 = fit(plain, s, tmp_path / "plain")
-  r1 = fit(xla, s, tmp_path / "xla", jit_compile=True)
+  init = state(plain)
+  r0 = fit(plain, s, tmp_path_factory.mktemp("plain"))
+  r1 = fit(xla, s, tmp_path_factory.mktemp("xla"), jit_compile=True)
+  return init, (r0, state(plain)), (r1, state(xla), xla)
+
+
+def test_xla_train_step_compiles_and_matches_the_graph_step(xla_and_graph, record_property):
+  """The whole step (NN lookup, loss, LARS, enqueue) under jit_compile=True gives the same loss,
+  weights and support set as without XLA, up to cross-kernel rounding (tolerances.py); the
+  compiled program holds the lookup and the enqueue."""
+  init, (r0, a), (r1, b, xla) = xla_and_graph
   assert xla.jit_compile is True  # Keras did not quietly fall back to a graph step
-  assert r1["final_loss"] == pytest.approx(r0["final_loss"], rel=1e-5)
-  a, b = state(plain), state(xla)
-  for k in a:
-    np.testing.assert_allclose(b[k], a[k], rtol=1e-4, atol=1e-5, err_msg=k)
+  record_property("loss_gap", tolerances.loss_gap(r0["final_loss"], r1["final_loss"]))
+  tolerances.assert_loss_close(r0["final_loss"], r1["final_loss"])
+  record_property("divergence", tolerances.divergence(init, a, b))
+  tolerances.assert_trained_close(init, a, b)
   assert int(xla.support_set.pointer.numpy()) == 48
   # The step as XLA sees it: static shapes, the queue matmul and the ring-buffer scatter inside.
   batch = next(iter(data.pretrain_dataset(data.digits_source(), AUG, 16, 16, seed=7)))
   hlo = tf.function(xla.train_step, jit_compile=True).experimental_get_compiler_ir(batch)(
       stage="hlo")
   assert "scatter" in hlo and "f32[16,64]" in hlo  # [b, queue] similarities
+
+
+@pytest.mark.parametrize("mutation", [tolerances.break_lookup, tolerances.skip_enqueue,
+                                      tolerances.double_gradients],
+                         ids=lambda f: f.__name__)
+def test_xla_comparison_catches_a_broken_step(xla_and_graph, mutation, monkeypatch, tmp_path,
+                                             record_property):
+  """The tolerance of the XLA = graph comparison cannot hide a bug in one of the two runs: the
+  graph run with a broken lookup, enqueue or gradient lands >= 10 x FRAC from the XLA run."""
+  init, _, (_, b, _) = xla_and_graph
+  s = tf.distribute.get_strategy()
+  model = build(s)
+  mutation(monkeypatch)
+  fit(model, s, tmp_path)
+  worst = tolerances.worst(init, b, state(model))
+  record_property("worst", worst)
+  assert worst >= 10 * tolerances.FRAC
 
 
 def test_jit_compile_is_refused_for_several_mirrored_replicas():
@@ -81,13 +109,14 @@ def test_jit_compile_is_refused_for_several_mirrored_replicas():
 
 
 @pytest.mark.parametrize("global_bn", [True, False])
-def test_bn_moving_statistics_on_two_replicas(global_bn):
+def test_bn_moving_statistics_on_two_replicas(global_bn, record_property):
   """A training-mode forward of 16 images on 2 replicas (8 rows each) updates the BN moving
   statistics as one replica with all 16 rows does when BN is global. Without global BN the
   moving variance differs: the control showing that the 1 = 2 = 4 replica equalities
   (test_model.py, test_run.py, test_multi_worker.py) would catch unsynchronised BN."""
   images = tf.constant(np.random.default_rng(0).uniform(size=(16, 16, 16, 3)), tf.float32)
   one = build(tf.distribute.get_strategy(), global_bn=global_bn)
+  init = state(one)
   one.embed(images, training=True)
   s2 = mirrored(2)
   two = build(s2, global_bn=global_bn)
@@ -98,10 +127,14 @@ def test_bn_moving_statistics_on_two_replicas(global_bn):
   stats = [k for k in a if "moving_" in k]
   assert len(stats) == 2 * 6  # small_cnn's 3 BN layers, projector 2, predictor 1
   if global_bn:
-    for k in stats:
-      np.testing.assert_allclose(b[k], a[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    record_property("divergence", tolerances.divergence(init, a, b))
+    tolerances.assert_trained_close(init, a, b)
   else:
-    assert max(np.max(np.abs(a[k] - b[k])) for k in stats if "variance" in k) > 1e-3
+    divergence = tolerances.divergence(init, a, b)
+    record_property("worst", divergence)
+    assert divergence.keys() == {"bn statistics"}  # the forward pass changed nothing else
+    # Unsynchronised statistics fail the comparison above by a wide margin (0.17 measured).
+    assert divergence["bn statistics"] >= 3 * tolerances.FRAC
 
 
 def _separated(rng, n, d):
