@@ -1,7 +1,10 @@
 """Backbones: build_backbone(name, input_shape) -> keras.Model mapping [0,1] images to features.
 
 All BatchNormalization layers come from one factory so that `global_bn=True` makes every one of
-them synchronised across replicas (the paper trains with global BN).
+them synchronised across replicas (the paper trains with global BN). The `keras_*` names are
+keras.applications ResNets (random init), standardised like the built-in ones, with their
+BatchNormalization swapped for the same factory's. A user's own keras.Model goes through
+`wrap_backbone` instead and keeps its layers as they are.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import keras
 from keras import layers
 
 from nnclr_tf.batchnorm import BatchNormalization
+from nnclr_tf.config import BACKBONES
 
 # ImageNet channel statistics; inputs arrive in [0, 1] and are standardised inside the model, so an
 # exported encoder needs no preprocessing beyond scaling uint8 to [0, 1].
@@ -77,7 +81,63 @@ def _small_cnn(inputs, width, bn):
   return layers.GlobalAveragePooling2D(name="avg_pool")(x)
 
 
-BACKBONES = ("resnet50", "resnet18_cifar", "small_cnn")
+# keras.applications constructors by backbone name; they take images in their own pixel scale,
+# so inputs are standardised here and each application's own preprocessing is left out.
+KERAS_APPLICATIONS = {
+    "keras_resnet50": "ResNet50", "keras_resnet101": "ResNet101", "keras_resnet152": "ResNet152",
+    "keras_resnet50v2": "ResNet50V2", "keras_resnet101v2": "ResNet101V2",
+    "keras_resnet152v2": "ResNet152V2",
+}
+
+
+def _swap_batchnorm(model, make_bn, name=None):
+  """A clone of the functional `model` with every BatchNormalization made by `make_bn(config)`
+  and every weight copied, so its outputs equal the original's."""
+  def clone(layer):
+    if isinstance(layer, keras.layers.BatchNormalization):
+      return make_bn(layer.get_config())
+    return layer.__class__.from_config(layer.get_config())
+
+  copy = keras.models.clone_model(model, clone_function=clone)
+  copy.set_weights(model.get_weights())
+  if name:
+    copy.name = name
+  return copy
+
+
+def _keras_application(name, inputs, global_bn):
+  app = getattr(keras.applications, KERAS_APPLICATIONS[name])
+  model = app(include_top=False, weights=None, input_tensor=_standardise(inputs), pooling="avg")
+
+  def fused(config):
+    return BatchNormalization.from_config({**config, "synchronized": global_bn})
+
+  return _swap_batchnorm(model, fused, name)
+
+
+def stock_layers(model):
+  """`model` with nnclr_tf's BatchNormalization replaced by keras.layers.BatchNormalization (same
+  config and weights): loadable without nnclr_tf. A model without it is returned as it is."""
+  if not any(type(layer) is BatchNormalization for layer in model.layers):
+    return model
+  return _swap_batchnorm(model, keras.layers.BatchNormalization.from_config, model.name)
+
+
+def wrap_backbone(backbone, input_shape):
+  """A user's keras.Model (float [0, 1] images -> features [N, D]) as an encoder of fixed input
+  `input_shape` named "images"; refuses one whose output is not one feature vector per image."""
+  inputs = keras.Input(shape=tuple(input_shape), name="images")
+  try:
+    out = backbone(inputs)
+  except Exception as e:
+    raise ValueError(f"backbone {backbone.name!r} cannot take images of shape "
+                     f"{tuple(input_shape)} ({type(e).__name__}: {e})") from None
+  if not isinstance(out, keras.KerasTensor) or len(out.shape) != 2 or out.shape[-1] is None:
+    shape = getattr(out, "shape", type(out).__name__)
+    raise ValueError(f"backbone {backbone.name!r} must map images to one feature vector [N, D], "
+                     f"got {shape}; pool its output (e.g. keras.applications.*(include_top="
+                     "False, pooling='avg'))")
+  return keras.Model(inputs, out, name=f"{backbone.name}_encoder")
 
 
 def build_backbone(name, input_shape, global_bn=True, width=64):
@@ -90,6 +150,8 @@ def build_backbone(name, input_shape, global_bn=True, width=64):
     out = _resnet(inputs, _basic_block, (2, 2, 2, 2), width, bn, cifar_stem=True)
   elif name == "small_cnn":
     out = _small_cnn(inputs, width, bn)
+  elif name in KERAS_APPLICATIONS:
+    return _keras_application(name, inputs, global_bn)
   else:
     raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
   return keras.Model(inputs, out, name=name)

@@ -51,6 +51,7 @@ import tempfile  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 
 from nnclr_tf import errors  # noqa: E402
+from nnclr_tf.config import BACKBONES  # noqa: E402
 
 MODES = ("pretrain", "knn_eval", "linear_eval", "finetune", "plots", "export")
 PRESETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "flags")
@@ -106,7 +107,8 @@ def define_flags(fv=FLAGS):
   strings("blur_prob", ["1.0", "0.1"], "Gaussian blur probability for view1,view2.")
   strings("solarize_prob", ["0.0", "0.2"], "Solarize probability for view1,view2.")
   # Model
-  enum("backbone", "resnet50", ["resnet50", "resnet18_cifar", "small_cnn"], "Encoder.")
+  enum("backbone", "resnet50", list(BACKBONES),
+       "Encoder; keras_* are keras.applications ResNets, randomly initialised.")
   integer("width", 64, "Base channel width of the backbone.")
   integer("proj_hidden_dim", 2048, "Projection MLP hidden size.")
   integer("proj_layers", 3, "Projection MLP depth (paper: 3).")

@@ -21,6 +21,11 @@ from typing import Any, Dict, Optional, Tuple
 
 from nnclr_tf.errors import ConfigError
 
+# Backbone names (backbones.build_backbone builds them); here so the CLI lists them without
+# importing Keras. keras_*: keras.applications ResNets.
+BACKBONES = ("resnet50", "resnet18_cifar", "small_cnn", "keras_resnet50", "keras_resnet101",
+             "keras_resnet152", "keras_resnet50v2", "keras_resnet101v2", "keras_resnet152v2")
+
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
@@ -62,7 +67,7 @@ class AugmentConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  backbone: str = "resnet50"                   # resnet50 | resnet18_cifar | small_cnn
+  backbone: str = "resnet50"                   # backbones.BACKBONES
   proj_hidden_dim: int = 2048
   proj_layers: int = 3                         # paper: 3 layers [2048, 2048, 256]
   pred_hidden_dim: int = 4096                  # paper: [4096, 256]

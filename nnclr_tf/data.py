@@ -467,3 +467,73 @@ def eval_dataset(source, image_size, batch_size=256, crop_fraction=1.0):
 
   ds = tf.data.Dataset.range(len(source)).map(element, num_parallel_calls=AUTOTUNE)
   return ds.batch(batch_size).prefetch(AUTOTUNE)
+
+
+# ------------------------------------------------------------------------------------------------
+# A user's own tf.data
+
+_STREAM_ACCEPTS = ("a tf.data.Dataset of single images [H, W, C] or of (image, label) pairs, with "
+                   "C = 1 or 3, uint8 or float in [0, 1], any H and W, integer scalar labels")
+
+
+def _user_element(spec):
+  """(has_labels) for an accepted element_spec, else a DataError naming what was given."""
+  def is_image(s):
+    return (isinstance(s, tf.TensorSpec) and s.shape.rank == 3 and s.shape[-1] in (1, 3)
+            and (s.dtype == tf.uint8 or s.dtype.is_floating))
+
+  def is_label(s):
+    return isinstance(s, tf.TensorSpec) and s.shape.rank == 0 and s.dtype.is_integer
+
+  if is_image(spec):
+    return False
+  if isinstance(spec, (tuple, list)) and len(spec) == 2 and is_image(spec[0]) and is_label(
+      spec[1]):
+    return True
+  hint = ""
+  first = spec[0] if isinstance(spec, (tuple, list)) and spec else spec
+  if isinstance(first, tf.TensorSpec) and first.shape.rank == 4:
+    hint = "; it looks batched: pass dataset.unbatch()"
+  elif isinstance(spec, dict):
+    hint = "; map a dict to (image, label) first, e.g. ds.map(lambda d: (d['image'], d['label']))"
+  raise DataError(f"pretraining_stream takes {_STREAM_ACCEPTS}; got element_spec {spec}{hint}")
+
+
+def pretraining_stream(dataset, aug: Optional[AugmentConfig] = None, image_size=32,
+                       batch_size=256, epochs=None, seed=0):
+  """A user's tf.data of images or (image, label) -> the batches `NNCLR.fit` trains on:
+  {"view1", "view2": float [B, S, S, 3] in [0, 1], "label": int32 [B], -1 when unlabelled}.
+
+  Each image gives two views of the pretraining augmentation (`augment.two_views` with `aug`,
+  default AugmentConfig(), the paper's) at `image_size`. Images may be uint8 or float in [0, 1],
+  grayscale or RGB, of any size. `dataset` is read in its own order (shuffle it yourself) and
+  `batch_size` is the global batch (divisible by the replica count; the model's queue_size must
+  be a multiple of it); a last partial batch is dropped.
+
+  `epochs=None` repeats forever (give `fit` a `steps_per_epoch`); `epochs=k` makes a finite
+  stream of k passes, so `fit(stream)` without steps_per_epoch ends its epochs (k=1 and
+  `fit(epochs=N)` is the usual Keras pattern). Augmentation seeds are drawn from `seed` afresh on
+  every pass over the stream, so the views differ between fit epochs and repeat between runs.
+  Anything but images or (image, label) pairs is a DataError naming the accepted structures.
+  """
+  if not isinstance(dataset, tf.data.Dataset):
+    raise DataError(f"pretraining_stream takes {_STREAM_ACCEPTS}; got {type(dataset).__name__}")
+  if epochs is not None and int(epochs) < 1:
+    raise DataError(f"epochs={epochs} must be None (repeat forever) or >= 1")
+  labelled = _user_element(dataset.element_spec)
+  aug = aug or AugmentConfig()
+  seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
+  if not labelled:
+    dataset = dataset.map(lambda image: (image, tf.constant(-1, tf.int32)))
+
+  def views(element, example_seed):
+    image, label = element
+    image = tf.image.convert_image_dtype(image, tf.float32)
+    if image.shape[-1] == 1:
+      image = tf.image.grayscale_to_rgb(image)
+    v1, v2 = augment.two_views(image, example_seed, image_size, aug)
+    return {"view1": v1, "view2": v2, "label": tf.cast(label, tf.int32)}
+
+  stream = dataset.repeat(epochs) if epochs is not None else dataset.repeat()
+  stream = tf.data.Dataset.zip(stream, seeds).map(views, num_parallel_calls=AUTOTUNE)
+  return stream.batch(batch_size, drop_remainder=True).prefetch(AUTOTUNE)

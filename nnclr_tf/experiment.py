@@ -73,7 +73,8 @@ def build_model(exp: Experiment, strategy=None, online_probe_classes=0):
   keras.utils.set_random_seed(exp.train.seed)
   with strategy.scope():
     return NNCLR.from_configs(exp.model, exp.support, exp.data.image_size, exp.train.temperature,
-                              exp.train.seed, online_probe_classes, exp.probe.online_probe_lr)
+                              exp.train.seed, online_probe_classes, exp.probe.online_probe_lr,
+                              exp.data.eval_crop_fraction)
 
 
 def restored_model(exp: Experiment, strategy=None):

@@ -181,7 +181,8 @@ class _Servable(tf.Module):
     super().__init__(name=ENCODER if probe is None else CLASSIFIER)
     self.image_size = int(model.image_size)
     self.crop_fraction = float(crop_fraction)  # a constant of the traced signatures
-    self.encoder = model.encoder
+    # Stock Keras layers only: what users load or build on must not need nnclr_tf's classes.
+    self.encoder = model.portable_encoder()
     self.probe = probe is not None
     if probe is None:
       self.projector = model.projector  # the classifier does not carry it
@@ -299,6 +300,15 @@ def export_encoder(model, export_base, version=0, warmup=True, metadata=None, cr
   module = _Servable(model, crop_fraction=crop_fraction)
   return _save_versioned(module, module.signatures(), export_base, ENCODER, version, warmup,
                          _with_crop_fraction(metadata, crop_fraction))
+
+
+def save_encoder(model, path, crop_fraction=1.0):
+  """Writes the encoder SavedModel (the signatures of `export_encoder`) to `path` itself, with
+  no versions and no warm-up requests: `NNCLR.export`. Returns the path."""
+  module = _Servable(model, crop_fraction=crop_fraction)
+  tf.saved_model.save(module, path, signatures=module.signatures())
+  _write_metadata(path, _with_crop_fraction({}, crop_fraction))
+  return path
 
 
 def export_classifier(model, probe, export_base, version=0, warmup=True, metadata=None,

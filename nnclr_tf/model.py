@@ -19,6 +19,13 @@ own optimizer (Adam, constant lr; solo-learn likewise gives its online classifie
 parameter group). Its variables are kept out of `trainable_variables`, so the pretraining optimizer
 (LARS with warm-up/cosine) never sees them and the encoder's gradients are exactly those of the
 NNCLR loss. Rows with label -1 (unknown) are masked out.
+
+Keras use: `test_step` scores held-out pairs with the training loss without writing the support
+set, so `fit(validation_data=...)` and `evaluate` work; `data.pretraining_stream` makes the pairs
+from a user's tf.data. `model(images)` takes uint8 or float images of any size through the
+exported encoder's preprocessing (`preprocess`). `backbone` may be a name or any keras.Model
+mapping [0, 1] images to feature vectors; `portable_encoder()` is the encoder in stock Keras
+layers, for what users save and build on.
 """
 
 from __future__ import annotations
@@ -26,8 +33,8 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from nnclr_tf import distributed
-from nnclr_tf.backbones import build_backbone
+from nnclr_tf import augment, distributed
+from nnclr_tf.backbones import build_backbone, stock_layers, wrap_backbone
 from nnclr_tf.heads import prediction_head, projection_head
 from nnclr_tf.losses import nnclr_loss
 from nnclr_tf.support_set import SupportSet
@@ -39,26 +46,36 @@ class NNCLR(keras.Model):
   def __init__(self, backbone="small_cnn", image_size=32, width=64, proj_hidden_dim=2048,
                proj_layers=3, pred_hidden_dim=4096, embedding_dim=256, global_bn=True,
                queue_size=98304, nn_topk=1, use_nn=True, temperature=0.1, seed=0,
-               online_probe_classes=0, online_probe_lr=1e-2, symmetric_loss=False, **kwargs):
+               online_probe_classes=0, online_probe_lr=1e-2, symmetric_loss=False,
+               eval_crop_fraction=1.0, **kwargs):
     super().__init__(**kwargs)
     if temperature <= 0:
       raise ValueError(f"temperature must be > 0, got {temperature}")
     if not 1 <= nn_topk <= queue_size:
       raise ValueError(f"nn_topk must be in [1, queue_size={queue_size}], got {nn_topk}")
+    if isinstance(backbone, dict):  # a user backbone, as get_config recorded it
+      backbone = keras.saving.deserialize_keras_object(backbone)
+    if not 0.0 < eval_crop_fraction <= 1.0:
+      raise ValueError(f"eval_crop_fraction must be in (0, 1], got {eval_crop_fraction}")
     self._config = dict(backbone=backbone, image_size=image_size, width=width,
                         proj_hidden_dim=proj_hidden_dim, proj_layers=proj_layers,
                         pred_hidden_dim=pred_hidden_dim, embedding_dim=embedding_dim,
                         global_bn=global_bn, queue_size=queue_size, nn_topk=nn_topk,
                         use_nn=use_nn, temperature=temperature, seed=seed,
                         online_probe_classes=online_probe_classes,
-                        online_probe_lr=online_probe_lr, symmetric_loss=symmetric_loss)
+                        online_probe_lr=online_probe_lr, symmetric_loss=symmetric_loss,
+                        eval_crop_fraction=float(eval_crop_fraction))
     self.image_size = image_size
     self.nn_topk = nn_topk
     self.use_nn = use_nn
     self.temperature = temperature
     self.symmetric_loss = bool(symmetric_loss)
     self.seed = seed
-    self.encoder = build_backbone(backbone, (image_size, image_size, 3), global_bn, width)
+    self.eval_crop_fraction = float(eval_crop_fraction)
+    if isinstance(backbone, keras.Model):
+      self.encoder = wrap_backbone(backbone, (image_size, image_size, 3))
+    else:
+      self.encoder = build_backbone(backbone, (image_size, image_size, 3), global_bn, width)
     feat_dim = self.encoder.output.shape[-1]
     self.projector = projection_head(feat_dim, proj_hidden_dim, embedding_dim, proj_layers,
                                      global_bn)
@@ -75,14 +92,15 @@ class NNCLR(keras.Model):
 
   @classmethod
   def from_configs(cls, model_cfg, support_cfg, image_size, temperature, seed,
-                   online_probe_classes=0, online_probe_lr=1e-2):
+                   online_probe_classes=0, online_probe_lr=1e-2, eval_crop_fraction=1.0):
     return cls(backbone=model_cfg.backbone, image_size=image_size, width=model_cfg.width,
                proj_hidden_dim=model_cfg.proj_hidden_dim, proj_layers=model_cfg.proj_layers,
                pred_hidden_dim=model_cfg.pred_hidden_dim, embedding_dim=model_cfg.embedding_dim,
                global_bn=model_cfg.global_bn, queue_size=support_cfg.queue_size,
                nn_topk=support_cfg.nn_topk, use_nn=support_cfg.use_nn, temperature=temperature,
                seed=seed, online_probe_classes=online_probe_classes,
-               online_probe_lr=online_probe_lr, symmetric_loss=support_cfg.symmetric_loss)
+               online_probe_lr=online_probe_lr, symmetric_loss=support_cfg.symmetric_loss,
+               eval_crop_fraction=eval_crop_fraction)
 
   def _build_online_probe(self, feat_dim, num_classes, lr):
     # trainable=False keeps the probe out of trainable_variables (and so out of the pretraining
@@ -97,7 +115,10 @@ class NNCLR(keras.Model):
     self.probe_acc_tracker = keras.metrics.Mean(name="online_probe_acc")
 
   def get_config(self):
-    return {**super().get_config(), **self._config}
+    config = {**super().get_config(), **self._config}
+    if isinstance(config["backbone"], keras.Model):
+      config["backbone"] = keras.saving.serialize_keras_object(config["backbone"])
+    return config
 
   def _maybe_symbolic_build(self, iterator=None, data_batch=None):
     """Builds what model.fit's symbolic build would, without its cross-replica reduce.
@@ -121,9 +142,45 @@ class NNCLR(keras.Model):
     probe = [] if self.online_probe is None else [self.probe_loss_tracker, self.probe_acc_tracker]
     return [self.loss_tracker, self.hit_tracker, self.acc_tracker, self.sim_tracker, *probe]
 
+  def preprocess(self, images):
+    """uint8 or float [0, 1] images [N, H, W, 3] (or one [H, W, 3]) of any size -> the float
+    [N, S, S, 3] the encoder takes: `augment.eval_transform` at this model's image size and
+    evaluation crop fraction, the preprocessing of the exported encoder and of evaluation."""
+    return augment.eval_transform(images, self.image_size, self.eval_crop_fraction)
+
   def call(self, images, training=False):
-    """Backbone features of float images in [0, 1]."""
-    return self.encoder(images, training=training)
+    """Backbone features [N, D] of uint8 or float [0, 1] images of any size (see `preprocess`)."""
+    return self.encoder(self.preprocess(images), training=training)
+
+  def encode(self, images):
+    """Inference features of raw images: `model(images)` in inference mode."""
+    return self(images, training=False)
+
+  def portable_encoder(self):
+    """The encoder as a keras.Model of stock Keras layers, with this model's current weights:
+    float [0, 1] images [N, S, S, 3] (`preprocess` makes them) -> features [N, D].
+
+    Its outputs are the encoder's; `.keras` files of it, or of any model built on it, load where
+    nnclr_tf is not installed (the encoder itself may hold nnclr_tf's fused BatchNormalization).
+    The weights are copied: later training of this model does not change it.
+    """
+    return stock_layers(self.encoder)
+
+  def export(self, filepath, format="tf_saved_model", verbose=True, input_signature=None,
+             **kwargs):
+    """Writes the served encoder SavedModel to `filepath`: uint8 images of any size or encoded
+    image bytes -> features and projection, as `export.export_encoder` (without its versioned
+    layout). Other formats: export `model.portable_encoder()` with Keras's own `export`."""
+    if format != "tf_saved_model" or input_signature is not None or kwargs:
+      raise ValueError(
+          "NNCLR.export writes only the served encoder SavedModel (format='tf_saved_model', no "
+          "input_signature); for another format or signature use "
+          "model.portable_encoder().export(filepath, format=..., input_signature=...)")
+    from nnclr_tf import export as export_lib
+    path = export_lib.save_encoder(self, filepath, crop_fraction=self.eval_crop_fraction)
+    if verbose:
+      print(f"Saved the NNCLR encoder SavedModel to {path}")
+    return path
 
   def embed(self, images, training=False):
     """(features, z, p): backbone features, L2-normalised projection and prediction."""
@@ -152,44 +209,27 @@ class NNCLR(keras.Model):
     return nnclr_loss(nn, distributed.all_gather(p), self.temperature, offset, symmetric=True,
                       nn_global=distributed.all_gather(nn), p_local=p)
 
-  def train_step(self, data):
+  def _pair_loss(self, data, step, training):
+    """The NNCLR loss of a batch of pairs against the support set as it is (nothing is written):
+    (loss, h, z1, nn1, idx1, row-term logits, targets)."""
     view1, view2 = data["view1"], data["view2"]
-    labels = data["label"]
     b = view1.shape[0]
-    replicas = distributed.num_replicas()
-    global_batch = b * replicas
+    global_batch = b * distributed.num_replicas()
     offset = distributed.replica_id() * b
-    step = self.optimizer.iterations
+    h, z, p = self.embed(tf.concat([view1, view2], axis=0), training=training)
+    z1, z2 = z[:b], z[b:]
+    p1, p2 = p[:b], p[b:]
+    nn1, idx1 = self._positives(z1, self._topk_choice(step, b, global_batch, 0))
+    nn2, _ = self._positives(z2, self._topk_choice(step, b, global_batch, 1))
+    loss1, logits1, targets = self._loss(nn1, p2, offset)
+    loss2, _, _ = self._loss(nn2, p1, offset)
+    return 0.5 * (loss1 + loss2), h, z1, nn1, idx1, logits1, targets
 
-    with tf.GradientTape() as tape:
-      h, z, p = self.embed(tf.concat([view1, view2], axis=0), training=True)
-      z1, z2 = z[:b], z[b:]
-      p1, p2 = p[:b], p[b:]
-      nn1, idx1 = self._positives(z1, self._topk_choice(step, b, global_batch, 0))
-      nn2, _ = self._positives(z2, self._topk_choice(step, b, global_batch, 1))
-      loss1, logits1, targets = self._loss(nn1, p2, offset)
-      loss2, _, _ = self._loss(nn2, p1, offset)
-      loss = 0.5 * (loss1 + loss2)
-      scaled = self.optimizer.scale_loss(loss / replicas)
-
-    variables = self.trainable_variables
-    grads = tape.gradient(scaled, variables)
-    if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
-      # fp16: the optimizer unscales the gradients and skips steps that overflowed; make that
-      # skip decision the same on every replica and worker.
-      grads = distributed.poison_unless_all_finite(grads)
-    self.optimizer.apply_gradients(zip(grads, variables))
-    if self.online_probe is not None:
-      self._probe_step(h, tf.concat([labels, labels], axis=0))
-
+  def _update_metrics(self, loss, labels, z1, nn1, idx1, logits1, targets):
     if self.use_nn:
       nn_labels = self.support_set.neighbour_labels(idx1)
       valid = tf.cast(tf.logical_and(labels >= 0, nn_labels >= 0), tf.float32)
       self.hit_tracker.update_state(tf.cast(tf.equal(nn_labels, labels), tf.float32), valid)
-      # Enqueue after the lookup and the loss: this step's queries saw the old queue.
-      self.support_set.update(distributed.all_gather(tf.stop_gradient(z1)),
-                              distributed.all_gather(labels))
-
     self.loss_tracker.update_state(loss)
     self.acc_tracker.update_state(
         tf.cast(tf.equal(tf.argmax(logits1, axis=1, output_type=tf.int32), targets), tf.float32))
@@ -202,6 +242,48 @@ class NNCLR(keras.Model):
       # tensorflow#72388). With a batch axis of 1 that reduce returns the scalar replica mean.
       logs = {k: tf.reshape(v, [1]) for k, v in logs.items()}
     return logs
+
+  def train_step(self, data):
+    labels = data["label"]
+    replicas = distributed.num_replicas()
+    with tf.GradientTape() as tape:
+      loss, h, z1, nn1, idx1, logits1, targets = self._pair_loss(
+          data, self.optimizer.iterations, training=True)
+      scaled = self.optimizer.scale_loss(loss / replicas)
+
+    variables = self.trainable_variables
+    grads = tape.gradient(scaled, variables)
+    if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
+      # fp16: the optimizer unscales the gradients and skips steps that overflowed; make that
+      # skip decision the same on every replica and worker.
+      grads = distributed.poison_unless_all_finite(grads)
+    self.optimizer.apply_gradients(zip(grads, variables))
+    if self.online_probe is not None:
+      self._probe_step(h, tf.concat([labels, labels], axis=0))
+
+    logs = self._update_metrics(loss, labels, z1, nn1, idx1, logits1, targets)
+    if self.use_nn:
+      # Enqueue after the lookup and the loss: this step's queries saw the old queue.
+      self.support_set.update(distributed.all_gather(tf.stop_gradient(z1)),
+                              distributed.all_gather(labels))
+    return logs
+
+  def test_step(self, data):
+    """Loss, contrastive accuracy, neighbour metrics (and the online probe's loss and accuracy on
+    labelled rows) of held-out pairs, in inference mode. The support set is read as training left
+    it and never written, so evaluation does not change what training does next. A top-k > 1
+    draw uses the fixed step 0, so repeated evaluations score the same neighbours."""
+    labels = data["label"]
+    loss, h, z1, nn1, idx1, logits1, targets = self._pair_loss(data, 0, training=False)
+    if self.online_probe is not None:
+      both = tf.concat([labels, labels], axis=0)
+      logits = self.online_probe(tf.cast(h, tf.float32))
+      mask = tf.cast(both >= 0, tf.float32)
+      ce = tf.nn.sparse_softmax_cross_entropy_with_logits(tf.maximum(both, 0), logits)
+      hit = tf.equal(tf.argmax(logits, axis=1, output_type=tf.int32), both)
+      self.probe_loss_tracker.update_state(ce, mask)
+      self.probe_acc_tracker.update_state(tf.cast(hit, tf.float32), mask)
+    return self._update_metrics(loss, labels, z1, nn1, idx1, logits1, targets)
 
   def _probe_step(self, features, labels):
     """One update of the online probe on stop-gradient features; rows with label -1 are masked.

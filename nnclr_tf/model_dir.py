@@ -91,8 +91,9 @@ def write_flags(model_dir, text):
 def architecture(model_config):
   """The model config as recorded and compared: the online probe is a training monitor, not the
   architecture (eval and export build the model without it; a resume sizes it from the
-  checkpoint)."""
-  return {k: v for k, v in model_config.items() if not k.startswith("online_probe")}
+  checkpoint), and the evaluation crop fraction is preprocessing a rerun may change."""
+  return {k: v for k, v in model_config.items()
+          if not k.startswith("online_probe") and k != "eval_crop_fraction"}
 
 
 # Architecture fields added after model_dirs were recorded, as an older model_config.json

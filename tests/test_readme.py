@@ -110,6 +110,10 @@ README_COMMANDS = {
     "python benchmarks/input_pipeline.py --image_dir=../shared/data/cifar10/train": BENCHMARK,
     "python benchmarks/peak.py # matmul GFLOP/s ceiling": BENCHMARK,
     "python benchmarks/peer_compare.py --rounds=2 --steps=10 # vs lightly (peer env)": BENCHMARK,
+    # Operating a run (after linear_eval has exported the classifier)
+    'python -c "import json,sys; print(json.dumps(json.load(open(sys.argv[1])), indent=2))" '
+    "runs/quickstart/export/classifier/1/assets.extra/nnclr_tf.json":
+        Run(stdout='"encoder_checkpoint"'),
 }
 
 # Python snippets (```python blocks), keyed by their first line; run as written after the
@@ -118,6 +122,7 @@ README_SNIPPETS = {
     "import keras, nnclr_tf": Run(stdout="(256, 128)"),  # small_cnn width 32: 4 x 32 features
     "import numpy as np, tensorflow as tf": Run(stdout="linear probe top-1:"),
     "from nnclr_tf import Experiment, experiment": Run(stdout="kNN top-1"),
+    "import keras": Run(stdout="probe accuracy:"),
 }
 
 
