@@ -173,9 +173,10 @@ def decode_image(data):
   return image
 
 
-# Measured in benchmarks/input_pipeline.py (224 px, ImageNet-shaped JPEGs): decoding only the two
-# crop windows beats one full decode plus two slices, see benchmarks/RESULTS.md.
-FUSED_JPEG_CROP = True
+# Off: in benchmarks/input_pipeline.py (224 px, ImageNet-shaped JPEGs, 2 cores) decoding the two
+# crop windows separately was not faster than one full decode and two uint8 slices (92.7 vs 101.7
+# pairs/s, benchmarks/RESULTS.md): the windows overlap and each re-reads the entropy-coded data.
+FUSED_JPEG_CROP = False
 
 
 def _is_jpeg(data):
