@@ -66,11 +66,13 @@ def make_large_jpegs(source, out_dir, size, quality=90):
   return out_dir
 
 
-def pairs_per_sec(source, aug, image_size, batch, cores, warmup_batches, batches, seed=0):
-  """Pairs/s of pretrain_dataset on a private pool of `cores` threads, after warm-up batches."""
+def pairs_per_sec(source, aug, image_size, batch, cores, warmup_batches, batches, seed=0,
+                  make=None):
+  """Pairs/s of pretrain_dataset (or of the dataset `make()` returns) on a private pool of
+  `cores` threads, after warm-up batches."""
   import tensorflow as tf
   from nnclr_tf import data
-  ds = data.pretrain_dataset(source, aug, image_size, batch, seed)
+  ds = make() if make else data.pretrain_dataset(source, aug, image_size, batch, seed)
   options = tf.data.Options()
   options.threading.private_threadpool_size = cores
   options.threading.max_intra_op_parallelism = 1
@@ -82,6 +84,63 @@ def pairs_per_sec(source, aug, image_size, batch, cores, warmup_batches, batches
     b = next(it)
   b["view1"].numpy()
   return batch * batches / (time.perf_counter() - t)
+
+
+def imagenet_shaped_jpegs(out_dir, images):
+  """`images` JPEGs of 200-500 px (benchmarks/synthetic_imagenet.py) under out_dir/<class>/."""
+  import numpy as np
+  import tensorflow as tf
+  import synthetic_imagenet
+  existing = sum(len(f) for _, _, f in os.walk(out_dir)) if os.path.isdir(out_dir) else 0
+  rng = np.random.default_rng(0)
+  for i in range(existing, images):
+    folder = os.path.join(out_dir, synthetic_imagenet.CLASSES[i % 10])
+    os.makedirs(folder, exist_ok=True)
+    image = synthetic_imagenet.make_image(rng, i % 10)
+    tf.io.write_file(os.path.join(folder, f"{i:06d}.jpg"), tf.io.encode_jpeg(image, quality=90))
+  return out_dir
+
+
+def wave1_dataset(source, aug, image_size, batch, seed=0):
+  """The pipeline before crop-window decoding, same index order and seeds: every JPEG decoded
+  whole and converted to float32 before the two views crop it."""
+  import tensorflow as tf
+  from nnclr_tf import augment, data
+  paths, n = tf.constant(source.paths), len(source)
+
+  def element(i):
+    example = tf.random.experimental.index_shuffle(i % n, tf.stack([tf.constant(seed, tf.int64),
+                                                                    i // n]), n - 1)
+    image = tf.image.convert_image_dtype(
+        data.decode_image(tf.io.read_file(tf.gather(paths, example))), tf.float32)
+    v1, v2 = augment.two_views(image, augment.example_seed(seed, i // n, example), image_size,
+                               aug)
+    return {"view1": v1, "view2": v2}
+
+  ds = tf.data.Dataset.range(tf.int64.max).map(element, num_parallel_calls=tf.data.AUTOTUNE,
+                                               deterministic=True)
+  return ds.batch(batch).prefetch(tf.data.AUTOTUNE)
+
+
+def compare_224(args, cores):
+  """Pairs/s at 224 px on ImageNet-shaped JPEGs: wave-1 pipeline, full decode of the new
+  pipeline (uint8 crop before float) and crop-window decoding, back to back per core count."""
+  from nnclr_tf import data
+  src = data.folder_source(imagenet_shaped_jpegs(args.imagenet_dir, args.imagenet_images))
+  aug = augment_config("byol")
+  out = {"images": len(src), "batch_size": args.large_batch_size, "dir": args.imagenet_dir,
+         "pairs_per_sec_by_cores": {}}
+  for c in cores:
+    row = {}
+    for name in args.imagenet_modes.split(","):
+      data.FUSED_JPEG_CROP = name != "uint8_full_decode"
+      make = (lambda: wave1_dataset(src, aug, 224, args.large_batch_size)) if name == "wave1" \
+          else None
+      row[name] = pairs_per_sec(src, aug, 224, args.large_batch_size, c, args.warmup_batches,
+                                args.batches, make=make)
+    data.FUSED_JPEG_CROP = True
+    out["pairs_per_sec_by_cores"][str(c)] = row
+  return out
 
 
 def main(argv=None):
@@ -101,7 +160,20 @@ def main(argv=None):
   ap.add_argument("--cores", default="", help="comma-separated core counts (default 1..all)")
   ap.add_argument("--warmup_batches", type=int, default=2)
   ap.add_argument("--batches", type=int, default=4)
+  ap.add_argument("--imagenet_images", type=int, default=0,
+                  help="> 0: also compare pipelines at 224 px on this many ImageNet-shaped JPEGs")
+  ap.add_argument("--imagenet_dir", default="/tmp/nnclr_bench_imagenet_shaped")
+  ap.add_argument("--imagenet_modes", default="wave1,uint8_full_decode,crop_windows")
   args = ap.parse_args(argv)
+  if args.imagenet_images and not args.modes and not args.large_size:
+    import tensorflow as tf
+    cores = [int(c) for c in args.cores.split(",")] if args.cores else [2]
+    print(json.dumps({"benchmark": "input_pipeline_224_imagenet_shaped",
+                      "results": compare_224(args, cores), "device": peak.machine(),
+                      "tf_version": tf.__version__, "settings": vars(args),
+                      "env": common.environment(), "load_average": peak.load_average(),
+                      "date": time.strftime("%Y-%m-%d %H:%M:%S")}))
+    return
   if not os.path.isdir(args.image_dir):
     ap.error(f"--image_dir={args.image_dir} is not a directory; point it at CIFAR-10 train")
   available = len(os.sched_getaffinity(0))

@@ -37,11 +37,12 @@ def random_apply(fn, image, seed, p):
   return tf.cond(coin < p, lambda: fn(image), lambda: image)
 
 
-def crop_and_resize(image, seed, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
-  """Random resized crop (Szegedy et al. 2015): a box of `scale` of the area, `ratio` aspect."""
-  shape = tf.shape(image)
+def crop_window(shape, seed, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+  """(begin, size), int32 [3] each: the random resized crop's box (Szegedy et al. 2015) in an image
+  of `shape` [H, W, C], `scale` of the area at `ratio` aspect. It depends on the shape only, so a
+  reader can decode just this window of an encoded image and get the crop a decoded one gets."""
   begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
-      shape,
+      tf.cast(shape, tf.int32),
       bounding_boxes=tf.constant([0.0, 0.0, 1.0, 1.0], tf.float32, [1, 1, 4]),
       seed=seed,
       min_object_covered=0.0,
@@ -49,8 +50,21 @@ def crop_and_resize(image, seed, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
       area_range=scale,
       max_attempts=10,
       use_image_if_no_bounding_boxes=True)
-  crop = tf.slice(image, begin, crop_size)
-  out = resize(crop[tf.newaxis], size)[0]
+  return begin, crop_size
+
+
+def crop_and_resize(image, seed, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+  """Random resized crop of `crop_window`, resized to size x size: float32 in [0, 1]."""
+  begin, crop_size = crop_window(tf.shape(image), seed, scale, ratio)
+  return resize_window(tf.slice(image, begin, crop_size), size)
+
+
+def resize_window(window, size):
+  """uint8 or float [h, w, 3] -> float [size, size, 3] in [0, 1]. A uint8 window is resized before
+  it is scaled to [0, 1]: the float copy is then of the small output, not of the decoded image."""
+  out = resize(window[tf.newaxis], size)[0]
+  if window.dtype == tf.uint8:
+    out = out * (1.0 / 255.0)
   return tf.ensure_shape(tf.clip_by_value(out, 0.0, 1.0), [size, size, 3])
 
 
@@ -68,8 +82,7 @@ def resize(images, size):
 def center_resize(image, size):
   """Resize to size x size, no randomness: the non-random training view, and the evaluation
   transform at crop fraction 1 (see `eval_transform`)."""
-  out = resize(image[tf.newaxis], size)[0]
-  return tf.ensure_shape(tf.clip_by_value(out, 0.0, 1.0), [size, size, 3])
+  return resize_window(image, size)
 
 
 def eval_short_side(size, crop_fraction):
@@ -185,12 +198,19 @@ def solarize(image, seed, p=0.2, threshold=0.5):
 
 
 def augment_view(image, seed, size, cfg: AugmentConfig, view: int):
-  """One view of the BYOL pipeline; `view` 0 or 1 picks the asymmetric blur/solarize odds."""
+  """One view of the BYOL pipeline; `view` 0 or 1 picks the asymmetric blur/solarize odds.
+  `image` is uint8 or float [H, W, 3]."""
+  return _view(tf.shape(image), lambda b, c: tf.slice(image, b, c), seed, size, cfg, view)
+
+
+def _view(shape, read_window, seed, size, cfg, view):
+  """augment_view of the image of `shape` whose pixels in a box are `read_window(begin, size)`."""
   s = split_seed(seed, 6)
   if cfg.crop:
-    image = crop_and_resize(image, s[0], size, cfg.crop_scale, cfg.crop_ratio)
+    begin, crop_size = crop_window(shape, s[0], cfg.crop_scale, cfg.crop_ratio)
   else:
-    image = center_resize(image, size)
+    begin, crop_size = tf.zeros([3], tf.int32), tf.cast(shape, tf.int32)
+  image = resize_window(read_window(begin, crop_size), size)
   image = flip(image, s[1], cfg.flip_prob)
   if cfg.jitter_prob > 0:
     image = color_jitter(image, s[2], cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue,
@@ -202,6 +222,15 @@ def augment_view(image, seed, size, cfg: AugmentConfig, view: int):
 
 
 def two_views(image, seed, size, cfg: AugmentConfig):
-  """(view1, view2) of one image; the two views use independent seeds split from `seed`."""
+  """(view1, view2) of one uint8 or float image [H, W, 3]; the two views use independent seeds
+  split from `seed`."""
+  return two_views_windows(tf.shape(image), lambda b, c: tf.slice(image, b, c), seed, size, cfg)
+
+
+def two_views_windows(shape, read_window, seed, size, cfg: AugmentConfig):
+  """`two_views` of an image not decoded yet: `shape` is its [H, W, 3] and `read_window(begin,
+  size)` returns its pixels in that box (int32 [3] each), e.g. by decoding only that window of a
+  JPEG. The boxes, and so the views, are those `two_views` makes of the decoded image."""
   s = split_seed(seed, 2)
-  return augment_view(image, s[0], size, cfg, 0), augment_view(image, s[1], size, cfg, 1)
+  return (_view(shape, read_window, s[0], size, cfg, 0),
+          _view(shape, read_window, s[1], size, cfg, 1))

@@ -63,12 +63,16 @@ class Source:
 
 @dataclasses.dataclass
 class StreamSource:
-  """A tfds split too large to hold decoded in memory (e.g. imagenet2012), read as a stream.
+  """A tfds split too large to hold decoded in memory (e.g. imagenet2012), read from its files.
 
-  Its pipeline shards files per input pipeline (tfds ReadConfig.input_context), shuffles with a
-  seeded buffer and derives augmentation seeds from (seed, pipeline, position). It is reproducible
-  for a fixed number of input pipelines, but unlike in-memory sources its global batch depends on
-  how many workers read it.
+  Prepared as ArrayRecord (and `array_record` installed), its examples are read by index: the
+  pretraining stream keeps the in-memory contract exactly (a pure function of (seed, step),
+  whatever the number of workers) and a resumed run reads only the records of its first batch.
+  Prepared as TFRecord, each input pipeline reads its own shards (file i goes to pipeline
+  i mod pipelines) in an order drawn from (seed, epoch, pipeline), `shards_per_block` shards at a
+  time, with their records in a seeded order within each block: the stream is a pure function of
+  (seed, step, number of input pipelines), and a resume reads one block of raw records, without
+  decoding, before its first batch.
   """
   builder: object
   split: str
@@ -77,7 +81,7 @@ class StreamSource:
   labelled: bool
   name: str = ""
   skipped: int = 0
-  shuffle_buffer: int = 10_000
+  shards_per_block: int = 4
 
   def __len__(self):
     return self.num_examples
@@ -85,6 +89,13 @@ class StreamSource:
   @property
   def has_labels(self):
     return self.labelled
+
+  @property
+  def random_access(self):
+    """Whether examples can be read by index (an ArrayRecord dataset, `array_record` installed)."""
+    import importlib.util
+    fmt = getattr(self.builder.info.file_format, "value", self.builder.info.file_format)
+    return fmt == "array_record" and importlib.util.find_spec("array_record") is not None
 
 
 def numpy_source(images, labels=None, class_names=None, name="numpy"):
@@ -160,6 +171,41 @@ def decode_image(data):
   image = tf.io.decode_image(data, channels=3, expand_animations=False)
   image.set_shape([None, None, 3])
   return image
+
+
+# Off: in benchmarks/input_pipeline.py (224 px, ImageNet-shaped JPEGs, 2 cores) decoding the two
+# crop windows separately was not faster than one full decode and two uint8 slices (92.7 vs 101.7
+# pairs/s, benchmarks/RESULTS.md): the windows overlap and each re-reads the entropy-coded data.
+FUSED_JPEG_CROP = False
+
+
+def _is_jpeg(data):
+  return tf.equal(tf.strings.substr(data, 0, 3), b"\xff\xd8\xff")
+
+
+def two_views_encoded(data, seed, size, aug, fused=None):
+  """augment.two_views of an encoded image without decoding it whole when it is a JPEG: the crop
+  boxes come from the header's shape (`tf.image.extract_jpeg_shape`) and only those windows are
+  decoded. Same boxes and pixels as decoding first; other formats are decoded in full."""
+  fused = FUSED_JPEG_CROP if fused is None else fused
+
+  def jpeg():
+    shape = tf.concat([tf.image.extract_jpeg_shape(data)[:2], [3]], 0)
+
+    def read(begin, crop):
+      window = tf.image.decode_and_crop_jpeg(
+          data, tf.stack([begin[0], begin[1], crop[0], crop[1]]), channels=3)
+      window.set_shape([None, None, 3])
+      return window
+
+    return augment.two_views_windows(shape, read, seed, size, aug)
+
+  def whole():
+    return augment.two_views(decode_image(data), seed, size, aug)
+
+  if not fused:
+    return whole()
+  return tf.cond(_is_jpeg(data), jpeg, whole)
 
 
 def decode_error(path):
@@ -340,6 +386,15 @@ def load_sources(cfg: DataConfig, seed=0):
   return train, held
 
 
+def _item_fn(source):
+  """(index tensor -> uint8 image [H, W, 3] or encoded bytes, whether it returns bytes)."""
+  if source.images is not None:
+    images = tf.constant(source.images)
+    return (lambda i: tf.gather(images, i)), False
+  paths = tf.constant(source.paths)
+  return (lambda i: tf.io.read_file(tf.gather(paths, i))), True
+
+
 def _load_fn(source):
   """index tensor -> uint8 image [H, W, 3]."""
   if source.images is not None:
@@ -372,13 +427,11 @@ def pretrain_dataset(source, aug: AugmentConfig, image_size, global_batch, seed,
     raise DataError(f"--batch_size={global_batch} must be divisible by the {replicas} replicas")
   per_replica = global_batch // replicas
   local = replicas // ctx.num_input_pipelines
-  if isinstance(source, StreamSource):
-    return _stream_pretrain_dataset(source, aug, image_size, per_replica, local, seed,
-                                    start_step, ctx)
+  if isinstance(source, StreamSource) and not source.random_access:
+    return _tfrecord_pretrain_dataset(source, aug, image_size, per_replica, local, seed,
+                                      start_step, ctx)
   first = ctx.input_pipeline_id * local
   epoch_len = spe * global_batch
-  load = _load_fn(source)
-  labels = tf.constant(source.labels, tf.int32)
 
   # Row offsets within one global batch for this pipeline's replicas, in replica order.
   offsets = tf.constant(
@@ -393,13 +446,33 @@ def pretrain_dataset(source, aug: AugmentConfig, image_size, global_batch, seed,
     within = pos % epoch_len
     example = tf.random.experimental.index_shuffle(
         within, tf.stack([tf.cast(seed, tf.int64), epoch]), tf.constant(n - 1, tf.int64))
-    image = tf.image.convert_image_dtype(load(example), tf.float32)
-    view1, view2 = augment.two_views(image, augment.example_seed(seed, epoch, example),
-                                     image_size, aug)
-    return {"view1": view1, "view2": view2, "label": tf.gather(labels, example)}
+    return example, epoch
+
+  def augmented(example, epoch, item, label):
+    s = augment.example_seed(seed, epoch, example)
+    if source_is_encoded:
+      view1, view2 = two_views_encoded(item, s, image_size, aug)
+    else:
+      view1, view2 = augment.two_views(item, s, image_size, aug)
+    return {"view1": view1, "view2": view2, "label": label}
 
   ds = tf.data.Dataset.range(start_step, tf.int64.max).flat_map(positions)
-  ds = ds.map(element, num_parallel_calls=AUTOTUNE, deterministic=True)
+  if isinstance(source, StreamSource):
+    # Random access by index (ArrayRecord): records are read a batch at a time, one Python call.
+    read = _record_reader(source)
+    ds = ds.map(element).batch(per_replica).map(lambda e, ep: (e, ep) + read(e)).unbatch()
+    source_is_encoded = True
+  else:
+    load, source_is_encoded = _item_fn(source)
+    labels = tf.constant(source.labels, tf.int32)
+
+    def loaded(e, ep):
+      return e, ep, load(e), tf.gather(labels, e)
+
+    ds = ds.map(lambda pos: augmented(*loaded(*element(pos))), num_parallel_calls=AUTOTUNE,
+                deterministic=True)
+  if isinstance(source, StreamSource):
+    ds = ds.map(augmented, num_parallel_calls=AUTOTUNE, deterministic=True)
   ds = ds.batch(per_replica, drop_remainder=True)
   # flat_map hides that the stream never ends. Declared infinite, multi-worker input keeps the
   # static batch dimension (tf.distribute relaxes it to None for finite/unknown datasets in
@@ -411,23 +484,117 @@ def pretrain_dataset(source, aug: AugmentConfig, image_size, global_batch, seed,
   return ds.with_options(options).prefetch(AUTOTUNE)
 
 
-def _stream_pretrain_dataset(source, aug, image_size, per_replica, local, seed, start_step, ctx):
+def _raw_example(source):
+  """serialized tfds example -> (encoded image bytes, int32 label or -1), nothing decoded."""
   import tensorflow_datasets as tfds
-  read_config = tfds.ReadConfig(input_context=ctx, shuffle_seed=seed, try_autocache=False)
-  ds = source.builder.as_dataset(split=source.split, shuffle_files=True, read_config=read_config)
-  ds = ds.repeat().shuffle(source.shuffle_buffer, seed=seed).enumerate()
-  pipeline = ctx.input_pipeline_id
+  features = source.builder.info.features
 
-  def element(position, ex):
-    image, label = _tfds_example(ex)
-    image = tf.image.convert_image_dtype(image, tf.float32)
+  def parse(record):
+    ex = features.deserialize_example(record, decoders={"image": tfds.decode.SkipDecoding()})
+    label = tf.cast(ex["label"], tf.int32) if "label" in ex else tf.constant(-1, tf.int32)
+    return ex["image"], label
+
+  return parse
+
+
+def _record_reader(source):
+  """int64 [b] example indices -> (encoded images [b], labels [b]) of an ArrayRecord split."""
+  records = source.builder.as_data_source(split=source.split).data_source
+  parse = _raw_example(source)
+
+  def fetch(idx):
+    return np.asarray(records.__getitems__([int(i) for i in idx]), dtype=object)
+
+  def read(idx):
+    raw = tf.numpy_function(fetch, [idx], tf.string, stateful=False)
+    raw.set_shape(idx.shape)
+    return tf.map_fn(parse, raw, fn_output_signature=(tf.string, tf.int32))
+
+  return read
+
+
+def _shard_plan(source, pipeline, pipelines):
+  """This pipeline's shards of a TFRecord split, as (files, skips, takes) of tfds's file
+  instructions (a sliced split reads part of a file)."""
+  instructions = source.builder.info.splits[source.split].file_instructions
+  mine = instructions[pipeline::pipelines]
+  if not mine:
+    raise DataError(f"{source.name} has {len(instructions)} files for {pipelines} input "
+                    "pipelines; every pipeline needs at least one (prepare it with more shards "
+                    "or as ArrayRecord)")
+  files = np.array([str(f.filename) for f in mine])
+  skips = np.array([f.skip for f in mine], np.int64)
+  takes = np.array([f.take for f in mine], np.int64)
+  return files, skips, takes
+
+
+def _stream_key(seed, *parts):
+  """A [2] stateless seed from the run seed and integer `parts`."""
+  key = tf.stack([tf.cast(seed, tf.int64), tf.constant(0x5712EA, tf.int64)])
+  for p in parts:
+    key = tf.random.experimental.stateless_fold_in(key, tf.cast(p, tf.int64))
+  return key
+
+
+def _shard_order(seed, epoch, pipeline, num_shards):
+  """The order an input pipeline reads its shards in during `epoch`: a function of these only."""
+  key = _stream_key(seed, 0, epoch, pipeline)
+  return tf.random.experimental.index_shuffle(
+      tf.range(num_shards, dtype=tf.int64), key, tf.constant(num_shards - 1, tf.int64))
+
+
+def _tfrecord_pretrain_dataset(source, aug, image_size, per_replica, local, seed, start_step,
+                               ctx):
+  """The stream of a TFRecord split (see StreamSource): blocks of shards in a per-epoch order,
+  their raw records permuted within the block, then decoded (crop windows only) and augmented
+  with seeds from (seed, pipeline, position). Resuming at a step computes which block holds its
+  first row and skips raw records within that block only."""
+  pipeline, pipelines = ctx.input_pipeline_id, ctx.num_input_pipelines
+  files, skips, takes = _shard_plan(source, pipeline, pipelines)
+  num_shards, per_block = len(files), max(1, source.shards_per_block)
+  blocks = -(-num_shards // per_block)
+  epoch_len = int(takes.sum())
+  files_t, skips_t, takes_t = tf.constant(files), tf.constant(skips), tf.constant(takes)
+
+  def block_shards(epoch, block):
+    order = _shard_order(seed, epoch, pipeline, num_shards)
+    return order[block * per_block:tf.minimum((block + 1) * per_block, num_shards)]
+
+  def read_block(g):
+    epoch, block = g // blocks, g % blocks
+    shards = block_shards(epoch, block)
+    parts = tf.data.Dataset.from_tensor_slices(
+        (tf.gather(files_t, shards), tf.gather(skips_t, shards), tf.gather(takes_t, shards)))
+    raw = parts.flat_map(lambda f, s, t: tf.data.TFRecordDataset(f).skip(s).take(t))
+    records = raw.batch(epoch_len).get_single_element()
+    key = _stream_key(seed, 1, g, pipeline)
+    count = tf.cast(tf.size(records), tf.int64)
+    perm = tf.random.experimental.index_shuffle(tf.range(count), key, count - 1)
+    return tf.data.Dataset.from_tensor_slices(tf.gather(records, perm))
+
+  # The first row this pipeline needs: which epoch, which block of that epoch's order, how far in.
+  start = start_step * local * per_replica
+  epoch, within = divmod(start, epoch_len)
+  order = _shard_order(seed, epoch, pipeline, num_shards).numpy()
+  sizes = [takes[order[b * per_block:(b + 1) * per_block]].sum() for b in range(blocks)]
+  first = int(np.searchsorted(np.cumsum(sizes), within, side="right"))
+  offset = within - int(np.sum(sizes[:first]))
+
+  ds = tf.data.Dataset.range(epoch * blocks + first, tf.int64.max).flat_map(read_block)
+  ds = ds.skip(offset)
+  ds = tf.data.Dataset.zip(tf.data.Dataset.range(start, tf.int64.max), ds)
+  parse = _raw_example(source)
+
+  def element(position, record):
+    image, label = parse(record)
     s = augment.example_seed(seed, pipeline, position)
-    view1, view2 = augment.two_views(image, s, image_size, aug)
+    view1, view2 = two_views_encoded(image, s, image_size, aug)
     return {"view1": view1, "view2": view2, "label": label}
 
-  ds = ds.skip(start_step * local * per_replica)
   ds = ds.map(element, num_parallel_calls=AUTOTUNE, deterministic=True)
-  return ds.batch(per_replica, drop_remainder=True).prefetch(AUTOTUNE)
+  ds = ds.batch(per_replica, drop_remainder=True)
+  ds = ds.apply(tf.data.experimental.assert_cardinality(tf.data.INFINITE_CARDINALITY))
+  return ds.prefetch(AUTOTUNE)
 
 
 def distributed_pretrain_dataset(strategy, source, aug, image_size, global_batch, seed,
