@@ -13,9 +13,12 @@ import sys
 import time
 
 import numpy as np
+import pytest
 
 import tolerances
 from conftest import REPO
+
+pytestmark = pytest.mark.slow  # run.py processes end to end
 
 # A small lr keeps float reduction-order differences (1e-7) from being amplified by LARS.
 COMMON = ["--flagfile=flags/quickstart.cfg", "--seed=7", "--learning_rate=0.05",

@@ -11,6 +11,8 @@ import pytest
 import tolerances
 from conftest import REPO
 
+pytestmark = pytest.mark.slow  # run.py processes end to end
+
 TINY = ["--proj_hidden_dim=64", "--pred_hidden_dim=64", "--width=16", "--verbose=0"]
 
 

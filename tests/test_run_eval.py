@@ -13,6 +13,8 @@ from nnclr_tf import plots
 from nnclr_tf.linear_probe import load_probe
 from test_run import TINY, run
 
+pytestmark = pytest.mark.slow  # run.py processes end to end
+
 COMMON = ["--flagfile=flags/quickstart.cfg", *TINY, "--plot_tsne_points=300"]
 
 
