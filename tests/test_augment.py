@@ -64,6 +64,7 @@ def test_crop_static_shape_range_and_determinism():
   np.testing.assert_allclose(full.numpy(), augment.center_resize(x, 16).numpy(), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_views_are_asymmetric_and_static():
   x = _image(32)
   cfg = AugmentConfig(blur_prob=(1.0, 0.0), solarize_prob=(0.0, 0.0))

@@ -17,6 +17,8 @@ import peak  # noqa: E402
 import peer_compare  # noqa: E402
 import throughput  # noqa: E402
 
+pytestmark = pytest.mark.slow  # each benchmark script end to end, tiny
+
 TINY = ["--backbone=small_cnn", "--width=8", "--image_size=16", "--proj_hidden_dim=32",
         "--pred_hidden_dim=32", "--embedding_dim=16", "--batch_size=16", "--warmup=1"]
 

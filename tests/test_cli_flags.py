@@ -145,6 +145,7 @@ def test_flagfile_moves_but_nothing_after_double_dash(parse):
       "run.py", f"--flagfile={path}", "--mode=plots", "--seed=2", "--", "--flagfile=x"]
 
 
+@pytest.mark.slow
 def test_mode_from_the_command_line_reaches_main(tmp_path):
   """Through app.run in a real process: --mode=linear_eval before the quickstart preset (whose
   own --mode is pretrain) must run linear_eval, which stops on the empty model_dir instead of

@@ -40,6 +40,7 @@ def test_split_balanced_is_class_balanced_and_seeded():
     data.split_balanced(s, 100, seed=0)
 
 
+@pytest.mark.slow
 def test_same_seed_gives_identical_batches_twice():
   s = _toy()
   a = _take(data.pretrain_dataset(s, AUG, 8, 8, seed=5), 3)
@@ -52,6 +53,7 @@ def test_same_seed_gives_identical_batches_twice():
   assert a[0]["view1"].shape == (8, 8, 8, 3) and a[0]["label"].dtype == np.int32
 
 
+@pytest.mark.slow
 def test_epoch_is_a_permutation_and_resume_matches():
   s = _toy(40)
   ds = data.pretrain_dataset(s, AUG, 8, 10, seed=1)
@@ -67,6 +69,7 @@ def test_epoch_is_a_permutation_and_resume_matches():
     np.testing.assert_array_equal(x["view1"], y["view1"])
 
 
+@pytest.mark.slow
 def test_global_batch_does_not_depend_on_replica_split():
   s = _toy(48)
   one = _take(data.pretrain_dataset(s, AUG, 8, 12, seed=3), 2)
@@ -117,6 +120,7 @@ def test_flat_folder_is_unlabelled(tmp_path):
   assert len(s) == 3 and not s.has_labels
 
 
+@pytest.mark.slow
 def test_tfds_dataset_built_locally(tmp_path):
   import tensorflow_datasets as tfds
 

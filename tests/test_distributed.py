@@ -66,6 +66,7 @@ def xla_and_graph(tmp_path_factory):
   return init, (r0, state(plain)), (r1, state(xla), xla)
 
 
+@pytest.mark.slow
 def test_xla_train_step_compiles_and_matches_the_graph_step(xla_and_graph, record_property):
   """The whole step (NN lookup, loss, LARS, enqueue) under jit_compile=True gives the same loss,
   weights and support set as without XLA, up to cross-kernel rounding (tolerances.py); the
@@ -108,6 +109,7 @@ def test_jit_compile_is_refused_for_several_mirrored_replicas():
     training.keras_jit_compile(True, mirrored(2))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("global_bn", [True, False])
 def test_bn_moving_statistics_on_two_replicas(global_bn, record_property):
   """A training-mode forward of 16 images on 2 replicas (8 rows each) updates the BN moving
@@ -186,6 +188,7 @@ def test_bf16_training_runs_end_to_end(tmp_path):
   np.testing.assert_allclose(np.linalg.norm(q[:32], axis=1), 1.0, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_fp16_loss_scaling_unscales_gradients_on_two_replicas(tmp_path):
   """One SGD step under mixed_float16 on 2 replicas moves the weights as float32 on one replica
   does (up to float16 rounding); gradients left scaled would move them 2**15 times further."""

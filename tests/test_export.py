@@ -85,6 +85,7 @@ def restored_model(model_dir):
   return model
 
 
+@pytest.mark.slow
 def test_run_export_versions_and_layout(served):
   base, r = served["base"], served["results"]
   assert sorted(os.listdir(os.path.join(base, "encoder"))) == ["1", "2"]  # no temp dir left
@@ -101,6 +102,7 @@ def test_run_export_versions_and_layout(served):
       assert os.path.exists(os.path.join(base, v, name)), (v, name)
 
 
+@pytest.mark.slow
 def test_existing_export_version_is_refused(served):
   before = tree_digest(served["base"])
   p = run([*TINY, f"--model_dir={served['model_dir']}", "--mode=export", "--export_version=1"])
@@ -185,6 +187,7 @@ def clean(served, tmp_path_factory):
   return dict(a=a, b=b, png_images=png_images), dict(np.load(d / "out.npz", allow_pickle=True))
 
 
+@pytest.mark.slow
 def test_clean_process_outputs_equal_in_memory_model(served, clean):
   """Both signatures of every export, loaded with TF only, against the restored checkpoint run
   through the eval pipeline's own preprocessing (augment.center_resize); the PNG signature on
@@ -250,6 +253,7 @@ def parse_saved_model_cli(text):
               for k, d in sig.items()} for s, sig in sigs.items()}
 
 
+@pytest.mark.slow
 def test_saved_model_cli_lists_named_signatures(clean):
   _, got = clean
   images = {"images": ("DT_UINT8", "(-1, -1, -1, 3)")}
@@ -268,6 +272,7 @@ def test_saved_model_cli_lists_named_signatures(clean):
                             "method": "tensorflow/serving/predict"}, (version, name, text)
 
 
+@pytest.mark.slow
 def test_warmup_records_match_signatures(served):
   from tensorflow_serving.apis import prediction_log_pb2
   for version in ("encoder/2", "classifier/1"):
@@ -395,6 +400,7 @@ def test_keras_format_round_trip(tmp_path):
     np.testing.assert_allclose(after[k], before[k], rtol=1e-5, atol=1e-6, err_msg=k)
 
 
+@pytest.mark.slow
 def test_export_bakes_in_the_eval_crop_fraction(tmp_path):
   """An export made at crop fraction 0.875 preprocesses with it after loading (both signatures,
   encoder and classifier) and records it in assets.extra/nnclr_tf.json; the default stays 1."""

@@ -46,6 +46,7 @@ def one_and_two_replicas(tmp_path_factory):
   return init, (r1, state(one), one), (r2, state(two), two)
 
 
+@pytest.mark.slow
 def test_replicas_match_one_replica(one_and_two_replicas, record_property):
   """Same global batch and seed: 1 vs 2 logical CPU replicas give the same loss, weights (incl.
   synchronised BN moving statistics) and support set after 3 steps, up to cross-kernel rounding

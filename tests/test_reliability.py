@@ -161,6 +161,7 @@ def cli(capsys):
 # ------------------------------------------------------------------------------------------------
 # 1. Crash and resume
 
+@pytest.mark.slow
 def test_restored_state_equals_the_checkpoint_bit_for_bit(tmp_path):
   """Every tensor in the checkpoint (weights, BN statistics, LARS momenta, step, support set rows,
   labels and pointer) comes back bit for bit in a model built with another seed; the LR schedule
@@ -209,6 +210,7 @@ class Crash(keras.callbacks.Callback):
       raise KeyboardInterrupt(f"simulated crash after step {self.at}")
 
 
+@pytest.mark.slow
 def test_resumed_run_ends_bit_identical_to_an_uninterrupted_one(tmp_path):
   """Python API: 14 steps straight vs the same run crashed after step 7 (a checkpoint every 3
   steps, 10 steps per epoch) and resumed by a new model object built from another seed: the
@@ -285,6 +287,7 @@ for i in range(1, 100000):
 """
 
 
+@pytest.mark.slow
 def test_kill_9_during_a_checkpoint_save(tmp_path):
   """A real kill -9 while TF is writing a checkpoint (detected by its ckpt-N_temp folder): the
   state file still names a complete checkpoint whose tensors are consistent."""
@@ -345,6 +348,7 @@ def _source_with_nan_at_step(step, n=64, batch=8, seed=7):
   return data.Source(labels=d.labels[:n], images=images, name="digits-with-nan")
 
 
+@pytest.mark.slow
 def test_nan_batch_stops_training_and_keeps_the_last_good_checkpoint(tmp_path):
   """NaN pixels reach the loss at step 8, the last step of epoch 0. Checkpoints every 3 steps:
   3 and 6 are written; neither the NaN step nor the epoch-end save may write; the error names
@@ -577,6 +581,7 @@ def _model_cfgs(width):
           SupportSetConfig(queue_size=64))
 
 
+@pytest.mark.slow
 def test_noskip_bad_images_names_the_file_and_skips_are_counted(tmp_path, cli, monkeypatch):
   from nnclr_tf import export
   monkeypatch.setattr(export, "export_encoder", lambda *a, **k: "not-exported")  # not the subject
@@ -604,6 +609,7 @@ KILL_FLAGS = [f"--flagfile={QUICKSTART}", *TINY_FLAGS, "--train_epochs=2", "--se
               "--keep_checkpoints=2"]
 
 
+@pytest.mark.slow
 def test_kill_9_mid_epoch_then_the_same_command_resumes(tmp_path, spawn):
   """kill -9 once a mid-epoch checkpoint exists; the same command resumes from it and finishes
   with the step count, and the weights, optimizer slots and support set, of an uninterrupted run
@@ -661,6 +667,7 @@ def test_kill_9_mid_epoch_then_the_same_command_resumes(tmp_path, spawn):
                     "final_steps": resumed["steps"], "tensors_compared": len(a)}))
 
 
+@pytest.mark.slow
 def test_diverging_run_exits_3_and_keeps_the_last_finite_checkpoint(tmp_path, cli):
   """run.py with a learning rate of 1e30 after a 3-step warm-up: the loss turns NaN within a few
   steps; exit code 3, one line naming the step and the kept checkpoint, whose tensors are all
@@ -679,6 +686,7 @@ def test_diverging_run_exits_3_and_keeps_the_last_finite_checkpoint(tmp_path, cl
   assert not os.path.exists(os.path.join(d, "pretrain_results.json"))
 
 
+@pytest.mark.slow
 def test_deterministic_runs_are_identical(tmp_path, spawn):
   """Two processes (run at the same time, competing for the cores), --deterministic --seed=5,
   5 steps on digits: identical loss and identical checkpoint tensors."""

@@ -87,6 +87,7 @@ def state(model):
   return {v.path: np.array(v.numpy()) for v in model.weights}
 
 
+@pytest.mark.slow
 def test_symmetric_training_step_matches_across_replica_counts(tmp_path):
   """Same global batch and seed: 1 vs 2 replicas give the same symmetric loss and the same
   weights after one step (the column term's neighbours must be the global batch's)."""
