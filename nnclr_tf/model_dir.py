@@ -332,7 +332,7 @@ class RunLock:
     try:
       os.makedirs(self.model_dir, exist_ok=True)
     except OSError as e:
-      raise ModelDirError(f"--model_dir={self.model_dir} cannot be created ({e.strerror}); "
+      raise ModelDirError(f"--model_dir={self.model_dir} is not writable ({e.strerror}); "
                           "choose another") from None
     for attempt in range(50):
       try:

@@ -174,6 +174,9 @@ class _PixelsOut:
   encoder = staticmethod(lambda x, training=False: tf.reshape(x, [tf.shape(x)[0], -1]))
   projector = staticmethod(lambda h, training=False: h)
 
+  def portable_encoder(self):
+    return self.encoder
+
 
 # Hand-worked evaluation views at size 16 (see test_augment.EVAL_BOXES): (H, W) -> resized H, W
 # and crop corner, per crop fraction.

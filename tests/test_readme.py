@@ -91,6 +91,7 @@ README_COMMANDS = {
         Run(outputs=(f"{QS}/export_results.json",)),
     'pip install -e ".[serving]"': PIP,
     "pip install .": PIP,
+    'pip install -e ".[arrayrecord]"': PIP,
     "nnclr-tf --mode=pretrain --flagfile=flags/quickstart.cfg --model_dir=runs/qs": INSTALLED,
     "saved_model_cli show --dir runs/quickstart/export/encoder/1 --all":
         Run(stdout="signature_def['serving_default']"),
