@@ -147,7 +147,7 @@ def main(argv=None):
   ap.add_argument("--temperature", type=float, default=0.1)
   ap.add_argument("--bank", type=int, default=1_000_000)
   ap.add_argument("--chunk", type=int, default=32_768, help="bank rows per chunk")
-  ap.add_argument("--noise", type=float, default=3.0, help="per-dimension noise around centres")
+  ap.add_argument("--noise", type=float, default=6.0, help="per-dimension noise around centres")
   ap.add_argument("--ref_queries", type=int, default=200)
   a = ap.parse_args(argv)
   big = a.mode == "bank"
