@@ -12,6 +12,7 @@ from conftest import REPO
 
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 import input_pipeline  # noqa: E402
+import knn_memory  # noqa: E402
 import nn_overhead  # noqa: E402
 import peak  # noqa: E402
 import peer_compare  # noqa: E402
@@ -118,3 +119,14 @@ def test_peer_compare_runs_both_in_rounds_and_divides_medians(tmp_path, capsys):
   assert r["rounds"][0]["peer_result"]["argv"][:4] == ["--batch_size", "16", "--steps", "1"]
   assert "--malloc_tune" in r["peer_cmd"]  # the peer's best setting by default
   assert peer_compare.last_json_line('x\n{"a": 1}\n{bad\n') == {"a": 1}
+
+
+def test_knn_memory_bank_mode_agrees_with_its_float32_reference(capsys):
+  """The float16 bank mode at toy size: chunks that do not divide the bank, the independent
+  float32 reference agreeing on top-1, and a peak measured against the bank's size."""
+  knn_memory.main(["--mode=bank", "--bank=3000", "--dim=32", "--classes=10", "--queries=40",
+                   "--ref_queries=20", "--chunk=700", "--k=20", "--noise=1.5"])
+  r = json_line(capsys)
+  assert r["bank"] == 3000 and r["ref_queries"] == 20
+  assert r["ref_top1_agree"] >= 19 and abs(r["knn_top1"] - r["ref_knn_top1"]) <= 0.1
+  assert r["peak_increase_mb"] >= 0 and r["bank_float16_mb"] == round(3000 * 32 * 2 / 2 ** 20)

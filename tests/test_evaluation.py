@@ -88,3 +88,78 @@ def test_feature_cache_key_names_the_eval_crop_fraction():
                                                                   eval_crop_fraction=1.0), 0)
   assert path != feature_cache_path("/m", "/m/ckpt-7", DataConfig(image_size=16, val_images=5,
                                                                   eval_crop_fraction=0.875), 0)
+
+
+def brute_force_topk(bank, queries, k):
+  bank = bank.astype(np.float64) / np.linalg.norm(bank.astype(np.float64), axis=1, keepdims=True)
+  queries = queries / np.linalg.norm(queries, axis=1, keepdims=True)
+  sims = queries @ bank.T
+  idx = np.argsort(-sims, axis=1)[:, :k]
+  return np.take_along_axis(sims, idx, axis=1), idx
+
+
+@pytest.mark.parametrize("k,bank_chunk,batch", [(5, 7, 3), (20, 64, 11), (40, 25, 50),
+                                                (230, 64, 9)])
+def test_knn_topk_over_bank_chunks_matches_brute_force(k, bank_chunk, batch):
+  """Running top-k merged over bank chunks smaller and larger than k, a last chunk that is
+  partial, and query batches that do not divide the queries: the same neighbour sets as sorting
+  every similarity (continuous random features, so no ties)."""
+  from nnclr_tf.evaluation import knn_topk
+  rng = np.random.default_rng(2)
+  bank = rng.normal(size=(230, 12)).astype(np.float32) * rng.uniform(0.5, 3, (230, 1))
+  queries = rng.normal(size=(31, 12)).astype(np.float32)
+  sims, idx = knn_topk(bank, queries, k, batch_size=batch, bank_chunk=bank_chunk)
+  want_s, want_i = brute_force_topk(bank, queries, k)
+  assert idx.shape == (31, k)
+  np.testing.assert_array_equal(np.sort(idx, 1), np.sort(want_i, 1))
+  np.testing.assert_allclose(np.sort(sims, 1), np.sort(want_s, 1), rtol=1e-5, atol=1e-6)
+  scores = knn_scores(bank, np.arange(230) % 9, queries, 9, k=k, temperature=0.1,
+                      batch_size=batch, bank_chunk=bank_chunk)
+  np.testing.assert_allclose(scores, brute_force_knn(bank, np.arange(230) % 9, queries, 9, k, 0.1),
+                             rtol=1e-4)
+
+
+def clustered(rng, n, centres, noise):
+  labels = rng.integers(0, len(centres), n)
+  x = centres[labels] + noise * rng.normal(size=(n, centres.shape[1]))
+  return x.astype(np.float32), labels
+
+
+def test_float16_bank_predicts_like_float32():
+  """A float16 bank of L2-normalised rows (half the memory) gives the float32 predictions on
+  clustered data where kNN is meaningful: >= 99% equal classes, accuracy within 0.5%."""
+  rng = np.random.default_rng(3)
+  centres = rng.normal(size=(20, 64))
+  bank, bank_l = clustered(rng, 3000, centres, 2.5)
+  queries, query_l = clustered(rng, 600, centres, 2.5)
+  s32 = knn_scores(bank, bank_l, queries, 20, k=50, temperature=0.1, bank_chunk=512)
+  bank16 = (bank / np.linalg.norm(bank, axis=1, keepdims=True)).astype(np.float16)
+  s16 = knn_scores(bank16, bank_l, queries, 20, k=50, temperature=0.1, bank_chunk=512)
+  acc32, acc16 = topk_accuracy(s32, query_l, 1), topk_accuracy(s16, query_l, 1)
+  assert 0.3 < acc32 < 0.99  # neither trivial nor hopeless, so agreement means something
+  assert np.mean(np.argmax(s16, 1) == np.argmax(s32, 1)) >= 0.99
+  assert abs(acc16 - acc32) <= 0.005
+
+
+@pytest.mark.parametrize("total", [10, None])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_extract_features_fills_one_array_and_announces_large_ones(monkeypatch, capsys, total,
+                                                                   dtype):
+  """Known total or not, the rows come back in order, in the requested dtype, the exact count
+  (no unused tail); an extraction over the threshold says rows x dim x bytes first."""
+  import tensorflow as tf
+  from nnclr_tf import evaluation, progress
+  monkeypatch.setattr(evaluation, "ANNOUNCE_BYTES", 10 * 3 * np.dtype(dtype).itemsize)
+  monkeypatch.setattr(progress, "_VERBOSE", 2)
+  images = np.arange(10 * 2 * 2 * 3, dtype=np.float32).reshape(10, 2, 2, 3)
+  ds = tf.data.Dataset.from_tensor_slices((images, np.arange(10, dtype=np.int32))).batch(4)
+  feats, labels = evaluation.extract_features(lambda x, training=False: tf.reduce_mean(x, [1, 2]),
+                                              ds, "bank", total, dtype)
+  assert feats.dtype == dtype and feats.shape == (10, 3)
+  np.testing.assert_allclose(feats, images.mean(axis=(1, 2)).astype(dtype), rtol=1e-3)
+  np.testing.assert_array_equal(labels, np.arange(10))
+  out = capsys.readouterr().out
+  if total:
+    assert f"bank: 10 x 3 x {np.dtype(dtype).itemsize} B" in out
+  else:  # capacity starts at 1,024 rows, above the threshold
+    assert "bank: 1,024 x 3" in out and "total unknown" in out
