@@ -89,6 +89,9 @@ def define_flags(fv=FLAGS):
   string("data_dir", None, "tfds data_dir (nothing is downloaded).")
   string("train_split", "train", "tfds split to pretrain on.")
   string("eval_split", "test", "tfds split to evaluate on ('' for none).")
+  string("knn_train_split", "", "tfds split of the kNN bank and of linear eval / fine-tune "
+         "training ('': --train_split), e.g. STL-10's labelled `train` when pretraining on "
+         "train+unlabelled.")
   integer("image_size", 32, "Training resolution (square).")
   real("eval_crop_fraction", 1.0, "Evaluation and serving: resize the shorter side to "
        "image_size / f, centre-crop image_size (ImageNet: 0.875); 1.0 resizes the whole image.")

@@ -36,6 +36,9 @@ class DataConfig:
   data_dir: Optional[str] = None      # tfds data_dir
   train_split: str = "train"
   eval_split: str = "test"
+  # tfds split of kNN's bank and the supervised evaluations' training set ('': the training
+  # split). STL-10 pretrains on train+unlabelled but only `train` carries labels.
+  knn_train_split: str = ""
   image_size: int = 32
   cache_limit_mb: int = 2048          # decoded images are held in memory when they fit this
   # Evaluation view (augment.eval_transform): 1.0 resizes the whole image to image_size (the
@@ -185,8 +188,8 @@ FLAG_ALIASES: Dict[str, str] = {"linear_random_init": "random_init_baseline"}
 
 FLAG_FIELDS: Dict[str, str] = {
     **{f: f"data.{f}" for f in ("dataset", "image_dir", "eval_image_dir", "val_images", "data_dir",
-                                "train_split", "eval_split", "image_size", "cache_limit_mb",
-                                "skip_bad_images", "eval_crop_fraction")},
+                                "train_split", "eval_split", "knn_train_split", "image_size",
+                                "cache_limit_mb", "skip_bad_images", "eval_crop_fraction")},
     "crop_min_scale": "augment.crop_scale",
     **{f: f"augment.{f}" for f in ("flip_prob", "jitter_prob", "brightness", "contrast",
                                    "saturation", "hue", "grayscale_prob", "blur_prob",
@@ -380,6 +383,13 @@ def validate(exp: Experiment):
     raise ConfigError("--train_steps and --train_epochs must be >= 0")
   if d.dataset == "folder" and not d.image_dir:
     raise ConfigError("--dataset=folder needs --image_dir=<folder of images>")
+  if d.knn_train_split and d.dataset in ("digits", "folder", "numpy"):
+    raise ConfigError(f"--knn_train_split names a tfds split; --dataset={d.dataset} has none "
+                      "(leave it empty)")
+  if d.knn_train_split and d.val_images:
+    # The held-out images are carved from --train_split; another split as the bank could hold
+    # them too.
+    raise ConfigError("--knn_train_split cannot go with --val_images; use --eval_split")
   if exp.export.version < 0:
     raise ConfigError(f"--export_version={exp.export.version} must be >= 0 (0: the next version)")
   for flag in ("flip_prob", "jitter_prob", "grayscale_prob"):

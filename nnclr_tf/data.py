@@ -325,10 +325,12 @@ def tfds_source(name, split, data_dir, size, limit_mb, eval_crop_fraction=1.0):
     raise DataError(f"--dataset={name}: not prepared in --data_dir={data_dir!r} and this run does "
                     f"not download; run `tfds build {name} --data_dir=DIR` where there is network, "
                     "or use --dataset=folder")
-  if split not in builder.info.splits:
-    raise DataError(f"split {split!r} not in {name} (has {', '.join(builder.info.splits)}); "
-                    "fix --train_split/--eval_split")
-  n = builder.info.splits[split].num_examples
+  try:  # tfds reads split expressions: "train+unlabelled", "train[:10%]"
+    n = builder.info.splits[split].num_examples
+  except Exception as e:  # ValueError, KeyError or AssertionError depending on the expression
+    raise DataError(f"split {split!r} of {name}: {e} (splits: "
+                    f"{', '.join(builder.info.splits)}, combined as 'train+unlabelled' or sliced "
+                    "as 'train[:10%]'); fix --train_split/--eval_split/--knn_train_split") from None
   features = builder.info.features
   has_label = "label" in features
   names = list(features["label"].names) if has_label else []
@@ -393,6 +395,15 @@ def _item_fn(source):
     return (lambda i: tf.gather(images, i)), False
   paths = tf.constant(source.paths)
   return (lambda i: tf.io.read_file(tf.gather(paths, i))), True
+
+
+def knn_bank_source(cfg: DataConfig, train):
+  """The labelled images kNN votes with and the supervised evaluations train on: the
+  --knn_train_split of the tfds dataset, else the training source itself."""
+  if not cfg.knn_train_split or cfg.knn_train_split == cfg.train_split:
+    return train
+  return tfds_source(cfg.dataset, cfg.knn_train_split, cfg.data_dir, cfg.image_size,
+                     cfg.cache_limit_mb, cfg.eval_crop_fraction)
 
 
 def _load_fn(source):

@@ -91,6 +91,16 @@ def load_data(exp: Experiment):
   return data.load_sources(exp.data, exp.train.seed)
 
 
+def eval_data(exp: Experiment, train=None):
+  """(bank, held-out) of the evaluations: the bank is --knn_train_split when set (the labelled
+  part of a partly unlabelled training set), else the training source; `train`: already loaded."""
+  from nnclr_tf import data
+  held = None
+  if train is None:
+    train, held = load_data(exp)
+  return data.knn_bank_source(exp.data, train), held
+
+
 # --- pretrain ----------------------------------------------------------------------------------
 
 @_locked("pretrain")
@@ -136,11 +146,12 @@ def pretrain(exp: Experiment, strategy=None, flags_text: Optional[str] = None) -
   step = results["steps"]
   same_step = recorded.get("steps") == step
   final = md.checkpoint_at(t.model_dir, step)
+  bank, _ = eval_data(exp, train)  # --knn_train_split, else the training images
   # kNN and plots before the export, so that the export's metadata carries the kNN figures.
   if not (same_step and md.evaluated(recorded)):
-    results.update(knn_results(exp, model, train, held, final) or {"knn_skipped": True})
+    results.update(knn_results(exp, model, bank, held, final) or {"knn_skipped": True})
   if exp.plots.enabled and not (same_step and md.plots_exist(recorded)):
-    results["plots"] = write_plots(exp, model, train, held, step, final)
+    results["plots"] = write_plots(exp, model, bank, held, step, final)
   results.update(train_examples=len(train), skipped_images=train.skipped,
                  skipped_eval_images=0 if held is None else held.skipped,
                  global_batch=t.batch_size, replicas=strategy.num_replicas_in_sync)
@@ -262,8 +273,12 @@ def knn_results(exp: Experiment, model, train, held, checkpoint=None):
   With `checkpoint` (the path `model` holds), features come from and go to the cache shared with
   linear_eval and plots (model_dir/features)."""
   from nnclr_tf import evaluation
-  if held is None or not train.has_labels or not held.has_labels:
+  if held is None or not held.has_labels:
     logging.info("no labelled eval split: kNN skipped")
+    return {}
+  if not train.has_labels:
+    logging.info("the kNN bank %s has unlabelled images: kNN skipped (--knn_train_split names a "
+                 "labelled split)", train.name)
     return {}
   if len(set(train.labels.tolist())) < 2:  # one class: every vote is right, a meaningless 100%
     logging.warning("kNN skipped: the training images have a single class (%s)",
@@ -278,7 +293,8 @@ def knn_results(exp: Experiment, model, train, held, checkpoint=None):
     rand = evaluation.knn_eval_features(*random_init_features(exp, train, held), classes,
                                         e.knn_k, e.knn_temperature)
     out.update(knn_top1_random_init=rand["knn_top1"], knn_top5_random_init=rand["knn_top5"])
-  out.update(knn_k=e.knn_k, knn_temperature=e.knn_temperature, eval_examples=len(held))
+  out.update(knn_k=e.knn_k, knn_temperature=e.knn_temperature, eval_examples=len(held),
+             knn_bank_examples=len(train))
   return out
 
 
@@ -288,7 +304,7 @@ def knn_eval(exp: Experiment, strategy=None) -> Dict[str, Any]:
   from nnclr_tf import distributed
   strategy = _strategy(exp, strategy)
   model, latest = restored_model(exp, strategy)
-  train, held = load_data(exp)
+  train, held = eval_data(exp)
   results = knn_results(exp, model, train, held)  # extracted afresh: checks the restore
   results["checkpoint"] = latest
   if distributed.is_chief(strategy):  # multi-worker: only the chief writes into model_dir
@@ -300,10 +316,10 @@ def knn_eval(exp: Experiment, strategy=None) -> Dict[str, Any]:
 
 def labelled_splits(exp: Experiment, mode):
   """(train, held, num_classes) for a supervised evaluation; DataError when labels are missing."""
-  train, held = load_data(exp)
+  train, held = eval_data(exp)
   if not train.has_labels:
-    raise DataError(f"--mode={mode} needs labelled training images (class sub-folders or a "
-                    "labelled dataset)")
+    raise DataError(f"--mode={mode} needs labelled training images (class sub-folders, a "
+                    "labelled dataset, or --knn_train_split naming its labelled split)")
   if held is None or not held.has_labels:
     raise DataError(f"--mode={mode} needs a labelled eval split: set --val_images=N, "
                     "--eval_split or --eval_image_dir")
@@ -418,7 +434,7 @@ def plots(exp: Experiment, strategy=None) -> Dict[str, Any]:
   """Retrieval grid, embedding map and training curves of the latest checkpoint."""
   strategy = _strategy(exp, strategy)
   model, latest = restored_model(exp, strategy)
-  train, held = load_data(exp)
+  train, held = eval_data(exp)
   return {"plots": write_plots(exp, model, train, held, md.checkpoint_step(latest), latest),
           "checkpoint": latest}
 

@@ -130,3 +130,55 @@ def test_knn_memory_bank_mode_agrees_with_its_float32_reference(capsys):
   assert r["bank"] == 3000 and r["ref_queries"] == 20
   assert r["ref_top1_agree"] >= 19 and abs(r["knn_top1"] - r["ref_knn_top1"]) <= 0.1
   assert r["peak_increase_mb"] >= 0 and r["bank_float16_mb"] == round(3000 * 32 * 2 / 2 ** 20)
+
+
+def test_parity_carves_a_shared_split_and_scores_both_sides(tmp_path, capsys):
+  import parity
+  from PIL import Image
+  source = tmp_path / "source"
+  for c in ("a", "b", "c"):
+    (source / c).mkdir(parents=True)
+    for i in range(12):
+      Image.fromarray(np.full((16, 16, 3), 8 * i + 70 * "abc".index(c), np.uint8)).save(
+          source / c / f"{i:02d}.png")
+  # A stand-in for the peer's knn_budget.py (its output format; it echoes its arguments), so the
+  # smoke needs no PyTorch; ours is the real experiment on a tiny model.
+  peer_dir = tmp_path / "peer"
+  peer_dir.mkdir()
+  (peer_dir / "knn_budget.py").write_text(
+      "import json, sys\n"
+      "a = sys.argv[1:]\n"
+      "print(json.dumps({'knn_top1_before': 0.2, 'knn_top1_after': 0.5, 'argv': a,\n"
+      "  'train': {'steps': int(a[a.index('--steps') + 1]), 'pairs_per_s': 30.0},\n"
+      "  'config': {'train_images': 28, 'test_images': 8}}))\n")
+  split, results = tmp_path / "split", tmp_path / "r.jsonl"
+  tiny = ["backbone=small_cnn", "width=8", "image_size=16", "proj_hidden_dim=32",
+          "pred_hidden_dim=32", "embedding_dim=16", "queue_size=64", "knn_k=5", "verbose=0"]
+  common = [f"--source={source}", f"--split_dir={split}", "--val_images=8", "--steps=2",
+            "--batch_size=8", f"--work_dir={tmp_path / 'runs'}", f"--results={results}",
+            f"--peer_python={sys.executable}", f"--peer_dir={peer_dir}"]
+  parity.main([*common, "--side=both", *[f"--override={o}" for o in tiny]])
+  peer, ours = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+  val = sorted(p.relative_to(split / "val") for p in (split / "val").rglob("*.png"))
+  train = sorted(p.relative_to(split / "train") for p in (split / "train").rglob("*.png"))
+  assert len(val) == 8 and len(train) == 28 and not set(val) & set(train)
+  assert sorted(len(list((split / "val" / c).iterdir())) for c in "abc") == [2, 3, 3]
+  assert (split / "val" / val[0]).resolve() == source / val[0]
+  assert peer["side"] == "peer" and peer["knn_top1"] == 0.5 and peer["pairs_per_s"] == 30.0
+  assert peer["peer_cmd"][2:6] == ["--train_dir", str(split / "train"), "--eval_dir",
+                                   str(split / "val")] and "--malloc_tune" in peer["peer_cmd"]
+  assert ours["side"] == "ours" and ours["steps_done"] == 2 and 0 <= ours["knn_top1"] <= 1
+  assert ours["train_images"] == 28 and ours["eval_images"] == 8 and ours["pairs_per_s"] > 0
+  assert ours["settings"] == {"use_nn": True, "symmetric_loss": True,
+                              "weight_decay_mode": "coupled"}  # the lightly preset's
+  # A later part of the protocol reuses the split and appends; the summary groups by setting.
+  parity.main([*common, "--side=peer", "--seed=1"])
+  with pytest.raises(SystemExit, match="another --split_dir"):
+    parity.main([*common, "--side=peer", "--val_images=9"])
+  with pytest.raises(SystemExit):  # the ablations change our side only
+    parity.main([*common, "--side=both", "--use_nn=false"])
+  capsys.readouterr()
+  parity.main([f"--results={results}", "--summary"])
+  groups = {g["side"]: g for g in json_line(capsys)["groups"]}
+  assert groups["peer"]["runs"] == 2 and groups["peer"]["seeds"] == [0, 1]
+  assert groups["peer"]["knn_top1_mean"] == 0.5 and groups["ours"]["runs"] == 1

@@ -72,6 +72,9 @@ def test_overrides_by_flag_name_and_export_base_follows_model_dir():
     ({"learning_rate": float("inf")}, "--learning_rate=inf"),
     ({"optimizer": "adam"}, "--optimizer='adam' is unknown"),
     ({"batch_szie": 8}, "unknown flag --batch_szie"),
+    ({"knn_train_split": "train"}, "--dataset=digits has none"),
+    ({"dataset": "stl10", "knn_train_split": "train", "val_images": 500},
+     "cannot go with --val_images"),
 ])
 def test_validated_once_with_the_flag_named(values, needle):
   with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace("+", r"\+")):

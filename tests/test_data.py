@@ -1,3 +1,4 @@
+import dataclasses
 import os
 
 import numpy as np
@@ -258,3 +259,71 @@ def test_cached_lazy_and_served_images_are_resized_alike(tmp_path, fraction, mon
   board = (np.indices((40, 40)).sum(0) % 2 * 255).astype(np.uint8)
   small = export.preprocess(tf.constant(np.repeat(board[None, ..., None], 3, -1)), 7).numpy()
   assert np.abs(small - 0.5).max() < 0.05
+
+
+@pytest.fixture(scope="module")
+def tiny_stl(tmp_path_factory):
+  """A tfds dataset shaped like STL-10: labelled `train`, `unlabelled` (label -1) and `test`.
+  Bright images are class 1 in every labelled split, so a label can be checked from the pixels."""
+  import tensorflow_datasets as tfds
+
+  class TinyStl(tfds.core.GeneratorBasedBuilder):
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+          "image": tfds.features.Image(shape=(8, 8, 3)),
+          "label": tfds.features.ClassLabel(names=["dark", "bright"])}))
+
+    def _split_generators(self, dl_manager):
+      return {"train": self._generate_examples(24, True),
+              "unlabelled": self._generate_examples(16, False),
+              "test": self._generate_examples(8, True)}
+
+    def _generate_examples(self, n, labelled):
+      for i in range(n):
+        yield i, {"image": np.full((8, 8, 3), 40 + 170 * (i % 2), np.uint8),
+                  "label": i % 2 if labelled else -1}
+
+  root = tmp_path_factory.mktemp("tfds")
+  TinyStl(data_dir=str(root)).download_and_prepare()
+  return str(root)
+
+
+def test_tfds_split_expressions_and_knn_bank_split(tiny_stl):
+  cfg = DataConfig(dataset="tiny_stl", data_dir=tiny_stl, image_size=8,
+                   train_split="train+unlabelled", knn_train_split="train", eval_split="test")
+  train, held = data.load_sources(cfg)
+  assert len(train) == 40 and len(held) == 8
+  assert sorted(np.bincount(train.labels + 1).tolist()) == [12, 12, 16]  # -1, 0, 1
+  assert not train.has_labels  # the unlabelled rows keep -1 (the online probe masks them)
+  bank = data.knn_bank_source(cfg, train)
+  assert len(bank) == 24 and bank.has_labels and bank.name == "tiny_stl:train"
+  np.testing.assert_array_equal(bank.images.mean(axis=(1, 2, 3)) > 100, bank.labels == 1)
+  # Without --knn_train_split the bank is the training source itself.
+  assert data.knn_bank_source(dataclasses.replace(cfg, knn_train_split=""), train) is train
+  half, _ = data.load_sources(dataclasses.replace(cfg, train_split="train[:50%]"))
+  assert len(half) == 12
+  streamed, _ = data.load_sources(dataclasses.replace(cfg, cache_limit_mb=0))
+  assert isinstance(streamed, data.StreamSource) and len(streamed) == 40
+  labels = np.concatenate([b["label"] for b in _take(data.pretrain_dataset(
+      streamed, AUG, 8, 8, seed=0), 5)])
+  assert set(labels.tolist()) == {-1, 0, 1}
+  for bad in ("train+nope", "nope", "train[:abc]"):
+    with pytest.raises(data.DataError, match="fix --train_split"):
+      data.load_sources(dataclasses.replace(cfg, train_split=bad))
+
+
+@pytest.mark.slow
+def test_pretrain_on_partly_unlabelled_split_evaluates_on_labelled_bank(tiny_stl, tmp_path):
+  from nnclr_tf import experiment
+  from nnclr_tf.config import Experiment
+  exp = Experiment.from_flagfile(
+      "quickstart", model_dir=str(tmp_path / "m"), dataset="tiny_stl", data_dir=tiny_stl,
+      image_size=8, val_images=0, train_split="train+unlabelled", knn_train_split="train",
+      eval_split="test", width=8, proj_hidden_dim=32, pred_hidden_dim=32, embedding_dim=16,
+      batch_size=8, queue_size=64, train_steps=2, plots=False, knn_k=5, verbose=0)
+  r = experiment.pretrain(exp)
+  assert r["knn_bank_examples"] == 24 and r["eval_examples"] == 8 and 0 <= r["knn_top1"] <= 1
+  assert r["online_probe_acc"] is not None  # sized from the labelled rows of train+unlabelled
+  assert experiment.knn_eval(exp)["knn_bank_examples"] == 24
