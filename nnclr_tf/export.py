@@ -107,7 +107,9 @@ def _save_versioned(module, signatures, export_base, model_name, version, warmup
                       "export base") from None
   try:
     _make_readable(tmp)
-    tf.saved_model.save(module, tmp, signatures=signatures)
+    from nnclr_tf import progress
+    with progress.timed(f"{model_name} SavedModel for TF Serving"):
+      tf.saved_model.save(module, tmp, signatures=signatures)
     if warmup:
       _write_warmup(tmp, model_name, module.image_size)
     _write_metadata(tmp, metadata or {})

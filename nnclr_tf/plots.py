@@ -104,7 +104,8 @@ def embedding_map(features, labels, path, class_names=None, max_points=2000, see
   perplexity = float(min(30.0, max(2.0, (len(x) - 1) / 3)))
   from threadpoolctl import threadpool_limits
   # One OpenMP thread: on a busy 2-core machine two spinning threads made t-SNE 2-18x slower.
-  with threadpool_limits(1):
+  from nnclr_tf import progress
+  with threadpool_limits(1), progress.timed(f"t-SNE map of {len(x):,} points"):
     xy = TSNE(n_components=2, init="pca", perplexity=perplexity,
               random_state=seed).fit_transform(x)
   fig = _figure(size_px, size_px)
