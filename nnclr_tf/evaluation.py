@@ -178,9 +178,11 @@ def feature_cache_path(model_dir, checkpoint, data_cfg, seed, extra=None):
   import hashlib
   import json
   fields = dataclasses.asdict(data_cfg)
-  # The default crop fraction gives the features cached before the field existed: same key.
-  if fields.get("eval_crop_fraction") == 1.0:
-    del fields["eval_crop_fraction"]
+  # Fields added later, at their defaults, describe the features cached before they existed:
+  # left out, those keep their key.
+  for name, default in (("eval_crop_fraction", 1.0), ("knn_train_split", "")):
+    if fields.get(name) == default:
+      del fields[name]
   key = json.dumps({"data": fields, "seed": seed, "extra": extra}, sort_keys=True, default=str)
   digest = hashlib.sha1(key.encode()).hexdigest()[:10]
   name = os.path.basename(checkpoint) if checkpoint else "random_init"
