@@ -85,6 +85,7 @@ def test_xla_train_step_compiles_and_matches_the_graph_step(xla_and_graph, recor
   assert "scatter" in hlo and "f32[16,64]" in hlo  # [b, queue] similarities
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mutation", [tolerances.break_lookup, tolerances.skip_enqueue,
                                       tolerances.double_gradients],
                          ids=lambda f: f.__name__)

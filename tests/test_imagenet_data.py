@@ -77,6 +77,7 @@ def test_png_falls_back_to_a_full_decode():
     np.testing.assert_allclose(g.numpy(), w.numpy(), atol=2e-6)
 
 
+@pytest.mark.slow
 def test_resumed_stream_starts_at_the_contracts_batch(stream):
   batch, spe = 8, TRAIN // 8
   step = 2 * spe + 3  # in the 3rd epoch

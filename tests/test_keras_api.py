@@ -58,6 +58,7 @@ def oracle(model, batch):
   return loss, acc
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("replicas", [1, 2])
 def test_validation_and_evaluate_score_without_writing_the_support_set(replicas):
   """fit's validation loss and evaluate's are the numpy loss of the held-out pairs at the trained

@@ -61,6 +61,7 @@ def test_replicas_match_one_replica(one_and_two_replicas, record_property):
   np.testing.assert_array_equal(two.support_set.labels.numpy(), one.support_set.labels.numpy())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mutation,replicas", [
     (tolerances.break_lookup, 1), (tolerances.skip_enqueue, 1), (tolerances.misplace_enqueue, 1),
     (tolerances.drop_replica_1_gradient, 2)], ids=lambda x: getattr(x, "__name__", str(x)))
