@@ -333,7 +333,7 @@ class Experiment:
                                             probe.pop("linear_random_init"))
     sections = {}
     for name in SECTIONS:
-      section_cls = type(getattr(_DEFAULT_FIELDS, name))
+      section_cls = type(getattr(_DEFAULT, name))
       fields = {f.name: f for f in dataclasses.fields(section_cls)}
       kwargs = {}
       for key, value in raw.get(name, {}).items():
@@ -421,7 +421,4 @@ def validate(exp: Experiment):
   check_batch(t.batch_size, exp.support.queue_size, 1, exp.support.nn_topk)
 
 
-_DEFAULT_FIELDS = Experiment.__new__(Experiment)
-for _name in SECTIONS:
-  object.__setattr__(_DEFAULT_FIELDS, _name, Experiment.__dataclass_fields__[_name].default)
 _DEFAULT = Experiment(export=ExportConfig(base=os.path.join(TrainConfig().model_dir, "export")))

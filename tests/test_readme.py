@@ -43,9 +43,8 @@ class Run:
 
 
 # The CIFAR folder example decodes all 50,000 JPEGs once (the in-memory cache) and scores kNN of
-# a tiny encoder on them: it runs wherever ../shared/data is (CI has it); NNCLR_TEST_SHARED_DATA=0
-# skips it in a hurry.
-RUN_SHARED = os.environ.get("NNCLR_TEST_SHARED_DATA", "1") == "1"
+# a tiny encoder on them: it runs wherever ../shared/data is (CI has it beside the clone).
+NO_SHARED = "../shared/data/cifar10/train (the 50,000 CIFAR-10 JPEGs) is not beside this checkout"
 
 PARSE = "parse"          # needs what this machine lacks; run.py flags parsed only
 NOT_RUN = "not run"      # needs what this machine lacks; not a run.py command
@@ -391,11 +390,7 @@ def test_quickstart_as_written(quickstart):
 def test_command_as_written(key, quickstart):
   if "../shared/" in key:
     if not shared_cifar():
-      pytest.skip("needs ../shared/data/cifar10/train (50,000 CIFAR-10 JPEGs) next to the repo "
-                  "or above it; not on this machine")
-    if not RUN_SHARED:
-      pytest.skip("NNCLR_TEST_SHARED_DATA=0 skips the CIFAR-10 folder example "
-                  "(its flags are parsed by test_flags_of_run_commands_parse)")
+      pytest.skip(reason=NO_SHARED)
   if "cat.jpg" in key:
     from PIL import Image
     Image.fromarray(np.full((8, 8, 3), 200, np.uint8)).save(quickstart / "cat.jpg")
