@@ -44,8 +44,8 @@ sys.path.insert(0, HERE)
 
 from peer_compare import last_json_line  # noqa: E402
 
-DEFAULT_PEER_DIR = os.path.normpath(os.path.join(REPO, "..", "..", "shared", "peers", "lightly"))
-DEFAULT_SOURCE = os.path.normpath(os.path.join(REPO, "..", "..", "shared", "data", "cifar10",
+DEFAULT_PEER_DIR = os.path.normpath(os.path.join(REPO, "..", "shared", "peers", "lightly"))
+DEFAULT_SOURCE = os.path.normpath(os.path.join(REPO, "..", "shared", "data", "cifar10",
                                                "train"))
 PRESET = "cifar10_resnet18_lightly"
 ABLATIONS = ("use_nn", "symmetric_loss", "weight_decay_mode")
