@@ -182,3 +182,15 @@ def test_parity_carves_a_shared_split_and_scores_both_sides(tmp_path, capsys):
   groups = {g["side"]: g for g in json_line(capsys)["groups"]}
   assert groups["peer"]["runs"] == 2 and groups["peer"]["seeds"] == [0, 1]
   assert groups["peer"]["knn_top1_mean"] == 0.5 and groups["ours"]["runs"] == 1
+
+
+def test_peer_and_data_defaults_are_the_shared_folder_beside_the_repository():
+  # The brief's layout: the project's ../shared holds peers/lightly and data/cifar10/train. A wrong
+  # number of ".." once sent the documented parity command to /shared.
+  import parity
+  shared = os.path.normpath(os.path.join(REPO, "..", "shared"))
+  assert parity.DEFAULT_SOURCE == os.path.join(shared, "data", "cifar10", "train")
+  for default in (parity.DEFAULT_PEER_DIR, peer_compare.DEFAULT_PEER_DIR):
+    assert default == os.path.join(shared, "peers", "lightly")
+  if os.path.isdir(shared):
+    assert os.path.isfile(os.path.join(parity.DEFAULT_PEER_DIR, "knn_budget.py"))
