@@ -31,6 +31,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import threading
 import time
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
@@ -151,13 +152,26 @@ def run_peer(args, split):
          "--eval_dir", os.path.join(split, "val"), "--steps", str(args.steps),
          "--batch_size", str(args.batch_size), "--seed", str(args.seed)] + args.peer_flags.split()
   t0 = time.perf_counter()
-  proc = subprocess.run(cmd, cwd=args.peer_dir, capture_output=True, text=True,
-                        timeout=args.timeout)
+  # The peer logs its progress to stderr (every 10 steps); pass it on as it comes, since a run takes
+  # the better part of an hour, and keep the tail for the error message.
+  tail = collections.deque(maxlen=8)
+  with subprocess.Popen(cmd, cwd=args.peer_dir, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                        text=True) as proc:
+    timer = threading.Timer(args.timeout, proc.kill)
+    timer.start()
+    out = []
+    reader = threading.Thread(target=lambda: out.append(proc.stdout.read()))
+    reader.start()
+    for line in proc.stderr:
+      tail.append(line.rstrip())
+      print(f"peer: {line.rstrip()}", file=sys.stderr, flush=True)
+    reader.join()
+    returncode = proc.wait()
+    timer.cancel()
   seconds = time.perf_counter() - t0
-  if proc.returncode:
-    tail = "\n".join(proc.stderr.strip().splitlines()[-8:])
-    raise SystemExit(f"error: the peer exited {proc.returncode}:\n{tail}")
-  r = last_json_line(proc.stdout)
+  if returncode:
+    raise SystemExit(f"error: the peer exited {returncode}:\n" + "\n".join(tail))
+  r = last_json_line(out[0])
   train = r.get("train", {})
   return {"knn_top1": r.get("knn_top1_after"), "knn_top1_random_init": r.get("knn_top1_before"),
           "pairs_per_s": train.get("pairs_per_s"), "steps_done": train.get("steps"),

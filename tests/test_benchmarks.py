@@ -148,6 +148,7 @@ def test_parity_carves_a_shared_split_and_scores_both_sides(tmp_path, capsys):
   (peer_dir / "knn_budget.py").write_text(
       "import json, sys\n"
       "a = sys.argv[1:]\n"
+      "print('step 10 ep 0 1s loss 5.0', file=sys.stderr)\n"
       "print(json.dumps({'knn_top1_before': 0.2, 'knn_top1_after': 0.5, 'argv': a,\n"
       "  'train': {'steps': int(a[a.index('--steps') + 1]), 'pairs_per_s': 30.0},\n"
       "  'config': {'train_images': 28, 'test_images': 8}}))\n")
@@ -158,7 +159,9 @@ def test_parity_carves_a_shared_split_and_scores_both_sides(tmp_path, capsys):
             "--batch_size=8", f"--work_dir={tmp_path / 'runs'}", f"--results={results}",
             f"--peer_python={sys.executable}", f"--peer_dir={peer_dir}"]
   parity.main([*common, "--side=both", *[f"--override={o}" for o in tiny]])
-  peer, ours = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+  out, err = capsys.readouterr()
+  peer, ours = [json.loads(line) for line in out.splitlines()]
+  assert "peer: step 10 ep 0 1s loss 5.0" in err.splitlines()  # its progress, passed on
   val = sorted(p.relative_to(split / "val") for p in (split / "val").rglob("*.png"))
   train = sorted(p.relative_to(split / "train") for p in (split / "train").rglob("*.png"))
   assert len(val) == 8 and len(train) == 28 and not set(val) & set(train)
@@ -177,6 +180,12 @@ def test_parity_carves_a_shared_split_and_scores_both_sides(tmp_path, capsys):
     parity.main([*common, "--side=peer", "--val_images=9"])
   with pytest.raises(SystemExit):  # the ablations change our side only
     parity.main([*common, "--side=both", "--use_nn=false"])
+  failing = tmp_path / "failing"
+  failing.mkdir()
+  (failing / "knn_budget.py").write_text(
+      "import sys\nprint('ValueError: no images', file=sys.stderr)\nsys.exit(3)\n")
+  with pytest.raises(SystemExit, match="the peer exited 3:\nValueError: no images"):
+    parity.main([*common, "--side=peer", f"--peer_dir={failing}"])
   capsys.readouterr()
   parity.main([f"--results={results}", "--summary"])
   groups = {g["side"]: g for g in json_line(capsys)["groups"]}
