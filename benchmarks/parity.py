@@ -129,12 +129,15 @@ def parse_overrides(items):
 
 
 def run_ours(args, split):
-  from nnclr_tf import experiment
+  from nnclr_tf import cli
   model_dir = os.path.join(args.work_dir, f"ours_seed{args.seed}_steps{args.steps}_"
                            f"{time.strftime('%Y%m%d-%H%M%S')}")
   exp = ours_experiment(args, split, model_dir)
   t0 = time.perf_counter()
-  r = experiment.pretrain(exp)
+  with cli.native_start_up_filtered():  # as run.py: no TF start-up noise (cuInit "errors")
+    from nnclr_tf import experiment
+    strategy = experiment.setup(exp)
+  r = experiment.pretrain(exp, strategy)
   seconds = time.perf_counter() - t0
   settings = {n: getattr(exp.support if n != "weight_decay_mode" else exp.optim, n)
               for n in ABLATIONS}
