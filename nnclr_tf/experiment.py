@@ -91,13 +91,11 @@ def load_data(exp: Experiment):
   return data.load_sources(exp.data, exp.train.seed)
 
 
-def eval_data(exp: Experiment, train=None):
+def eval_data(exp: Experiment):
   """(bank, held-out) of the evaluations: the bank is --knn_train_split when set (the labelled
-  part of a partly unlabelled training set), else the training source; `train`: already loaded."""
+  part of a partly unlabelled training set), else the training source."""
   from nnclr_tf import data
-  held = None
-  if train is None:
-    train, held = load_data(exp)
+  train, held = load_data(exp)
   return data.knn_bank_source(exp.data, train), held
 
 
@@ -146,7 +144,7 @@ def pretrain(exp: Experiment, strategy=None, flags_text: Optional[str] = None) -
   step = results["steps"]
   same_step = recorded.get("steps") == step
   final = md.checkpoint_at(t.model_dir, step)
-  bank, _ = eval_data(exp, train)  # --knn_train_split, else the training images
+  bank = data.knn_bank_source(exp.data, train)  # --knn_train_split, else the training images
   # kNN and plots before the export, so that the export's metadata carries the kNN figures.
   if not (same_step and md.evaluated(recorded)):
     results.update(knn_results(exp, model, bank, held, final) or {"knn_skipped": True})

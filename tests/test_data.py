@@ -121,12 +121,14 @@ def test_flat_folder_is_unlabelled(tmp_path):
   assert len(s) == 3 and not s.has_labels
 
 
-@pytest.mark.slow
-def test_tfds_dataset_built_locally(tmp_path):
+@pytest.fixture(scope="module")
+def tiny_stl(tmp_path_factory):
+  """A tfds dataset built on the spot (the real tfds read path), shaped like STL-10: labelled
+  `train`, `unlabelled` (label -1) and `test`. Bright images are class 1 in every labelled split,
+  so a label can be checked from the pixels."""
   import tensorflow_datasets as tfds
 
-  class TinyShapes(tfds.core.GeneratorBasedBuilder):
-    """A 2-class image dataset built on the spot: exercises the real tfds read path."""
+  class TinyStl(tfds.core.GeneratorBasedBuilder):
     VERSION = tfds.core.Version("1.0.0")
 
     def _info(self):
@@ -135,38 +137,47 @@ def test_tfds_dataset_built_locally(tmp_path):
           "label": tfds.features.ClassLabel(names=["dark", "bright"])}))
 
     def _split_generators(self, dl_manager):
-      return {"train": self._generate_examples(20), "test": self._generate_examples(6)}
+      return {"train": self._generate_examples(24, True),
+              "unlabelled": self._generate_examples(16, False),
+              "test": self._generate_examples(8, True)}
 
-    def _generate_examples(self, n):
+    def _generate_examples(self, n, labelled):
       for i in range(n):
-        yield i, {"image": np.full((8, 8, 3), 40 + 170 * (i % 2), np.uint8), "label": i % 2}
+        yield i, {"image": np.full((8, 8, 3), 40 + 170 * (i % 2), np.uint8),
+                  "label": i % 2 if labelled else -1}
 
-  TinyShapes(data_dir=str(tmp_path)).download_and_prepare()
-  cfg = DataConfig(dataset="tiny_shapes", data_dir=str(tmp_path), image_size=8)
+  root = tmp_path_factory.mktemp("tfds")
+  TinyStl(data_dir=str(root)).download_and_prepare()
+  return str(root)
+
+
+@pytest.mark.slow
+def test_tfds_dataset_built_locally(tiny_stl, tmp_path):
+  cfg = DataConfig(dataset="tiny_stl", data_dir=tiny_stl, image_size=8)
   train, held = data.load_sources(cfg)
-  assert len(train) == 20 and len(held) == 6 and train.class_names == ["dark", "bright"]
+  assert len(train) == 24 and len(held) == 8 and train.class_names == ["dark", "bright"]
   # tfds reorders examples; the pixels must still go with their labels.
   np.testing.assert_array_equal(train.images.mean(axis=(1, 2, 3)) > 100, train.labels == 1)
-  assert train.has_labels and np.bincount(train.labels).tolist() == [10, 10]
+  assert train.has_labels and np.bincount(train.labels).tolist() == [12, 12]
   # Over the cache limit the split is streamed through tfds instead of held in memory.
-  stream, _ = data.load_sources(DataConfig(dataset="tiny_shapes", data_dir=str(tmp_path),
+  stream, _ = data.load_sources(DataConfig(dataset="tiny_stl", data_dir=tiny_stl,
                                            image_size=8, cache_limit_mb=0))
-  assert isinstance(stream, data.StreamSource) and len(stream) == 20 and stream.has_labels
+  assert isinstance(stream, data.StreamSource) and len(stream) == 24 and stream.has_labels
   batch = _take(data.pretrain_dataset(stream, AUG, 8, 4, seed=0), 1)[0]
   assert batch["view1"].shape == (4, 8, 8, 3) and set(batch["label"]) <= {0, 1}
   images, labels = next(iter(data.eval_dataset(stream, 8, 32)))
-  assert images.shape == (20, 8, 8, 3)
+  assert images.shape == (24, 8, 8, 3)
   np.testing.assert_array_equal(images.numpy().mean(axis=(1, 2, 3)) > 0.4, labels.numpy() == 1)
   # Held in memory at a crop fraction < 1, a split keeps the evaluation views the stream makes.
-  cropped, _ = data.load_sources(DataConfig(dataset="tiny_shapes", data_dir=str(tmp_path),
+  cropped, _ = data.load_sources(DataConfig(dataset="tiny_stl", data_dir=tiny_stl,
                                             image_size=8, eval_crop_fraction=0.5))
-  assert cropped.eval_images.shape == (20, 8, 8, 3) and cropped.images.shape == (20, 8, 8, 3)
+  assert cropped.eval_images.shape == (24, 8, 8, 3) and cropped.images.shape == (24, 8, 8, 3)
   views = [next(iter(data.eval_dataset(s, 8, 32, 0.5)))[0].numpy() for s in (cropped, stream)]
   np.testing.assert_allclose(views[0], views[1], atol=0.5 / 255 + 1e-6)
   with pytest.raises(data.DataError, match="not prepared"):
-    data.load_sources(DataConfig(dataset="tiny_shapes", data_dir=str(tmp_path / "empty")))
+    data.load_sources(DataConfig(dataset="tiny_stl", data_dir=str(tmp_path / "empty")))
   with pytest.raises(data.DataError, match="not a tfds dataset"):
-    data.load_sources(DataConfig(dataset="no_such_dataset_xyz", data_dir=str(tmp_path)))
+    data.load_sources(DataConfig(dataset="no_such_dataset_xyz", data_dir=tiny_stl))
 
 
 class _PixelsOut:
@@ -259,35 +270,6 @@ def test_cached_lazy_and_served_images_are_resized_alike(tmp_path, fraction, mon
   board = (np.indices((40, 40)).sum(0) % 2 * 255).astype(np.uint8)
   small = export.preprocess(tf.constant(np.repeat(board[None, ..., None], 3, -1)), 7).numpy()
   assert np.abs(small - 0.5).max() < 0.05
-
-
-@pytest.fixture(scope="module")
-def tiny_stl(tmp_path_factory):
-  """A tfds dataset shaped like STL-10: labelled `train`, `unlabelled` (label -1) and `test`.
-  Bright images are class 1 in every labelled split, so a label can be checked from the pixels."""
-  import tensorflow_datasets as tfds
-
-  class TinyStl(tfds.core.GeneratorBasedBuilder):
-    VERSION = tfds.core.Version("1.0.0")
-
-    def _info(self):
-      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-          "image": tfds.features.Image(shape=(8, 8, 3)),
-          "label": tfds.features.ClassLabel(names=["dark", "bright"])}))
-
-    def _split_generators(self, dl_manager):
-      return {"train": self._generate_examples(24, True),
-              "unlabelled": self._generate_examples(16, False),
-              "test": self._generate_examples(8, True)}
-
-    def _generate_examples(self, n, labelled):
-      for i in range(n):
-        yield i, {"image": np.full((8, 8, 3), 40 + 170 * (i % 2), np.uint8),
-                  "label": i % 2 if labelled else -1}
-
-  root = tmp_path_factory.mktemp("tfds")
-  TinyStl(data_dir=str(root)).download_and_prepare()
-  return str(root)
 
 
 def test_tfds_split_expressions_and_knn_bank_split(tiny_stl):
