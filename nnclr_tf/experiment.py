@@ -110,6 +110,8 @@ def pretrain(exp: Experiment, strategy=None, flags_text: Optional[str] = None) -
   from nnclr_tf import data, distributed, export, training
   strategy = _strategy(exp, strategy)
   t = exp.train
+  # Before the data loads (minutes on a large set); training.pretrain checks again for the
+  # callers that build their own model and skip the Experiment.
   training.validate_batch(t.batch_size, exp.support.queue_size, strategy.num_replicas_in_sync,
                           exp.support.nn_topk)
   done = md.finished_pretraining(t, exp.plots.enabled)

@@ -33,6 +33,8 @@ from __future__ import annotations
 import keras
 from keras import ops
 
+from nnclr_tf.sgd import MomentumOptimizer
+
 
 def is_excluded(variable):
   """Biases and normalisation parameters: rank-0/1 variables."""
@@ -44,24 +46,14 @@ def _norm(x):
 
 
 @keras.saving.register_keras_serializable(package="nnclr_tf")
-class LARS(keras.optimizers.Optimizer):
+class LARS(MomentumOptimizer):
 
   def __init__(self, learning_rate=0.3, momentum=0.9, eta=0.001, weight_decay_rate=1e-6,
                clip_lr=False, name="lars", **kwargs):
-    # weight_decay_rate is applied inside the LARS update (coupled, before the trust ratio); the
-    # base class's decoupled `weight_decay` must stay off or decay would be applied twice.
-    kwargs.pop("weight_decay", None)
-    super().__init__(learning_rate=learning_rate, name=name, **kwargs)
-    self.momentum = momentum
+    # weight_decay_rate is applied inside the LARS update (coupled, before the trust ratio).
+    super().__init__(learning_rate, momentum, weight_decay_rate, name, **kwargs)
     self.eta = eta
-    self.weight_decay_rate = weight_decay_rate
     self.clip_lr = bool(clip_lr)
-
-  def build(self, var_list):
-    if self.built:
-      return
-    super().build(var_list)
-    self._momentums = self.add_optimizer_variables(var_list, "momentum")
 
   def update_step(self, gradient, variable, learning_rate):
     if self.clip_lr:
@@ -69,7 +61,7 @@ class LARS(keras.optimizers.Optimizer):
       return
     lr = ops.cast(learning_rate, variable.dtype)
     g = ops.cast(gradient, variable.dtype)
-    v = self._momentums[self._get_variable_index(variable)]
+    v = self.velocity(variable)
     if not is_excluded(variable):
       if self.weight_decay_rate:
         g = ops.add(g, ops.multiply(self.weight_decay_rate, variable))
@@ -84,7 +76,7 @@ class LARS(keras.optimizers.Optimizer):
   def _clipped_step(self, gradient, variable, learning_rate):
     lr = ops.cast(learning_rate, variable.dtype)
     g = ops.cast(gradient, variable.dtype)
-    v = self._momentums[self._get_variable_index(variable)]
+    v = self.velocity(variable)
     if not is_excluded(variable):
       w_norm = _norm(variable)
       g_norm = _norm(g)  # of the raw gradient: LARC's denominator adds the decay's norm apart
@@ -101,6 +93,5 @@ class LARS(keras.optimizers.Optimizer):
 
   def get_config(self):
     config = super().get_config()
-    config.update(momentum=self.momentum, eta=self.eta, weight_decay_rate=self.weight_decay_rate,
-                  clip_lr=self.clip_lr)
+    config.update(eta=self.eta, clip_lr=self.clip_lr)
     return config

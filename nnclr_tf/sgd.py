@@ -19,12 +19,12 @@ import keras
 from keras import ops
 
 
-@keras.saving.register_keras_serializable(package="nnclr_tf")
-class CoupledSGD(keras.optimizers.Optimizer):
+class MomentumOptimizer(keras.optimizers.Optimizer):
+  """What CoupledSGD and LARS share: a momentum slot per variable and a coupled weight decay
+  (`weight_decay_rate`), with the base class's decoupled `weight_decay` kept off so that nothing
+  is decayed twice."""
 
-  def __init__(self, learning_rate=0.01, momentum=0.9, weight_decay_rate=0.0, name="coupled_sgd",
-               **kwargs):
-    # The base class's `weight_decay` is the decoupled kind; it would decay a second time.
+  def __init__(self, learning_rate, momentum, weight_decay_rate, name, **kwargs):
     kwargs.pop("weight_decay", None)
     super().__init__(learning_rate=learning_rate, name=name, **kwargs)
     self.momentum = momentum
@@ -36,16 +36,27 @@ class CoupledSGD(keras.optimizers.Optimizer):
     super().build(var_list)
     self._momentums = self.add_optimizer_variables(var_list, "momentum")
 
-  def update_step(self, gradient, variable, learning_rate):
-    lr = ops.cast(learning_rate, variable.dtype)
-    g = ops.cast(gradient, variable.dtype)
-    if self.weight_decay_rate:
-      g = ops.add(g, ops.multiply(self.weight_decay_rate, variable))
-    v = self._momentums[self._get_variable_index(variable)]
-    self.assign(v, ops.add(ops.multiply(self.momentum, v), g))
-    self.assign_sub(variable, ops.multiply(lr, v))
+  def velocity(self, variable):
+    return self._momentums[self._get_variable_index(variable)]
 
   def get_config(self):
     config = super().get_config()
     config.update(momentum=self.momentum, weight_decay_rate=self.weight_decay_rate)
     return config
+
+
+@keras.saving.register_keras_serializable(package="nnclr_tf")
+class CoupledSGD(MomentumOptimizer):
+
+  def __init__(self, learning_rate=0.01, momentum=0.9, weight_decay_rate=0.0, name="coupled_sgd",
+               **kwargs):
+    super().__init__(learning_rate, momentum, weight_decay_rate, name, **kwargs)
+
+  def update_step(self, gradient, variable, learning_rate):
+    lr = ops.cast(learning_rate, variable.dtype)
+    g = ops.cast(gradient, variable.dtype)
+    if self.weight_decay_rate:
+      g = ops.add(g, ops.multiply(self.weight_decay_rate, variable))
+    v = self.velocity(variable)
+    self.assign(v, ops.add(ops.multiply(self.momentum, v), g))
+    self.assign_sub(variable, ops.multiply(lr, v))
