@@ -18,6 +18,7 @@ from nnclr_tf.batchnorm import BatchNormalization as FusedBN
 from nnclr_tf.config import BACKBONES, AugmentConfig
 from nnclr_tf.errors import DataError
 from nnclr_tf.model import NNCLR
+import oracles
 
 TINY = dict(backbone="small_cnn", image_size=16, width=8, proj_hidden_dim=32, proj_layers=2,
             pred_hidden_dim=32, embedding_dim=16, queue_size=64, temperature=0.1)
@@ -33,11 +34,6 @@ def pairs(seed, n=16, size=16):
           "label": (np.arange(n) % 10).astype(np.int32)}
 
 
-def log_softmax(x, axis):
-  x = x - x.max(axis=axis, keepdims=True)
-  return x - np.log(np.exp(x).sum(axis=axis, keepdims=True))
-
-
 def oracle(model, batch):
   """(loss, contrastive accuracy) of held-out pairs in numpy, from the model's inference-mode
   embeddings and its support set: the paper's loss, with the column term when symmetric."""
@@ -47,13 +43,8 @@ def oracle(model, batch):
   nn = queue[np.argmax(z @ queue.T, axis=1)]
   t = model.temperature
 
-  def term(nn_, p_):
-    logits = nn_ @ p_.T / t
-    row = -np.mean(np.diag(log_softmax(logits, 1)))
-    col = -np.mean(np.diag(log_softmax(logits, 0)))
-    return 0.5 * (row + col) if model.symmetric_loss else row
-
-  loss = 0.5 * (term(nn[:n], p[n:]) + term(nn[n:], p[:n]))
+  loss = 0.5 * (oracles.nnclr_loss(nn[:n], p[n:], t, model.symmetric_loss)
+                + oracles.nnclr_loss(nn[n:], p[:n], t, model.symmetric_loss))
   acc = np.mean(np.argmax(nn[:n] @ p[n:].T, axis=1) == np.arange(n))
   return loss, acc
 

@@ -2,20 +2,8 @@ import numpy as np
 import pytest
 
 from nnclr_tf.losses import nnclr_loss
-
-
-def numpy_loss(nn, p, t):
-  """L_i = -log(exp(nn_i . p_i / t) / sum_k exp(nn_i . p_k / t)), averaged over i."""
-  out = []
-  for i in range(len(nn)):
-    s = np.array([nn[i] @ p[k] / t for k in range(len(p))], np.float64)
-    out.append(-(s[i] - np.log(np.sum(np.exp(s)))))
-  return float(np.mean(out))
-
-
-def _unit(rng, n, d):
-  x = rng.normal(size=(n, d))
-  return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+from oracles import nnclr_loss as numpy_loss
+from oracles import unit as _unit
 
 
 def test_matches_numpy_formula():

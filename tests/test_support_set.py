@@ -3,11 +3,7 @@ import pytest
 import tensorflow as tf
 
 from nnclr_tf.support_set import SupportSet
-
-
-def _unit(rng, n, d):
-  x = rng.normal(size=(n, d))
-  return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+from oracles import unit as _unit
 
 
 def test_initialised_with_unit_vectors_and_empty_labels():

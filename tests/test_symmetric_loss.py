@@ -10,6 +10,8 @@ from nnclr_tf import data, distributed, training
 from nnclr_tf.config import AugmentConfig, DataConfig, OptimConfig, SupportSetConfig, TrainConfig
 from nnclr_tf.losses import nnclr_loss
 from nnclr_tf.model import NNCLR
+from oracles import nnclr_loss as numpy_loss
+from oracles import unit as _unit
 
 AUG = AugmentConfig(flip_prob=0, jitter_prob=0, grayscale_prob=0, blur_prob=(0, 0),
                     solarize_prob=(0, 0), crop_scale=(0.4, 1.0))
@@ -17,29 +19,11 @@ TINY = dict(backbone="small_cnn", image_size=16, width=8, proj_hidden_dim=32, pr
             pred_hidden_dim=32, embedding_dim=16, queue_size=64, temperature=0.1)
 
 
-def numpy_symmetric(nn, p, t):
-  """0.5 * (mean_i R_i + mean_i C_i), written out term by term:
-  R_i = -log(exp(nn_i . p_i / t) / sum_k exp(nn_i . p_k / t))   (softmax over predictions)
-  C_i = -log(exp(nn_i . p_i / t) / sum_k exp(nn_k . p_i / t))   (softmax over neighbours)"""
-  nn, p = nn.astype(np.float64), p.astype(np.float64)
-  rows, cols = [], []
-  for i in range(len(nn)):
-    pos = nn[i] @ p[i] / t
-    rows.append(-(pos - np.log(sum(np.exp(nn[i] @ p[k] / t) for k in range(len(p))))))
-    cols.append(-(pos - np.log(sum(np.exp(nn[k] @ p[i] / t) for k in range(len(nn))))))
-  return 0.5 * (np.mean(rows) + np.mean(cols))
-
-
-def _unit(rng, n, d):
-  x = rng.normal(size=(n, d))
-  return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
-
-
 def test_one_replica_matches_numpy():
   rng = np.random.default_rng(0)
   nn, p = _unit(rng, 8, 5), _unit(rng, 8, 5)
   loss, logits, _ = nnclr_loss(nn, p, 0.2, symmetric=True, nn_global=nn, p_local=p)
-  assert float(loss) == pytest.approx(numpy_symmetric(nn, p, 0.2), rel=1e-5)
+  assert float(loss) == pytest.approx(numpy_loss(nn, p, 0.2, symmetric=True), rel=1e-5)
   np.testing.assert_allclose(logits.numpy(), nn @ p.T / 0.2, rtol=1e-5, atol=1e-5)
   # The column term matters: without it the value differs.
   assert float(nnclr_loss(nn, p, 0.2)[0]) != pytest.approx(float(loss), rel=1e-3)
@@ -66,7 +50,7 @@ def test_two_replicas_match_numpy_on_the_global_batch():
   per_replica = strategy.run(tf.function(step))
   losses = [float(x) for x in strategy.experimental_local_results(per_replica)]
   assert len(losses) == 2
-  assert np.mean(losses) == pytest.approx(numpy_symmetric(nn, p, 0.3), rel=1e-5)
+  assert np.mean(losses) == pytest.approx(numpy_loss(nn, p, 0.3, symmetric=True), rel=1e-5)
 
 
 def build(strategy, seed=7, **kw):
