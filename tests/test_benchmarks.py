@@ -148,9 +148,11 @@ def test_parity_carves_a_shared_split_and_scores_both_sides(tmp_path, capsys):
   (peer_dir / "knn_budget.py").write_text(
       "import json, sys\n"
       "a = sys.argv[1:]\n"
+      "print('step 1 ep 0 2s loss 5.7', file=sys.stderr)\n"
       "print('step 10 ep 0 1s loss 5.0', file=sys.stderr)\n"
       "print(json.dumps({'knn_top1_before': 0.2, 'knn_top1_after': 0.5, 'argv': a,\n"
-      "  'train': {'steps': int(a[a.index('--steps') + 1]), 'pairs_per_s': 30.0},\n"
+      "  'train': {'steps': int(a[a.index('--steps') + 1]), 'pairs_per_s': 30.0,\n"
+      "            'train_seconds': 10.0},\n"
       "  'config': {'train_images': 28, 'test_images': 8}}))\n")
   split, results = tmp_path / "split", tmp_path / "r.jsonl"
   tiny = ["backbone=small_cnn", "width=8", "image_size=16", "proj_hidden_dim=32",
@@ -168,10 +170,13 @@ def test_parity_carves_a_shared_split_and_scores_both_sides(tmp_path, capsys):
   assert sorted(len(list((split / "val" / c).iterdir())) for c in "abc") == [2, 3, 3]
   assert (split / "val" / val[0]).resolve() == source / val[0]
   assert peer["side"] == "peer" and peer["knn_top1"] == 0.5 and peer["pairs_per_s"] == 30.0
+  # Ours's convention on the peer's figures: 1 step of 8 pairs after step 1 ended at 2 s of 10.
+  assert peer["pairs_per_s_after_first_step"] == pytest.approx(8 / (10 - 2))
   assert peer["peer_cmd"][2:6] == ["--train_dir", str(split / "train"), "--eval_dir",
                                    str(split / "val")] and "--malloc_tune" in peer["peer_cmd"]
   assert ours["side"] == "ours" and ours["steps_done"] == 2 and 0 <= ours["knn_top1"] <= 1
   assert ours["train_images"] == 28 and ours["eval_images"] == 8 and ours["pairs_per_s"] > 0
+  assert ours["pairs_per_s_after_first_step"] == ours["pairs_per_s"]
   assert ours["settings"] == {"use_nn": True, "symmetric_loss": True,
                               "weight_decay_mode": "coupled"}  # the lightly preset's
   # A later part of the protocol reuses the split and appends; the summary groups by setting.
@@ -191,6 +196,7 @@ def test_parity_carves_a_shared_split_and_scores_both_sides(tmp_path, capsys):
   groups = {g["side"]: g for g in json_line(capsys)["groups"]}
   assert groups["peer"]["runs"] == 2 and groups["peer"]["seeds"] == [0, 1]
   assert groups["peer"]["knn_top1_mean"] == 0.5 and groups["ours"]["runs"] == 1
+  assert groups["peer"]["pairs_per_s_after_first_step_mean"] == pytest.approx(1.0)
 
 
 def test_peer_and_data_defaults_are_the_shared_folder_beside_the_repository():
