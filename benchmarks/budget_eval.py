@@ -64,7 +64,7 @@ def main():
   score("trained", model.encoder)
   keras.utils.set_random_seed(args.seed + 1)
   score("random_init", build_backbone(exp.model.backbone, (size, size, 3), False,
-                                      exp.model.width))
+                                      exp.model.width, exp.model.zero_init_residual))
   raw = lambda x, training=False: tf.reshape(x, [tf.shape(x)[0], -1])  # noqa: E731
   score("raw_pixels", raw)
   print(json.dumps(out, sort_keys=True))

@@ -38,28 +38,28 @@ def _standardise(x):
   return layers.Normalization(mean=_MEAN, variance=[s * s for s in _STD], name="standardise")(x)
 
 
-def _basic_block(x, filters, stride, bn, name):
+def _basic_block(x, filters, stride, bn, name, zero_init):
   shortcut = x
   y = _conv(filters, 3, stride, name + "_conv1")(x)
   y = layers.ReLU()(bn(name + "_bn1")(y))
   y = _conv(filters, 3, 1, name + "_conv2")(y)
-  y = bn(name + "_bn2", gamma_zero=True)(y)
+  y = bn(name + "_bn2", gamma_zero=zero_init)(y)
   if stride != 1 or x.shape[-1] != filters:
     shortcut = bn(name + "_down_bn")(_conv(filters, 1, stride, name + "_down")(x))
   return layers.ReLU()(layers.Add()([y, shortcut]))
 
 
-def _bottleneck(x, filters, stride, bn, name):
+def _bottleneck(x, filters, stride, bn, name, zero_init):
   shortcut = x
   y = layers.ReLU()(bn(name + "_bn1")(_conv(filters, 1, 1, name + "_conv1")(x)))
   y = layers.ReLU()(bn(name + "_bn2")(_conv(filters, 3, stride, name + "_conv2")(y)))
-  y = bn(name + "_bn3", gamma_zero=True)(_conv(filters * 4, 1, 1, name + "_conv3")(y))
+  y = bn(name + "_bn3", gamma_zero=zero_init)(_conv(filters * 4, 1, 1, name + "_conv3")(y))
   if stride != 1 or x.shape[-1] != filters * 4:
     shortcut = bn(name + "_down_bn")(_conv(filters * 4, 1, stride, name + "_down")(x))
   return layers.ReLU()(layers.Add()([y, shortcut]))
 
 
-def _resnet(inputs, block, depths, width, bn, cifar_stem):
+def _resnet(inputs, block, depths, width, bn, cifar_stem, zero_init):
   x = _standardise(inputs)
   if cifar_stem:  # 3x3 stride-1 stem, no max-pool: keeps 32x32 resolution for CIFAR
     x = layers.ReLU()(bn("stem_bn")(_conv(width, 3, 1, "stem_conv")(x)))
@@ -69,7 +69,7 @@ def _resnet(inputs, block, depths, width, bn, cifar_stem):
   for stage, depth in enumerate(depths):
     for i in range(depth):
       stride = 2 if (i == 0 and stage > 0) else 1
-      x = block(x, width * 2 ** stage, stride, bn, f"stage{stage + 1}_block{i + 1}")
+      x = block(x, width * 2 ** stage, stride, bn, f"stage{stage + 1}_block{i + 1}", zero_init)
   return layers.GlobalAveragePooling2D(name="avg_pool")(x)
 
 
@@ -140,14 +140,19 @@ def wrap_backbone(backbone, input_shape):
   return keras.Model(inputs, out, name=f"{backbone.name}_encoder")
 
 
-def build_backbone(name, input_shape, global_bn=True, width=64):
-  """Returns a keras.Model: float images in [0, 1] of `input_shape` -> pooled features [N, D]."""
+def build_backbone(name, input_shape, global_bn=True, width=64, zero_init_residual=True):
+  """Returns a keras.Model: float images in [0, 1] of `input_shape` -> pooled features [N, D].
+
+  zero_init_residual: the last BatchNormalization of each residual block starts with gamma 0, so
+  every block starts as the identity (Goyal et al. 2017; SimCLR's and BYOL's ResNets). PyTorch
+  recipes (torchvision's default, lightly, solo-learn) start it at 1. Only resnet18_cifar and
+  resnet50 take it; the keras_* applications keep their own initialisation."""
   bn = functools.partial(_bn, global_bn)
   inputs = keras.Input(shape=tuple(input_shape), name="images")
   if name == "resnet50":
-    out = _resnet(inputs, _bottleneck, (3, 4, 6, 3), width, bn, cifar_stem=False)
+    out = _resnet(inputs, _bottleneck, (3, 4, 6, 3), width, bn, False, zero_init_residual)
   elif name == "resnet18_cifar":
-    out = _resnet(inputs, _basic_block, (2, 2, 2, 2), width, bn, cifar_stem=True)
+    out = _resnet(inputs, _basic_block, (2, 2, 2, 2), width, bn, True, zero_init_residual)
   elif name == "small_cnn":
     out = _small_cnn(inputs, width, bn)
   elif name in KERAS_APPLICATIONS:

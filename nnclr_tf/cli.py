@@ -118,6 +118,8 @@ def define_flags(fv=FLAGS):
   integer("pred_hidden_dim", 4096, "Prediction MLP hidden size.")
   integer("embedding_dim", 256, "Embedding size d.")
   boolean("global_bn", True, "Synchronise BatchNorm statistics across replicas.")
+  boolean("zero_init_residual", True, "Start the last BatchNorm of each residual block at gamma "
+          "0, so each block starts as the identity (SimCLR/BYOL); false = PyTorch recipes' 1.")
   # NNCLR
   integer("queue_size", 98304, "Support set size; a multiple of --batch_size.")
   real("temperature", 0.1, "InfoNCE temperature.")

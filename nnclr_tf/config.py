@@ -77,6 +77,8 @@ class ModelConfig:
   embedding_dim: int = 256
   global_bn: bool = True                       # synchronised BN across replicas (paper)
   width: int = 64                              # base width of small_cnn / resnet18_cifar
+  # Each residual block's last BN starts at gamma 0 (SimCLR/BYOL); PyTorch recipes start it at 1.
+  zero_init_residual: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,7 +197,8 @@ FLAG_FIELDS: Dict[str, str] = {
                                    "saturation", "hue", "grayscale_prob", "blur_prob",
                                    "solarize_prob")},
     **{f: f"model.{f}" for f in ("backbone", "width", "proj_hidden_dim", "proj_layers",
-                                 "pred_hidden_dim", "embedding_dim", "global_bn")},
+                                 "pred_hidden_dim", "embedding_dim", "global_bn",
+                                 "zero_init_residual")},
     **{f: f"support.{f}" for f in ("queue_size", "nn_topk", "use_nn", "symmetric_loss")},
     **{f: f"optim.{f}" for f in ("optimizer", "learning_rate", "lr_scaling", "weight_decay",
                                  "weight_decay_mode", "momentum", "lars_eta", "lars_clip_lr",

@@ -258,7 +258,8 @@ def random_init_features(exp: Experiment, train, held):
   from nnclr_tf.backbones import build_backbone
   size = exp.data.image_size
   keras.utils.set_random_seed(exp.train.seed + 1)
-  fresh = build_backbone(exp.model.backbone, (size, size, 3), False, exp.model.width)
+  fresh = build_backbone(exp.model.backbone, (size, size, 3), False, exp.model.width,
+                         exp.model.zero_init_residual)
   return eval_features(exp, fresh, None, train, held)
 
 

@@ -47,7 +47,7 @@ class NNCLR(keras.Model):
                proj_layers=3, pred_hidden_dim=4096, embedding_dim=256, global_bn=True,
                queue_size=98304, nn_topk=1, use_nn=True, temperature=0.1, seed=0,
                online_probe_classes=0, online_probe_lr=1e-2, symmetric_loss=False,
-               eval_crop_fraction=1.0, **kwargs):
+               eval_crop_fraction=1.0, zero_init_residual=True, **kwargs):
     super().__init__(**kwargs)
     if temperature <= 0:
       raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -64,7 +64,8 @@ class NNCLR(keras.Model):
                         use_nn=use_nn, temperature=temperature, seed=seed,
                         online_probe_classes=online_probe_classes,
                         online_probe_lr=online_probe_lr, symmetric_loss=symmetric_loss,
-                        eval_crop_fraction=float(eval_crop_fraction))
+                        eval_crop_fraction=float(eval_crop_fraction),
+                        zero_init_residual=bool(zero_init_residual))
     self.image_size = image_size
     self.nn_topk = nn_topk
     self.use_nn = use_nn
@@ -75,7 +76,8 @@ class NNCLR(keras.Model):
     if isinstance(backbone, keras.Model):
       self.encoder = wrap_backbone(backbone, (image_size, image_size, 3))
     else:
-      self.encoder = build_backbone(backbone, (image_size, image_size, 3), global_bn, width)
+      self.encoder = build_backbone(backbone, (image_size, image_size, 3), global_bn, width,
+                                    zero_init_residual)
     feat_dim = self.encoder.output.shape[-1]
     self.projector = projection_head(feat_dim, proj_hidden_dim, embedding_dim, proj_layers,
                                      global_bn)
@@ -100,7 +102,8 @@ class NNCLR(keras.Model):
                nn_topk=support_cfg.nn_topk, use_nn=support_cfg.use_nn, temperature=temperature,
                seed=seed, online_probe_classes=online_probe_classes,
                online_probe_lr=online_probe_lr, symmetric_loss=support_cfg.symmetric_loss,
-               eval_crop_fraction=eval_crop_fraction)
+               eval_crop_fraction=eval_crop_fraction,
+               zero_init_residual=model_cfg.zero_init_residual)
 
   def _build_online_probe(self, feat_dim, num_classes, lr):
     # trainable=False keeps the probe out of trainable_variables (and so out of the pretraining

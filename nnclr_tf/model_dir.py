@@ -98,7 +98,7 @@ def architecture(model_config):
 
 # Architecture fields added after model_dirs were recorded, as an older model_config.json
 # means them.
-ARCHITECTURE_DEFAULTS = {"symmetric_loss": False}
+ARCHITECTURE_DEFAULTS = {"symmetric_loss": False, "zero_init_residual": True}
 
 
 def has_checkpoint(model_dir):

@@ -58,3 +58,20 @@ def test_a_run_is_finished_only_with_checkpoint_results_and_export(tmp_path):
   assert "finished at step 4" in md.finished_pretraining(t, plots_enabled=False)
   assert md.finished_pretraining(t, plots_enabled=True) is None  # no plots yet
   assert md.finished_pretraining(TrainConfig(model_dir=d, train_steps=6), False) is None
+
+
+def test_an_older_model_config_without_later_fields_is_the_same_architecture(tmp_path):
+  """model_config.json written before symmetric_loss / zero_init_residual existed holds what
+  those runs did (row-wise loss, zero-init residual): the same flags resume, others are refused."""
+  import pytest
+  from nnclr_tf.errors import ModelDirError
+  d = str(tmp_path)
+  now = {"backbone": "resnet18_cifar", "width": 8, "seed": 0, "symmetric_loss": False,
+         "zero_init_residual": True}
+  old = {k: v for k, v in now.items() if k not in ("symmetric_loss", "zero_init_residual")}
+  os.makedirs(d, exist_ok=True)
+  with open(os.path.join(d, md.MODEL_CONFIG), "w") as f:
+    json.dump(old, f)
+  md.prepare(d, now)
+  with pytest.raises(ModelDirError, match="different zero_init_residual"):
+    md.prepare(d, {**now, "zero_init_residual": False})
