@@ -51,6 +51,12 @@ DEFAULT_SOURCE = os.path.normpath(os.path.join(REPO, "..", "shared", "data", "ci
                                                "train"))
 PRESET = "cifar10_resnet18_lightly"
 ABLATIONS = ("use_nn", "symmetric_loss", "weight_decay_mode")
+# What our side records besides the ablations, so that --summary keeps runs of a changed preset
+# apart; LEGACY_SETTINGS is what older result lines ran with (the preset's zero-init residual
+# blocks until the preset matched lightly's gamma 1).
+RECORDED = ABLATIONS + ("zero_init_residual",)
+LEGACY_SETTINGS = {"ours": {"zero_init_residual": True}}
+SECTION = {"weight_decay_mode": "optim", "zero_init_residual": "model"}
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 
 
@@ -140,8 +146,7 @@ def run_ours(args, split):
     strategy = experiment.setup(exp)
   r = experiment.pretrain(exp, strategy)
   seconds = time.perf_counter() - t0
-  settings = {n: getattr(exp.support if n != "weight_decay_mode" else exp.optim, n)
-              for n in ABLATIONS}
+  settings = {n: getattr(getattr(exp, SECTION.get(n, "support")), n) for n in RECORDED}
   return {"knn_top1": r.get("knn_top1"), "knn_top1_random_init": r.get("knn_top1_random_init"),
           "pairs_per_s": r.get("pairs_per_sec"), "steps_done": r["steps"],
           "pairs_per_s_after_first_step": r.get("pairs_per_sec"),
@@ -215,7 +220,8 @@ def summarise(path):
     for line in f:
       if line.strip():
         r = json.loads(line)
-        groups[(r["side"], r["steps"], json.dumps(r["settings"], sort_keys=True))].append(r)
+        settings = {**LEGACY_SETTINGS.get(r["side"], {}), **r["settings"]}
+        groups[(r["side"], r["steps"], json.dumps(settings, sort_keys=True))].append(r)
   out = []
   for (side, steps, settings), runs in sorted(groups.items()):
     knn = [r["knn_top1"] for r in runs]

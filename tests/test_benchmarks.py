@@ -177,8 +177,8 @@ def test_parity_carves_a_shared_split_and_scores_both_sides(tmp_path, capsys):
   assert ours["side"] == "ours" and ours["steps_done"] == 2 and 0 <= ours["knn_top1"] <= 1
   assert ours["train_images"] == 28 and ours["eval_images"] == 8 and ours["pairs_per_s"] > 0
   assert ours["pairs_per_s_after_first_step"] == ours["pairs_per_s"]
-  assert ours["settings"] == {"use_nn": True, "symmetric_loss": True,
-                              "weight_decay_mode": "coupled"}  # the lightly preset's
+  assert ours["settings"] == {"use_nn": True, "symmetric_loss": True,  # the lightly preset's
+                              "weight_decay_mode": "coupled", "zero_init_residual": False}
   # A later part of the protocol reuses the split and appends; the summary groups by setting.
   parity.main([*common, "--side=peer", "--seed=1"])
   with pytest.raises(SystemExit, match="another --split_dir"):
@@ -197,6 +197,14 @@ def test_parity_carves_a_shared_split_and_scores_both_sides(tmp_path, capsys):
   assert groups["peer"]["runs"] == 2 and groups["peer"]["seeds"] == [0, 1]
   assert groups["peer"]["knn_top1_mean"] == 0.5 and groups["ours"]["runs"] == 1
   assert groups["peer"]["pairs_per_s_after_first_step_mean"] == pytest.approx(1.0)
+  # A line written before the preset's zero_init_residual changed ran with it on: its own group.
+  with open(results, "a") as f:
+    f.write(json.dumps({"side": "ours", "steps": 2, "seed": 0, "knn_top1": 0.1, "pairs_per_s": 1,
+                        "settings": {k: ours["settings"][k] for k in parity.ABLATIONS}}) + "\n")
+  parity.main([f"--results={results}", "--summary"])
+  ours_groups = [g for g in json_line(capsys)["groups"] if g["side"] == "ours"]
+  assert sorted(g["settings"]["zero_init_residual"] for g in ours_groups) == [False, True]
+  assert [g["knn_top1"] for g in ours_groups if g["settings"]["zero_init_residual"]] == [[0.1]]
 
 
 def test_peer_and_data_defaults_are_the_shared_folder_beside_the_repository():
