@@ -20,6 +20,7 @@ import tensorflow as tf
 import tolerances
 from conftest import REPO
 from nnclr_tf import model_dir as md
+from test_operations import curve_step, wait_for
 
 pytestmark = pytest.mark.slow  # run.py processes end to end
 
@@ -146,16 +147,6 @@ def test_two_workers_equal_one_process_and_resume(tmp_path, record_property):
       os.listdir(os.path.join(mw, ".workers", "worker_1")))
 
 
-def newest_curve_step(path):
-  """The newest step in a curves.csv (0 before its first row)."""
-  try:
-    with open(path) as f:
-      rows = f.read().split()
-  except OSError:
-    return 0
-  return int(float(rows[-1].split(",")[0])) if len(rows) > 1 and rows[-1][0].isdigit() else 0
-
-
 def test_sigterm_on_one_worker_stops_both_at_one_step_and_both_resume(tmp_path, record_property):
   """SIGTERM to the non-chief worker only, mid-epoch: through the per-step collective the chief
   stops after the same step, both save that step and exit 143 with one `stopped:` line; the same
@@ -173,11 +164,7 @@ def test_sigterm_on_one_worker_stops_both_at_one_step_and_both_resume(tmp_path, 
     for i in range(2):
       kids.start(f"w{i}", args, tf_config(ports, i))
     victim = kids.procs[1][1]
-    curves = os.path.join(worker_dir, "curves.csv")
-    deadline = time.monotonic() + DEADLINE
-    while newest_curve_step(curves) < 2 and victim.poll() is None and time.monotonic() < deadline:
-      time.sleep(0.01)
-    assert victim.poll() is None and newest_curve_step(curves) >= 2, "training never started"
+    assert wait_for(lambda: curve_step(worker_dir) >= 2, victim, DEADLINE), "training never started"
     os.kill(victim.pid, signal.SIGTERM)
     out = kids.wait()
     stopped_at = {}
