@@ -37,3 +37,59 @@ def repo():
 
 def pytest_configure(config):
   config.addinivalue_line("markers", "slow: subprocess / end-to-end runs (skip with -m 'not slow')")
+
+
+# --- the tests write nothing into the repository -------------------------------------------------
+# A user may have run the quickstart (or anything else) in this checkout before the tests: what
+# was there is theirs, whatever it is. The rule is a before/after comparison of the tree, not the
+# absence of any particular folder.
+
+# Written by tools, not by the tests' subjects: git, the interpreter, pytest and linters.
+TOOL_CACHES = frozenset({".git", "__pycache__", ".pytest_cache", ".ruff_cache", ".mypy_cache"})
+
+
+def repo_listing(root=REPO):
+  """{relative path: (size, mtime_ns)} of every file under root, tool caches aside."""
+  out = {}
+  for d, dirs, files in os.walk(root):
+    dirs[:] = [x for x in dirs if x not in TOOL_CACHES]
+    for name in files:
+      path = os.path.join(d, name)
+      try:
+        st = os.lstat(path)
+      except FileNotFoundError:  # removed while we walked
+        continue
+      out[os.path.relpath(path, root)] = (st.st_size, st.st_mtime_ns)
+  return out
+
+
+def listing_changes(before, after):
+  """Sorted 'added|changed|removed <path>' lines between two repo_listing results."""
+  lines = [f"added {p}" for p in after.keys() - before.keys()]
+  lines += [f"removed {p}" for p in before.keys() - after.keys()]
+  lines += [f"changed {p}" for p in before.keys() & after.keys() if before[p] != after[p]]
+  return sorted(lines)
+
+
+def pytest_sessionstart(session):
+  session.config.stash[_LISTING] = repo_listing()
+
+
+def pytest_sessionfinish(session, exitstatus):
+  """Fails the run if any test added, changed or removed a file of the checkout."""
+  before = session.config.stash.get(_LISTING, None)
+  if before is None:
+    return
+  changes = listing_changes(before, repo_listing())
+  if changes:
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    text = ("error: the tests changed the repository checkout (they must write only to temporary "
+            "folders):\n  " + "\n  ".join(changes[:20]))
+    if reporter:
+      reporter.write_line(text, red=True)
+    else:
+      print(text, file=sys.stderr)
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+_LISTING = pytest.StashKey[dict]()

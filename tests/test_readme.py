@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 from nnclr_tf import cli
-from conftest import REPO
+from conftest import REPO, listing_changes, repo_listing
 
 README = os.path.join(REPO, "README.md")
 COMMAND_WORDS = ("python", "pip", "curl", "docker", "cat", "export", "saved_model_cli",
@@ -259,14 +259,36 @@ def test_benchmark_commands_name_real_scripts_and_flags(key):
     assert re.search(rf"""["']{re.escape(name)}["']""", source), (key, name)
 
 
-def test_ci_runs_the_readmes_test_command():
-  key = next(k for k, v in README_COMMANDS.items() if v == CI)
-  install, tests = key.split(" && ")
+CI_PREAMBLE = ("set -euo pipefail", 'cd "$(dirname "$0")/.."')
+
+
+def ci_commands(text):
+  """The commands of .ci/run: comment lines and the preamble aside, the `|| exit` that makes a
+  failed `&&` list fatal under set -e stripped."""
+  out = []
+  for line in text.splitlines():
+    line = line.strip()
+    if not line or line.startswith("#") or line in CI_PREAMBLE:
+      continue
+    out.append(line.removesuffix(" || exit"))
+  return out
+
+
+def test_ci_runs_the_readmes_two_setup_commands_in_order():
+  """.ci/run is a newcomer's path: the quickstart as written, then the test command as written,
+  nothing else."""
   with open(os.path.join(REPO, ".ci", "run")) as f:
-    commands = [shlex.split(line) for line in f if line.strip() and not line.startswith("#")]
-  assert shlex.split(tests) in commands
-  pip = shlex.split(install)
-  assert ["python", "-m", *pip[:2], "-q", *pip[2:]] in commands
+    commands = ci_commands(f.read())
+  test_command = next(k for k, v in README_COMMANDS.items() if v == CI)
+  assert commands == [SHELL[QUICKSTART][0], SHELL[test_command][0]]
+  order = [key for kind, key, _, _ in ITEMS if key in (QUICKSTART, test_command)]
+  assert order == [QUICKSTART, test_command], "README must show the quickstart first"
+
+
+def test_ci_commands_parser_sees_a_changed_line():
+  assert ci_commands("set -euo pipefail\n# c\npip install . || exit\n") == ["pip install ."]
+  assert ci_commands('cd "$(dirname "$0")/.."\npython -m pytest tests\n') == [
+      "python -m pytest tests"]
 
 
 def pip_dry_run(command, tmp_path):
@@ -348,9 +370,15 @@ def check_outputs(spec, cwd, stdout):
 QUICKSTART = next(k for k in README_COMMANDS if k.startswith("pip install -e . &&"))
 
 
+# What the quickstart run changed in the repository checkout (filled by the fixture).
+QUICKSTART_REPO_CHANGES = []
+
+
 @pytest.fixture(scope="module")
 def quickstart(scratch):
+  before = repo_listing()
   run_as_written(QUICKSTART, scratch)
+  QUICKSTART_REPO_CHANGES[:] = listing_changes(before, repo_listing())
   with open(scratch / QS / "pretrain_results.json") as f:
     assert json.load(f)["steps"] == 10
   return scratch
@@ -370,10 +398,31 @@ def tree_digest(root):
   return out
 
 
+def test_repo_listing_compares_before_and_after_not_absence(tmp_path):
+  """The checkout rule: what existed before (a user's runs/) is no change; a file added, changed
+  or removed is."""
+  (tmp_path / "runs" / "quickstart").mkdir(parents=True)
+  (tmp_path / "runs" / "quickstart" / "pretrain_results.json").write_text("{}")
+  (tmp_path / "README.md").write_text("x")
+  (tmp_path / "__pycache__").mkdir()
+  before = repo_listing(tmp_path)
+  assert listing_changes(before, repo_listing(tmp_path)) == []
+  (tmp_path / "__pycache__" / "m.pyc").write_text("tool cache")  # not the tests' writing
+  assert listing_changes(before, repo_listing(tmp_path)) == []
+  (tmp_path / "runs" / "quickstart" / "knn_results.json").write_text("{}")
+  (tmp_path / "README.md").write_text("xy")
+  os.remove(tmp_path / "runs" / "quickstart" / "pretrain_results.json")
+  assert listing_changes(before, repo_listing(tmp_path)) == [
+      "added runs/quickstart/knn_results.json", "changed README.md",
+      "removed runs/quickstart/pretrain_results.json"]
+
+
 @pytest.mark.slow
 def test_quickstart_as_written(quickstart):
-  # Also proves the appended flag beat the preset (20 epochs), and nothing landed in the repo.
-  assert not os.path.exists(os.path.join(REPO, QS))
+  # The fixture proved the appended flag beat the preset (20 epochs). The run in the scratch
+  # directory wrote nothing into the checkout, whatever the checkout already held (a user's own
+  # runs/quickstart from the README's first command included).
+  assert QUICKSTART_REPO_CHANGES == []
   # The same command again: a finished run is not redone or rewritten, no new export version.
   before = tree_digest(quickstart / QS)
   text = shlex.join([*shlex.split(SHELL[QUICKSTART][0].split(" && ")[-1]), *QS_TINY])
