@@ -23,8 +23,9 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402  (sets the TF environment before TensorFlow is imported)
 import peak  # noqa: E402
+
+import common  # noqa: E402  (sets the TF environment before TensorFlow is imported)
 
 DEFAULT_DIR = os.path.join(common.REPO, "..", "shared", "data", "cifar10", "train")
 
@@ -39,6 +40,7 @@ def augment_config(name):
 def subset_source(image_dir, images, seed=0):
   """The first `images` files of a class-balanced seeded sample of a folder source."""
   import numpy as np
+
   from nnclr_tf import data
   src = data.folder_source(image_dir)
   if images and images < len(src):
@@ -50,6 +52,7 @@ def make_large_jpegs(source, out_dir, size, quality=90):
   """Writes each image of `source` upsampled to size x size as JPEG under out_dir/<class>/.
   Reuses the folder when it already holds that many files."""
   import tensorflow as tf
+
   from nnclr_tf import data
   existing = sum(len(f) for _, _, f in os.walk(out_dir)) if os.path.isdir(out_dir) else 0
   if existing >= len(source):
@@ -71,6 +74,7 @@ def pairs_per_sec(source, aug, image_size, batch, cores, warmup_batches, batches
   """Pairs/s of pretrain_dataset (or of the dataset `make()` returns) on a private pool of
   `cores` threads, after warm-up batches."""
   import tensorflow as tf
+
   from nnclr_tf import data
   ds = make() if make else data.pretrain_dataset(source, aug, image_size, batch, seed)
   options = tf.data.Options()
@@ -89,8 +93,8 @@ def pairs_per_sec(source, aug, image_size, batch, cores, warmup_batches, batches
 def imagenet_shaped_jpegs(out_dir, images):
   """`images` JPEGs of 200-500 px (benchmarks/synthetic_imagenet.py) under out_dir/<class>/."""
   import numpy as np
-  import tensorflow as tf
   import synthetic_imagenet
+  import tensorflow as tf
   existing = sum(len(f) for _, _, f in os.walk(out_dir)) if os.path.isdir(out_dir) else 0
   rng = np.random.default_rng(0)
   for i in range(existing, images):
@@ -105,6 +109,7 @@ def wave1_dataset(source, aug, image_size, batch, seed=0):
   """The pipeline before crop-window decoding, same index order and seeds: every JPEG decoded
   whole and converted to float32 before the two views crop it."""
   import tensorflow as tf
+
   from nnclr_tf import augment, data
   paths, n = tf.constant(source.paths), len(source)
 
@@ -181,6 +186,7 @@ def main(argv=None):
            else list(range(1, available + 1)))
   load_before = peak.load_average()
   import tensorflow as tf
+
   from nnclr_tf import data
 
   src = subset_source(args.image_dir, args.images)

@@ -60,6 +60,7 @@ def child(args):
   distributed.split_cpu(replicas)
   import keras
   import tensorflow as tf
+
   from nnclr_tf import data, experiment, training
   from nnclr_tf.config import Experiment
 

@@ -12,8 +12,9 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402,F401  (sets the TF environment before TensorFlow is imported)
 import synthetic_imagenet  # noqa: E402
+
+import common  # noqa: E402,F401  (sets the TF environment before TensorFlow is imported)
 
 
 def main():
@@ -24,6 +25,7 @@ def main():
   ap.add_argument("--root", default="/tmp/nnclr_bench_stream")
   a = ap.parse_args()
   import numpy as np
+
   from nnclr_tf import data
   from nnclr_tf.config import AugmentConfig, DataConfig
   spe = a.train // a.batch_size

@@ -19,8 +19,9 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402  (sets the TF environment before TensorFlow is imported)
 import peak  # noqa: E402
+
+import common  # noqa: E402  (sets the TF environment before TensorFlow is imported)
 
 
 def main(argv=None):

@@ -17,7 +17,7 @@ import dataclasses
 import json
 import math
 import os
-from typing import Any, Dict, Optional, Tuple
+from typing import Any
 
 from nnclr_tf.errors import ConfigError
 
@@ -30,10 +30,10 @@ BACKBONES = ("resnet50", "resnet18_cifar", "small_cnn", "keras_resnet50", "keras
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
   dataset: str = "digits"            # digits | folder | numpy | <any tfds image dataset name>
-  image_dir: Optional[str] = None     # --dataset=folder
-  eval_image_dir: Optional[str] = None
+  image_dir: str | None = None     # --dataset=folder
+  eval_image_dir: str | None = None
   val_images: int = 0                 # carve a seeded class-balanced held-out set of this size
-  data_dir: Optional[str] = None      # tfds data_dir
+  data_dir: str | None = None      # tfds data_dir
   train_split: str = "train"
   eval_split: str = "test"
   # tfds split of kNN's bank and the supervised evaluations' training set ('': the training
@@ -55,8 +55,8 @@ class AugmentConfig:
   Two-element tuples are (view1, view2) probabilities.
   """
   crop: bool = True
-  crop_scale: Tuple[float, float] = (0.08, 1.0)
-  crop_ratio: Tuple[float, float] = (3 / 4, 4 / 3)
+  crop_scale: tuple[float, float] = (0.08, 1.0)
+  crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
   flip_prob: float = 0.5
   jitter_prob: float = 0.8
   brightness: float = 0.4
@@ -64,8 +64,8 @@ class AugmentConfig:
   saturation: float = 0.2
   hue: float = 0.1
   grayscale_prob: float = 0.2
-  blur_prob: Tuple[float, float] = (1.0, 0.1)
-  solarize_prob: Tuple[float, float] = (0.0, 0.2)
+  blur_prob: tuple[float, float] = (1.0, 0.1)
+  solarize_prob: tuple[float, float] = (0.0, 0.2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,7 +154,7 @@ class ProbeConfig:
   """The online linear probe during pretraining and the offline one of linear_eval."""
   online_probe: bool = True          # only when the training data is labelled
   online_probe_lr: float = 1e-2      # its own Adam, constant lr
-  linear_l2: Tuple[float, ...] = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)  # several: chosen on 10% of train
+  linear_l2: tuple[float, ...] = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)  # several: chosen on 10% of train
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,7 +176,7 @@ class PlotsConfig:
 class RuntimeConfig:
   strategy: str = "auto"             # auto | mirrored | multi_worker | tpu | one_device
   cpu_replicas: int = 1              # split the CPU into N logical devices
-  tpu: Optional[str] = None
+  tpu: str | None = None
   mixed_precision: str = "none"      # none | bf16 | fp16
   deterministic: bool = False        # TF op determinism
 
@@ -186,9 +186,9 @@ SECTIONS = ("data", "augment", "model", "support", "optim", "train", "eval", "pr
 
 # flag name -> "section.field" (the field has the flag's name unless listed otherwise here).
 # Old flag names still accepted (absl aliases in the CLI, keys of from_flags): old -> new.
-FLAG_ALIASES: Dict[str, str] = {"linear_random_init": "random_init_baseline"}
+FLAG_ALIASES: dict[str, str] = {"linear_random_init": "random_init_baseline"}
 
-FLAG_FIELDS: Dict[str, str] = {
+FLAG_FIELDS: dict[str, str] = {
     **{f: f"data.{f}" for f in ("dataset", "image_dir", "eval_image_dir", "val_images", "data_dir",
                                 "train_split", "eval_split", "knn_train_split", "image_size",
                                 "cache_limit_mb", "skip_bad_images", "eval_crop_fraction")},
@@ -277,7 +277,7 @@ class Experiment:
   # --- by flag name ------------------------------------------------------------------------------
 
   @classmethod
-  def from_flags(cls, values: Dict[str, Any], base: Optional["Experiment"] = None) -> "Experiment":
+  def from_flags(cls, values: dict[str, Any], base: Experiment | None = None) -> Experiment:
     """The Experiment of `base` (default: every default) with `values` {flag name: value} set.
 
     Without an explicit export_base the exports go to <model_dir>/export."""
@@ -291,7 +291,7 @@ class Experiment:
     if "export_base" not in values and base.export.base == os.path.join(base.train.model_dir,
                                                                            "export"):
       values = {**values, "export_base": None}  # follows the model_dir
-    changes: Dict[str, Dict[str, Any]] = {}
+    changes: dict[str, dict[str, Any]] = {}
     for flag, value in values.items():
       section, field = FLAG_FIELDS[flag].split(".")
       changes.setdefault(section, {})[field] = _to_field(flag, value, model_dir)
@@ -300,7 +300,7 @@ class Experiment:
         for name, fields in changes.items()})
 
   @classmethod
-  def from_flagfile(cls, path: str, **overrides) -> "Experiment":
+  def from_flagfile(cls, path: str, **overrides) -> Experiment:
     """The Experiment a `--flagfile` preset describes, with `overrides` by flag name, e.g.
     `Experiment.from_flagfile("flags/quickstart.cfg", train_steps=40, model_dir="/tmp/q")`.
 
@@ -309,7 +309,7 @@ class Experiment:
     from nnclr_tf import cli  # absl parses the file exactly as the command line would
     return cls.from_flags({**cli.flagfile_values(path), **overrides})
 
-  def flag_values(self) -> Dict[str, Any]:
+  def flag_values(self) -> dict[str, Any]:
     """{flag name: value} of every flag (the inverse of from_flags)."""
     out = {}
     for flag, where in FLAG_FIELDS.items():
@@ -317,7 +317,7 @@ class Experiment:
       out[flag] = _to_flag(flag, getattr(getattr(self, section), field))
     return out
 
-  def replace(self, **values) -> "Experiment":
+  def replace(self, **values) -> Experiment:
     """A copy with some flags changed, by flag name (validated again)."""
     return Experiment.from_flags(values, base=self)
 
@@ -328,7 +328,7 @@ class Experiment:
                       indent=2, sort_keys=True)
 
   @classmethod
-  def from_json(cls, text: str) -> "Experiment":
+  def from_json(cls, text: str) -> Experiment:
     raw = json.loads(text)
     probe = raw.get("probe", {})
     if "linear_random_init" in probe:  # written before eval.random_init_baseline replaced it

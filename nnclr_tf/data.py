@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import List, Optional
 
 import numpy as np
 import tensorflow as tf
@@ -32,9 +31,9 @@ AUTOTUNE = tf.data.AUTOTUNE
 class Source:
   """Training examples: `images` (uint8 [N, H, W, 3] in memory) or `paths` (decoded lazily)."""
   labels: np.ndarray
-  images: Optional[np.ndarray] = None
-  paths: Optional[np.ndarray] = None
-  class_names: List[str] = dataclasses.field(default_factory=list)
+  images: np.ndarray | None = None
+  paths: np.ndarray | None = None
+  class_names: list[str] = dataclasses.field(default_factory=list)
   name: str = ""
   skipped: int = 0  # unreadable files left out
   # Set by the in-memory caches: `images` were squashed to cache_size x cache_size, so their
@@ -42,7 +41,7 @@ class Source:
   # cache also keeps each original's evaluation view (uint8 [N, S, S, 3], augment.eval_transform
   # at `eval_crop_fraction`), which cannot be made from a squashed image.
   cache_size: int = 0
-  eval_images: Optional[np.ndarray] = None
+  eval_images: np.ndarray | None = None
   eval_crop_fraction: float = 1.0
 
   def __len__(self):
@@ -77,7 +76,7 @@ class StreamSource:
   builder: object
   split: str
   num_examples: int
-  class_names: List[str]
+  class_names: list[str]
   labelled: bool
   name: str = ""
   skipped: int = 0
@@ -420,7 +419,7 @@ def steps_per_epoch(num_examples, global_batch):
 
 
 def pretrain_dataset(source, aug: AugmentConfig, image_size, global_batch, seed, start_step=0,
-                     input_context: Optional[tf.distribute.InputContext] = None):
+                     input_context: tf.distribute.InputContext | None = None):
   """Per-replica batches {"view1", "view2", "label"} for the replicas of one input pipeline.
 
   For global step s and global replica r, the rows are stream positions
@@ -677,7 +676,7 @@ def _user_element(spec):
   raise DataError(f"pretraining_stream takes {_STREAM_ACCEPTS}; got element_spec {spec}{hint}")
 
 
-def pretraining_stream(dataset, aug: Optional[AugmentConfig] = None, image_size=32,
+def pretraining_stream(dataset, aug: AugmentConfig | None = None, image_size=32,
                        batch_size=256, epochs=None, seed=0):
   """A user's tf.data of images or (image, label) -> the batches `NNCLR.fit` trains on:
   {"view1", "view2": float [B, S, S, 3] in [0, 1], "label": int32 [B], -1 when unlabelled}.

@@ -11,7 +11,6 @@ import os
 import numpy as np
 import tensorflow as tf
 
-
 ANNOUNCE_BYTES = 2 ** 30
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from typing import Any, Dict, Optional
+from typing import Any
 
 from nnclr_tf import model_dir as md
 from nnclr_tf.config import Experiment
@@ -44,6 +44,7 @@ def setup(exp: Experiment):
   process: TF's collectives cannot have two over the same devices."""
   import keras
   import tensorflow as tf
+
   from nnclr_tf import distributed
   r = exp.runtime
   distributed.split_cpu(r.cpu_replicas)
@@ -68,6 +69,7 @@ def _strategy(exp, strategy):
 def build_model(exp: Experiment, strategy=None, online_probe_classes=0):
   """The NNCLR model the experiment describes, built in the strategy's scope."""
   import keras
+
   from nnclr_tf.model import NNCLR
   strategy = _strategy(exp, strategy)
   keras.utils.set_random_seed(exp.train.seed)
@@ -102,7 +104,7 @@ def eval_data(exp: Experiment):
 # --- pretrain ----------------------------------------------------------------------------------
 
 @_locked("pretrain")
-def pretrain(exp: Experiment, strategy=None, flags_text: Optional[str] = None) -> Dict[str, Any]:
+def pretrain(exp: Experiment, strategy=None, flags_text: str | None = None) -> dict[str, Any]:
   """Trains (resuming from the model_dir), then on the chief exports the encoder, runs kNN of
   the final checkpoint and writes the plots. A model_dir whose run is complete is left as it is;
   parts missing after a crash (export, kNN, plots) run alone. `flags_text` goes to flags.txt
@@ -178,6 +180,7 @@ def online_probe_classes(exp: Experiment, train, strategy):
   the probe on for a model_dir pretrained without it, or a different label count, never breaks
   the restore; a new run sizes the probe from the training labels."""
   import numpy as np
+
   from nnclr_tf import distributed
   if not exp.probe.online_probe:
     return 0
@@ -208,6 +211,7 @@ def log_view_pairs(exp: Experiment, train, logdir, step, pairs=8):
   first batch as the training pipeline makes them (view1 above view2), at `step`."""
   import numpy as np
   import tensorflow as tf
+
   from nnclr_tf import data
   # A batch of `pairs` only: rows and augmentation seeds follow the stream position, so starting
   # at the position of `step` gives the first pairs of the real batch without augmenting all of it.
@@ -255,6 +259,7 @@ def random_init_features(exp: Experiment, train, held):
   """Features of the architecture at random initialisation (seed + 1, local BN), cached: the
   baseline of knn_top1_random_init and linear_top1_random_init."""
   import keras
+
   from nnclr_tf.backbones import build_backbone
   size = exp.data.image_size
   keras.utils.set_random_seed(exp.train.seed + 1)
@@ -300,7 +305,7 @@ def knn_results(exp: Experiment, model, train, held, checkpoint=None):
 
 
 @_locked("knn_eval")
-def knn_eval(exp: Experiment, strategy=None) -> Dict[str, Any]:
+def knn_eval(exp: Experiment, strategy=None) -> dict[str, Any]:
   """Weighted kNN of the latest checkpoint's backbone features, eval split against train split."""
   from nnclr_tf import distributed
   strategy = _strategy(exp, strategy)
@@ -328,7 +333,7 @@ def labelled_splits(exp: Experiment, mode):
 
 
 @_locked("linear_eval")
-def linear_eval(exp: Experiment, strategy=None) -> Dict[str, Any]:
+def linear_eval(exp: Experiment, strategy=None) -> dict[str, Any]:
   """Linear probe on frozen features of the latest checkpoint (and of the random-init
   architecture), then the classifier export of the probe."""
   from nnclr_tf import export, linear_probe
@@ -382,7 +387,7 @@ def classifier_metadata(exp: Experiment, checkpoint, linear):
 
 
 @_locked("finetune")
-def finetune(exp: Experiment, strategy=None) -> Dict[str, Any]:
+def finetune(exp: Experiment, strategy=None) -> dict[str, Any]:
   """Semi-supervised fine-tune of the whole network on a class-balanced labelled fraction (or
   from scratch with finetune.init="random"); every (fraction, init) run is kept in the results."""
   from nnclr_tf import finetune as finetune_lib
@@ -431,7 +436,7 @@ def run_name(exp: Experiment):
 
 
 @_locked("plots")
-def plots(exp: Experiment, strategy=None) -> Dict[str, Any]:
+def plots(exp: Experiment, strategy=None) -> dict[str, Any]:
   """Retrieval grid, embedding map and training curves of the latest checkpoint."""
   strategy = _strategy(exp, strategy)
   model, latest = restored_model(exp, strategy)
@@ -445,6 +450,7 @@ def plots(exp: Experiment, strategy=None) -> Dict[str, Any]:
 def check_export_target(exp: Experiment, explicit_base=True):
   """Refuses an unwritable export base or an existing export version before any work."""
   import tempfile
+
   from nnclr_tf import export as export_lib
   e = exp.export
   if explicit_base:
@@ -468,7 +474,7 @@ def check_export_target(exp: Experiment, explicit_base=True):
 
 
 @_locked("export")
-def export(exp: Experiment, strategy=None) -> Dict[str, Any]:
+def export(exp: Experiment, strategy=None) -> dict[str, Any]:
   """Encoder (and, when linear_eval has written its probe, classifier) SavedModels of the latest
   checkpoint, in TF Serving's layout."""
   from nnclr_tf import export as export_lib

@@ -75,7 +75,8 @@ def _move_into_place(tmp, model_base, version):
     target = os.path.join(model_base, str(v))
     if os.path.exists(target):
       if version:
-        raise ExportError(f"{target} already exists; a served version is never overwritten")
+        raise ExportError(f"{target} already exists; a served version is never overwritten"
+                          ) from None
       continue  # another exporter took it between the listing and here
     try:
       os.rename(tmp, target)  # atomic; fails rather than replace a non-empty version
@@ -84,7 +85,8 @@ def _move_into_place(tmp, model_base, version):
       if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
         raise
       if version:
-        raise ExportError(f"{target} already exists; a served version is never overwritten")
+        raise ExportError(f"{target} already exists; a served version is never overwritten"
+                          ) from None
 
 
 def _make_readable(path):

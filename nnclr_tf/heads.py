@@ -9,7 +9,6 @@ Dense layers followed by BN carry no bias (BN's beta does that job).
 
 from __future__ import annotations
 
-
 import keras
 from keras import layers
 

@@ -23,7 +23,6 @@ import logging
 import os
 import socket
 import time
-from typing import Optional
 
 from nnclr_tf.errors import ModelDirError, ModelDirLockedError
 
@@ -118,7 +117,8 @@ def prepare(model_dir, model_config, model=None):
       f.write("ok")
     os.remove(probe)
   except OSError as e:
-    raise ModelDirError(f"--model_dir={model_dir} is not writable ({e.strerror}); choose another")
+    raise ModelDirError(f"--model_dir={model_dir} is not writable ({e.strerror}); choose "
+                        "another") from None
   config_path = path(model_dir, MODEL_CONFIG)
   if os.path.exists(config_path):
     old = {**ARCHITECTURE_DEFAULTS, **architecture(read_json(config_path))}
@@ -139,7 +139,7 @@ def prepare(model_dir, model_config, model=None):
 
 # --- checkpoints -------------------------------------------------------------------------------
 
-def latest_checkpoint(model_dir) -> Optional[str]:
+def latest_checkpoint(model_dir) -> str | None:
   import tensorflow as tf
   return tf.train.latest_checkpoint(model_dir)
 

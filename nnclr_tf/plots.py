@@ -103,6 +103,7 @@ def embedding_map(features, labels, path, class_names=None, max_points=2000, see
   x = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
   perplexity = float(min(30.0, max(2.0, (len(x) - 1) / 3)))
   from threadpoolctl import threadpool_limits
+
   # One OpenMP thread: on a busy 2-core machine two spinning threads made t-SNE 2-18x slower.
   from nnclr_tf import progress
   with threadpool_limits(1), progress.timed(f"t-SNE map of {len(x):,} points"):

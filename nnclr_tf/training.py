@@ -16,8 +16,14 @@ import tensorflow as tf
 from nnclr_tf import data as data_lib
 from nnclr_tf import distributed
 from nnclr_tf.config import OptimConfig, check_batch
-from nnclr_tf.errors import (ConfigError, DiskFullError, ModelDirError,  # noqa: F401
-                             NonFiniteLossError, Preempted, TrainingError)
+from nnclr_tf.errors import (  # noqa: F401
+  ConfigError,
+  DiskFullError,
+  ModelDirError,
+  NonFiniteLossError,
+  Preempted,
+  TrainingError,
+)
 from nnclr_tf.lars import LARS, is_excluded
 from nnclr_tf.model_dir import read_json, write_json, write_text  # noqa: F401
 from nnclr_tf.schedules import WarmupCosine, scaled_learning_rate

@@ -15,8 +15,9 @@ import input_pipeline  # noqa: E402
 import knn_memory  # noqa: E402
 import nn_overhead  # noqa: E402
 import peak  # noqa: E402
-import peer_compare  # noqa: E402
 import throughput  # noqa: E402
+
+import peer_compare  # noqa: E402
 
 pytestmark = pytest.mark.slow  # each benchmark script end to end, tiny
 

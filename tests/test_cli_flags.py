@@ -10,8 +10,8 @@ import sys
 import pytest
 from absl import flags
 
-from nnclr_tf import cli
 from conftest import REPO
+from nnclr_tf import cli
 
 PRESETS = sorted(glob.glob(os.path.join(REPO, "flags", "*.cfg")))
 

@@ -24,8 +24,8 @@ import re
 import pytest
 
 import nnclr_tf
-from nnclr_tf import cli
 from conftest import REPO
+from nnclr_tf import cli
 
 DOCS = ("README.md", "CONTRIBUTING.md")
 MODULES = {m.name for m in pkgutil.iter_modules(nnclr_tf.__path__)}

@@ -1,8 +1,13 @@
 import numpy as np
 import pytest
 
-from nnclr_tf.evaluation import (cached_features, feature_cache_path, knn_batch_size, knn_scores,
-                                 topk_accuracy)
+from nnclr_tf.evaluation import (
+  cached_features,
+  feature_cache_path,
+  knn_batch_size,
+  knn_scores,
+  topk_accuracy,
+)
 
 
 def brute_force_knn(train, train_labels, queries, num_classes, k, t):
@@ -55,6 +60,7 @@ def test_knn_batch_size_bounds_the_similarity_matrix():
 
 def test_feature_cache_is_reused_and_keyed(tmp_path):
   import tensorflow as tf
+
   from nnclr_tf.config import DataConfig
   calls = []
 
@@ -150,6 +156,7 @@ def test_extract_features_fills_one_array_and_announces_large_ones(monkeypatch, 
   """Known total or not, the rows come back in order, in the requested dtype, the exact count
   (no unused tail); an extraction over the threshold says rows x dim x bytes first."""
   import tensorflow as tf
+
   from nnclr_tf import evaluation, progress
   monkeypatch.setattr(evaluation, "ANNOUNCE_BYTES", 10 * 3 * np.dtype(dtype).itemsize)
   monkeypatch.setattr(progress, "_VERBOSE", 2)

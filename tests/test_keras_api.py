@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import oracles
 from conftest import mirrored
 from nnclr_tf import augment, data
 from nnclr_tf.backbones import KERAS_APPLICATIONS, build_backbone
@@ -18,7 +19,6 @@ from nnclr_tf.batchnorm import BatchNormalization as FusedBN
 from nnclr_tf.config import BACKBONES, AugmentConfig
 from nnclr_tf.errors import DataError
 from nnclr_tf.model import NNCLR
-import oracles
 
 TINY = dict(backbone="small_cnn", image_size=16, width=8, proj_hidden_dim=32, proj_layers=2,
             pred_hidden_dim=32, embedding_dim=16, queue_size=64, temperature=0.1)

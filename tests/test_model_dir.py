@@ -64,6 +64,7 @@ def test_an_older_model_config_without_later_fields_is_the_same_architecture(tmp
   """model_config.json written before symmetric_loss / zero_init_residual existed holds what
   those runs did (row-wise loss, zero-init residual): the same flags resume, others are refused."""
   import pytest
+
   from nnclr_tf.errors import ModelDirError
   d = str(tmp_path)
   now = {"backbone": "resnet18_cifar", "width": 8, "seed": 0, "symmetric_loss": False,

@@ -16,11 +16,11 @@ import time
 import numpy as np
 import pytest
 import tensorflow as tf
+from test_operations import curve_step, wait_for
 
 import tolerances
 from conftest import REPO
 from nnclr_tf import model_dir as md
-from test_operations import curve_step, wait_for
 
 pytestmark = pytest.mark.slow  # run.py processes end to end
 
@@ -74,7 +74,7 @@ class Children:
   def wait(self, timeout=DEADLINE):
     deadline = time.monotonic() + timeout
     try:
-      for name, p, _, _ in self.procs:
+      for _name, p, _, _ in self.procs:
         p.wait(timeout=max(1.0, deadline - time.monotonic()))
     finally:
       self.kill()

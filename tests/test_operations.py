@@ -14,13 +14,19 @@ import time
 import numpy as np
 import pytest
 import tensorflow as tf
+from test_reliability import (
+  build,
+  checkpoint_steps,
+  checkpoint_tensors,
+  data,
+  finish,
+  spawn,  # noqa: F401  (a fixture)
+)
 
 from conftest import REPO
 from nnclr_tf import errors, experiment, monitors
 from nnclr_tf import model_dir as md
 from nnclr_tf.config import Experiment
-from test_reliability import build, checkpoint_steps, checkpoint_tensors, data, finish
-from test_reliability import spawn  # noqa: F401  (a fixture)
 
 QUICKSTART = os.path.join(REPO, "flags", "quickstart.cfg")
 # 1797 digits / 32 = 56 steps per epoch, 112 in all; a curves.csv row every step.
@@ -166,8 +172,9 @@ def test_sigint_in_training_saves_that_step_and_raises_preempted_130(tmp_path):
   model = build()
   before = signal.getsignal(signal.SIGINT)
   with pytest.raises(errors.Preempted) as e:
-    from nnclr_tf import training
     from test_reliability import AUG, OPTIM, _train_cfg
+
+    from nnclr_tf import training
     training.pretrain(model, tf.distribute.get_strategy(), data.digits_source(),
                       data.DataConfig(image_size=16), AUG, _train_cfg(tmp_path, 20), OPTIM,
                       callbacks=[Interrupt()])

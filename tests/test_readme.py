@@ -23,8 +23,8 @@ import sys
 import numpy as np
 import pytest
 
-from nnclr_tf import cli
 from conftest import REPO, listing_changes, repo_listing
+from nnclr_tf import cli
 
 README = os.path.join(REPO, "README.md")
 COMMAND_WORDS = ("python", "pip", "curl", "docker", "cat", "export", "saved_model_cli",

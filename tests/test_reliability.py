@@ -22,14 +22,21 @@ import tensorflow as tf
 from PIL import Image
 
 from conftest import REPO
-from nnclr_tf import data, training
-from nnclr_tf.config import AugmentConfig, DataConfig, OptimConfig, TrainConfig
-from nnclr_tf.model import NNCLR
-
 from nnclr_tf import cli as cli_lib  # noqa: E402  (defines the absl flags; parsed per test)
-from nnclr_tf import experiment  # noqa: E402
+from nnclr_tf import (
+  data,
+  experiment,  # noqa: E402
+  training,
+)
 from nnclr_tf import model_dir as model_dir_lib  # noqa: E402
-from nnclr_tf.config import Experiment  # noqa: E402
+from nnclr_tf.config import (
+  AugmentConfig,
+  DataConfig,
+  Experiment,  # noqa: E402
+  OptimConfig,
+  TrainConfig,
+)
+from nnclr_tf.model import NNCLR
 
 AUG = AugmentConfig(flip_prob=0, jitter_prob=0, grayscale_prob=0, blur_prob=(0, 0),
                     solarize_prob=(0, 0), crop_scale=(0.4, 1.0))

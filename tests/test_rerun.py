@@ -7,9 +7,9 @@ import json
 import os
 
 import pytest
+from test_run import TINY, results, run
 
 from nnclr_tf import export
-from test_run import TINY, results, run
 
 pytestmark = pytest.mark.slow
 

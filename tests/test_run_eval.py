@@ -8,10 +8,10 @@ import os
 import numpy as np
 import pytest
 import tensorflow as tf
+from test_run import TINY, run
 
 from nnclr_tf import plots
 from nnclr_tf.linear_probe import load_probe
-from test_run import TINY, run
 
 pytestmark = pytest.mark.slow  # run.py processes end to end
 

@@ -32,7 +32,9 @@ def test_no_warmup():
 
 def test_warmup_not_shorter_than_the_run_is_warned(caplog):
   import logging
+
   import keras
+
   from nnclr_tf import training
   from nnclr_tf.config import OptimConfig
   v = [keras.Variable([1.0, 2.0])]
