@@ -124,13 +124,13 @@ def parse_overrides(items):
   """{flag: value} of "flag=value" strings, typed by the CLI's own flag definitions."""
   from absl import flags
 
-  from nnclr_tf import cli
+  from nnclr_tf import cli, flagfiles
   fv = flags.FlagValues()
   cli.define_flags(fv)
   out = {}
   for item in items:
     key, _, value = item.partition("=")
-    cli.parse(["parity", f"--{key}={value}"], fv)
+    flagfiles.parse(["parity", f"--{key}={value}"], fv)
     out[key] = fv[key].value
   return out
 

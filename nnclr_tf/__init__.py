@@ -5,35 +5,38 @@
   results = experiment.pretrain(exp)
 """
 
+import importlib as _importlib
 import os as _os
 
 _os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 from nnclr_tf import errors  # noqa: E402
 from nnclr_tf.config import (  # noqa: E402
-    AugmentConfig,
-    DataConfig,
-    EvalConfig,
-    Experiment,
-    ExportConfig,
-    FinetuneConfig,
-    ModelConfig,
-    OptimConfig,
-    PlotsConfig,
-    ProbeConfig,
-    RuntimeConfig,
-    SupportSetConfig,
-    TrainConfig,
+  AugmentConfig,
+  DataConfig,
+  EvalConfig,
+  Experiment,
+  ExportConfig,
+  FinetuneConfig,
+  LossConfig,
+  ModelConfig,
+  OptimConfig,
+  PlotsConfig,
+  ProbeConfig,
+  RuntimeConfig,
+  SupportSetConfig,
+  TrainConfig,
 )
 from nnclr_tf.errors import (  # noqa: E402
-    ConfigError,
-    DataError,
-    ExportError,
-    ModelDirError,
-    NNCLRError,
-    NonFiniteLossError,
-    TrainingError,
+  ConfigError,
+  DataError,
+  ExportError,
+  ModelDirError,
+  NNCLRError,
+  NonFiniteLossError,
+  TrainingError,
 )
+from nnclr_tf.model_config import NNCLRConfig  # noqa: E402
 
 # The TensorFlow-backed names load on first use: `import nnclr_tf` (and the CLI, which must take
 # the model_dir lock and capture TensorFlow's native start-up lines first) stays light.
@@ -43,8 +46,7 @@ _LAZY = {"LARS": "nnclr_tf.lars", "nnclr_loss": "nnclr_tf.losses", "NNCLR": "nnc
 
 def __getattr__(name):
   if name in _LAZY:
-    import importlib
-    value = getattr(importlib.import_module(_LAZY[name]), name)
+    value = getattr(_importlib.import_module(_LAZY[name]), name)
     globals()[name] = value
     return value
   raise AttributeError(f"module 'nnclr_tf' has no attribute {name!r}")
@@ -54,8 +56,8 @@ __version__ = "0.2.0"
 
 __all__ = [
     "AugmentConfig", "ConfigError", "DataConfig", "DataError", "EvalConfig", "Experiment",
-    "ExportConfig", "ExportError", "FinetuneConfig", "LARS", "ModelConfig", "ModelDirError",
-    "NNCLR", "NNCLRError", "NonFiniteLossError", "OptimConfig", "PlotsConfig", "ProbeConfig",
-    "RuntimeConfig", "SupportSetConfig", "TrainConfig", "TrainingError", "SupportSet",
-    "WarmupCosine", "errors", "nnclr_loss",
+    "ExportConfig", "ExportError", "FinetuneConfig", "LARS", "LossConfig", "ModelConfig",
+    "ModelDirError", "NNCLR", "NNCLRConfig", "NNCLRError", "NonFiniteLossError", "OptimConfig",
+    "PlotsConfig", "ProbeConfig", "RuntimeConfig", "SupportSetConfig", "TrainConfig",
+    "TrainingError", "SupportSet", "WarmupCosine", "errors", "nnclr_loss",
 ]

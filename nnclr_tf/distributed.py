@@ -7,10 +7,12 @@ local batches in replica-id order.
 
 from __future__ import annotations
 
-import json
 import os
 
 import tensorflow as tf
+
+from nnclr_tf import cluster
+from nnclr_tf.errors import StrategyError
 
 
 def num_replicas():
@@ -75,12 +77,12 @@ def make_strategy(kind="auto", cpu_replicas=1, tpu=None):
     except (ValueError, tf.errors.OpError, RuntimeError, OSError) as e:
       # OSError: off Google Cloud, a named TPU is looked up on the GCE metadata server.
       reason = (str(e).strip().splitlines() or [type(e).__name__])[0].rstrip(".")
-      raise RuntimeError(
+      raise StrategyError(
           f"--strategy=tpu: no TPU found (--tpu={tpu!r}: {reason}). "
           "Run on a TPU VM or pass --tpu=<name>, or use --strategy=auto.") from None
     return tf.distribute.TPUStrategy(resolver)
   if kind == "multi_worker":
-    check_tf_config(os.environ.get("TF_CONFIG"))
+    cluster.check_tf_config(os.environ.get("TF_CONFIG"))
     return tf.distribute.MultiWorkerMirroredStrategy()
   gpus = tf.config.list_logical_devices("GPU")
   cpus = tf.config.list_logical_devices("CPU")
@@ -92,25 +94,6 @@ def make_strategy(kind="auto", cpu_replicas=1, tpu=None):
   if kind == "auto":
     return tf.distribute.get_strategy()
   raise ValueError(f"unknown strategy {kind!r}")
-
-
-def check_tf_config(text):
-  """Refuses a missing or malformed TF_CONFIG for --strategy=multi_worker (without one, TF would
-  silently train a single worker)."""
-  example = ('e.g. TF_CONFIG=\'{"cluster": {"worker": ["host1:12345", "host2:12345"]}, '
-             '"task": {"type": "worker", "index": 0}}\'')
-  if not text:
-    raise RuntimeError(f"--strategy=multi_worker needs the TF_CONFIG environment variable on "
-                       f"every worker, {example}")
-  try:
-    cfg = json.loads(text)
-    cluster, task = cfg["cluster"], cfg["task"]
-    hosts = cluster[task["type"]]
-    ok = isinstance(hosts, list) and 0 <= int(task["index"]) < len(hosts)
-  except (ValueError, KeyError, TypeError):
-    ok = False
-  if not ok:
-    raise RuntimeError(f"TF_CONFIG={text!r} is not a cluster with this task in it; {example}")
 
 
 def gather_ints(strategy, value):
@@ -145,9 +128,8 @@ def is_chief(strategy):
   resolver = getattr(strategy, "cluster_resolver", None)
   if resolver is None or not resolver.cluster_spec().as_dict():
     return True
-  task_type, task_id = resolver.task_type, resolver.task_id
-  return task_type == "chief" or (task_type == "worker" and task_id == 0 and
-                                  "chief" not in resolver.cluster_spec().as_dict())
+  return cluster.is_chief_task(resolver.task_type, resolver.task_id,
+                               resolver.cluster_spec().as_dict())
 
 
 def worker_dir(model_dir, strategy):

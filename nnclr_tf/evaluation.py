@@ -6,10 +6,16 @@ their class with weight exp(s / T); the class with the largest sum wins.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import os
 
 import numpy as np
 import tensorflow as tf
+
+from nnclr_tf import model_dir as md
+from nnclr_tf import progress
 
 ANNOUNCE_BYTES = 2 ** 30
 
@@ -26,7 +32,6 @@ def extract_features(encoder, dataset, name="features", total=None, dtype=np.flo
   peak is that array plus one batch, not a list of batches and its concatenation. Without `total`
   the array doubles as it fills. An extraction of `ANNOUNCE_BYTES` or more says its size first.
   """
-  from nnclr_tf import progress
 
   @tf.function(reduce_retracing=True)
   def forward(x):
@@ -128,7 +133,6 @@ def knn_scores(train_features, train_labels, query_features, num_classes, k=200,
   [batch, k, num_classes] one-hot, so 1,000 classes cost no more than 10.
   benchmarks/knn_memory.py measures the peak on a 1,000,000 x 2,048 float16 bank.
   """
-  from nnclr_tf import progress
   train_labels = np.asarray(train_labels, np.int64)
   k = min(k, len(train_features))
   batch_size = batch_size or knn_batch_size(min(bank_chunk, max(len(train_features), 1)))
@@ -173,9 +177,6 @@ def feature_cache_path(model_dir, checkpoint, data_cfg, seed, extra=None):
   never reuses stale
   features. checkpoint=None names a random-initialisation encoder; pass its architecture (and
   init seed) in `extra`."""
-  import dataclasses
-  import hashlib
-  import json
   fields = dataclasses.asdict(data_cfg)
   # Fields added later, at their defaults, describe the features cached before they existed:
   # left out, those keep their key.
@@ -194,7 +195,6 @@ def cached_features(path, encoder, train_ds, eval_ds, name="encoder", totals=(No
   else extracted with `encoder` and written there (atomically). `name` and `totals` (image counts
   of the two datasets) label the progress and size the preallocated arrays; `train_dtype`
   float16 halves the kNN bank (a cache of another dtype is converted on reading)."""
-  from nnclr_tf import progress
   if path and os.path.exists(path):
     progress.say(f"features of the {name}: read from {path}")
     with np.load(path) as z:
@@ -205,12 +205,8 @@ def cached_features(path, encoder, train_ds, eval_ds, name="encoder", totals=(No
   eval_f, eval_l = extract_features(encoder, eval_ds, f"features of the {name}, eval split",
                                     totals[1])
   if path:
-    import tempfile
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    # A private temporary name: several workers may write the same (identical) cache at once.
-    fd, tmp = tempfile.mkstemp(suffix=".tmp", dir=os.path.dirname(path))
-    with os.fdopen(fd, "wb") as f:
+    with md.atomic_path(path) as tmp, open(tmp, "wb") as f:
       np.savez(f, train_features=train_f, train_labels=train_l, eval_features=eval_f,
                eval_labels=eval_l)
-    os.replace(tmp, path)
   return train_f, train_l, eval_f, eval_l

@@ -14,20 +14,44 @@ dict and (on the chief) writes it into the model_dir (`nnclr_tf.model_dir` has t
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
+import tempfile
 from typing import Any
 
+import keras
+import numpy as np
+import tensorflow as tf
+
+from nnclr_tf import (
+  checkpoints,
+  config,
+  data,
+  distributed,
+  evaluation,
+  linear_probe,
+  model_config,
+  monitors,
+  progress,
+  training,
+)
+from nnclr_tf import export as export_lib
+from nnclr_tf import finetune as finetune_lib
 from nnclr_tf import model_dir as md
-from nnclr_tf.config import Experiment
+from nnclr_tf import plots as plots_lib
+from nnclr_tf.backbones import build_backbone
+from nnclr_tf.checks import check_batch
+from nnclr_tf.config import SECTIONS, Experiment
 from nnclr_tf.errors import ConfigError, DataError, ModelDirError
+from nnclr_tf.model import NNCLR
+from nnclr_tf.model_config import NNCLRConfig
 
 _STRATEGIES = {}
 
 
 def _locked(mode):
   """Runs the mode holding model_dir/run.lock (model_dir.RunLock; re-entrant, chief only)."""
-  import functools
 
   def wrap(fn):
     @functools.wraps(fn)
@@ -38,14 +62,16 @@ def _locked(mode):
   return wrap
 
 
+def quiet_tensorflow():
+  """TensorFlow's Python logger at ERROR: its warnings repeat what our own lines say."""
+  tf.get_logger().setLevel("ERROR")
+
+
 def setup(exp: Experiment):
   """Runtime set-up: logical CPU devices (before TensorFlow initialises them), op determinism,
   mixed precision; returns the distribution strategy. One strategy per (kind, devices) and
   process: TF's collectives cannot have two over the same devices."""
-  import keras
-  import tensorflow as tf
 
-  from nnclr_tf import distributed
   r = exp.runtime
   distributed.split_cpu(r.cpu_replicas)
   if r.deterministic:
@@ -66,37 +92,61 @@ def _strategy(exp, strategy):
   return strategy if strategy is not None else setup(exp)
 
 
-def build_model(exp: Experiment, strategy=None, online_probe_classes=0):
-  """The NNCLR model the experiment describes, built in the strategy's scope."""
-  import keras
+def nnclr_config(exp: Experiment, online_probe_classes=0) -> NNCLRConfig:
+  """The NNCLRConfig of the experiment's model: each field from the one section holding a field
+  of its name (a new architecture setting needs no line here)."""
+  values = {"online_probe_classes": online_probe_classes}
+  for name in MODEL_FIELD_SECTIONS:
+    values[name] = getattr(getattr(exp, MODEL_FIELD_SECTIONS[name]), name)
+  return NNCLRConfig(**values)
 
-  from nnclr_tf.model import NNCLR
+
+def _model_field_sections():
+  out = {}
+  for name in model_config.FIELDS:
+    if name == "online_probe_classes":  # from the data, not the flags
+      continue
+    (section,) = [s for s in SECTIONS if name in config.SECTION_FIELDS[s]]
+    out[name] = section
+  return out
+
+
+MODEL_FIELD_SECTIONS = _model_field_sections()
+
+
+def build_model(exp: Experiment, strategy=None, online_probe_classes=0):
+  """The NNCLR model the experiment describes, built in the strategy's scope. With
+  build_encoder, the only place an Experiment becomes a model."""
   strategy = _strategy(exp, strategy)
   keras.utils.set_random_seed(exp.train.seed)
   with strategy.scope():
-    return NNCLR.from_configs(exp.model, exp.support, exp.data.image_size, exp.train.temperature,
-                              exp.train.seed, online_probe_classes, exp.probe.online_probe_lr,
-                              exp.data.eval_crop_fraction)
+    return NNCLR(nnclr_config(exp, online_probe_classes))
+
+
+def build_encoder(exp: Experiment, seed=None):
+  """The experiment's backbone alone, randomly initialised from `seed` (default: the run's seed
+  + 1, the random-init baselines' encoder) with local BatchNorm."""
+  m, size = exp.model, exp.data.image_size
+  keras.utils.set_random_seed(exp.train.seed + 1 if seed is None else seed)
+  return build_backbone(m.backbone, (size, size, 3), False, m.width, m.zero_init_residual)
 
 
 def restored_model(exp: Experiment, strategy=None):
   """(model, checkpoint path) of the latest checkpoint in the model_dir."""
-  latest = md.require_checkpoint(exp.train.model_dir)
+  latest = checkpoints.require_checkpoint(exp.train.model_dir)
   model = build_model(exp, strategy)
-  md.restore(model, latest)
+  checkpoints.restore(model, latest)
   return model, latest
 
 
 def load_data(exp: Experiment):
   """(train, held-out) sources of the experiment (held-out may be None)."""
-  from nnclr_tf import data
   return data.load_sources(exp.data, exp.train.seed)
 
 
 def eval_data(exp: Experiment):
   """(bank, held-out) of the evaluations: the bank is --knn_train_split when set (the labelled
   part of a partly unlabelled training set), else the training source."""
-  from nnclr_tf import data
   train, held = load_data(exp)
   return data.knn_bank_source(exp.data, train), held
 
@@ -109,14 +159,13 @@ def pretrain(exp: Experiment, strategy=None, flags_text: str | None = None) -> d
   the final checkpoint and writes the plots. A model_dir whose run is complete is left as it is;
   parts missing after a crash (export, kNN, plots) run alone. `flags_text` goes to flags.txt
   (default: the experiment as JSON)."""
-  from nnclr_tf import data, distributed, export, training
   strategy = _strategy(exp, strategy)
   t = exp.train
   # Before the data loads (minutes on a large set); training.pretrain checks again for the
   # callers that build their own model and skip the Experiment.
-  training.validate_batch(t.batch_size, exp.support.queue_size, strategy.num_replicas_in_sync,
+  check_batch(t.batch_size, exp.support.queue_size, strategy.num_replicas_in_sync,
                           exp.support.nn_topk)
-  done = md.finished_pretraining(t, exp.plots.enabled)
+  done = finished_pretraining(t, exp.plots.enabled)
   if done:
     print(done)
     return md.read_results(t.model_dir, "pretrain")
@@ -128,7 +177,7 @@ def pretrain(exp: Experiment, strategy=None, flags_text: str | None = None) -> d
   model = build_model(exp, strategy, online_probe_classes(exp, train, strategy))
   chief = distributed.is_chief(strategy)
   if chief:
-    md.prepare(t.model_dir, model.get_config(), model)
+    prepare_model_dir(t.model_dir, model)
     md.write_flags(t.model_dir, flags_text if flags_text is not None else exp.to_json())
   total = t.train_steps or t.train_epochs * data.steps_per_epoch(len(train), t.batch_size)
   if recorded.get("steps") and total > recorded["steps"]:
@@ -139,7 +188,7 @@ def pretrain(exp: Experiment, strategy=None, flags_text: str | None = None) -> d
   curves = curve_logger(exp, train, strategy)
   if chief:
     log_view_pairs(exp, train, os.path.join(t.model_dir, md.LOGS, "views"),
-                   md.checkpoint_step(md.latest_checkpoint(t.model_dir)))
+                   checkpoints.checkpoint_step(checkpoints.latest_checkpoint(t.model_dir)))
   results = training.pretrain(model, strategy, train, exp.data, exp.augment, t, exp.optim,
                               callbacks=[curves])
   results["online_probe_acc"] = curves.last_logs.get("online_probe_acc")
@@ -147,7 +196,7 @@ def pretrain(exp: Experiment, strategy=None, flags_text: str | None = None) -> d
     return results
   step = results["steps"]
   same_step = recorded.get("steps") == step
-  final = md.checkpoint_at(t.model_dir, step)
+  final = checkpoints.checkpoint_at(t.model_dir, step)
   bank = data.knn_bank_source(exp.data, train)  # --knn_train_split, else the training images
   # kNN and plots before the export, so that the export's metadata carries the kNN figures.
   if not (same_step and md.evaluated(recorded)):
@@ -160,17 +209,47 @@ def pretrain(exp: Experiment, strategy=None, flags_text: str | None = None) -> d
   merged = md.merge_results(recorded, results)
   e = exp.export
   crop = exp.data.eval_crop_fraction
-  newest, meta = export.newest_export(e.base)
+  newest, meta = export_lib.newest_export(e.base)
   if (not e.version and newest and meta.get("checkpoint_step") == step
       and meta.get("eval_crop_fraction", 1.0) == crop):
     export_dir = newest  # this checkpoint is served already, with this preprocessing
   else:
-    export_dir = export.export_encoder(
+    export_dir = export_lib.export_encoder(
         model, e.base, e.version, e.warmup,
         metadata=md.export_metadata(t.model_dir, step, exp.data.image_size, merged),
         crop_fraction=crop)
   merged["export_dir"] = export_dir
   return md.write_results(t.model_dir, "pretrain", merged)
+
+
+def finished_pretraining(train_cfg, plots_enabled):
+  """A one-line summary when model_dir's pretraining reached its last step and its kNN, plots and
+  encoder export exist (a rerun then has nothing to do), else None."""
+  model_dir = train_cfg.model_dir
+  recorded = md.read_results(model_dir, "pretrain")
+  step = recorded.get("steps")
+  if not step or checkpoints.checkpoint_step(checkpoints.latest_checkpoint(model_dir)) != step:
+    return None
+  if md.target_steps(train_cfg, recorded) != step or not md.evaluated(recorded):
+    return None
+  if plots_enabled and not md.plots_exist(recorded):
+    return None
+  export_dir = recorded.get("export_dir")
+  if not export_dir or export_lib.read_metadata(export_dir).get("checkpoint_step") != step:
+    return None
+  return (f"{model_dir}: pretraining finished at step {step}; results in "
+          f"{md.results_path(model_dir, 'pretrain')}, encoder export {export_dir}; nothing to do "
+          "(raise --train_steps or --train_epochs to train longer)")
+
+
+def prepare_model_dir(model_dir, model):
+  """md.prepare, after checking that a checkpoint written without model_config.json (by the
+  Python API) fits `model`: only then may its config be recorded."""
+  checked = False
+  if not os.path.exists(md.path(model_dir, md.MODEL_CONFIG)) and md.has_checkpoint(model_dir):
+    checkpoints.check_checkpoint_fits(model, model_dir)
+    checked = True
+  md.prepare(model_dir, model.get_config(), checkpoint_checked=checked)
 
 
 def online_probe_classes(exp: Experiment, train, strategy):
@@ -179,12 +258,11 @@ def online_probe_classes(exp: Experiment, train, strategy):
   A resumed run keeps what its checkpoint holds (a probe of its size, or none), so that turning
   the probe on for a model_dir pretrained without it, or a different label count, never breaks
   the restore; a new run sizes the probe from the training labels."""
-  import numpy as np
 
-  from nnclr_tf import distributed
   if not exp.probe.online_probe:
     return 0
-  in_checkpoint = md.online_probe_classes(distributed.worker_dir(exp.train.model_dir, strategy))
+  in_checkpoint = checkpoints.online_probe_classes(
+      distributed.worker_dir(exp.train.model_dir, strategy))
   if in_checkpoint is not None:
     return in_checkpoint
   labels = getattr(train, "labels", None)
@@ -199,7 +277,6 @@ def online_probe_classes(exp: Experiment, train, strategy):
 def curve_logger(exp: Experiment, train, strategy):
   """Rows of per-step values; about 50 per epoch (each the mean over the steps since the previous
   row; a row per step when an epoch has 50 steps or fewer)."""
-  from nnclr_tf import data, distributed, monitors
   t = exp.train
   spe = max(1, data.steps_per_epoch(len(train), t.batch_size))
   return monitors.CurveLogger(os.path.join(distributed.worker_dir(t.model_dir, strategy),
@@ -209,10 +286,7 @@ def curve_logger(exp: Experiment, train, strategy):
 def log_view_pairs(exp: Experiment, train, logdir, step, pairs=8):
   """TensorBoard image `augmented_view_pairs`: the first `pairs` training pairs of the run's
   first batch as the training pipeline makes them (view1 above view2), at `step`."""
-  import numpy as np
-  import tensorflow as tf
 
-  from nnclr_tf import data
   # A batch of `pairs` only: rows and augmentation seeds follow the stream position, so starting
   # at the position of `step` gives the first pairs of the real batch without augmenting all of it.
   batch = exp.train.batch_size
@@ -235,7 +309,6 @@ def log_view_pairs(exp: Experiment, train, logdir, step, pairs=8):
 
 def feature_cache(exp: Experiment, checkpoint):
   """model_dir/features/... of the encoder at `checkpoint` (None: the random-init encoder)."""
-  from nnclr_tf import evaluation
   t = exp.train
   extra = None if checkpoint else {"random_init": dataclasses.asdict(exp.model),
                                    "seed": t.seed + 1}
@@ -245,7 +318,6 @@ def feature_cache(exp: Experiment, checkpoint):
 def eval_features(exp: Experiment, encoder, checkpoint, train, held, use_cache=True):
   """(train_f, train_l, eval_f, eval_l) of `encoder`, through model_dir/features when use_cache
   (the key names `checkpoint`; None with use_cache means the random-init encoder)."""
-  from nnclr_tf import data, evaluation
   size, batch, crop = exp.data.image_size, exp.eval.batch_size, exp.data.eval_crop_fraction
   path = feature_cache(exp, checkpoint) if use_cache else None
   name = ("random-init encoder" if use_cache and not checkpoint else
@@ -258,14 +330,7 @@ def eval_features(exp: Experiment, encoder, checkpoint, train, held, use_cache=T
 def random_init_features(exp: Experiment, train, held):
   """Features of the architecture at random initialisation (seed + 1, local BN), cached: the
   baseline of knn_top1_random_init and linear_top1_random_init."""
-  import keras
-
-  from nnclr_tf.backbones import build_backbone
-  size = exp.data.image_size
-  keras.utils.set_random_seed(exp.train.seed + 1)
-  fresh = build_backbone(exp.model.backbone, (size, size, 3), False, exp.model.width,
-                         exp.model.zero_init_residual)
-  return eval_features(exp, fresh, None, train, held)
+  return eval_features(exp, build_encoder(exp), None, train, held)
 
 
 def num_classes(train, held):
@@ -278,7 +343,6 @@ def knn_results(exp: Experiment, model, train, held, checkpoint=None):
 
   With `checkpoint` (the path `model` holds), features come from and go to the cache shared with
   linear_eval and plots (model_dir/features)."""
-  from nnclr_tf import evaluation
   if held is None or not held.has_labels:
     logging.info("no labelled eval split: kNN skipped")
     return {}
@@ -307,7 +371,6 @@ def knn_results(exp: Experiment, model, train, held, checkpoint=None):
 @_locked("knn_eval")
 def knn_eval(exp: Experiment, strategy=None) -> dict[str, Any]:
   """Weighted kNN of the latest checkpoint's backbone features, eval split against train split."""
-  from nnclr_tf import distributed
   strategy = _strategy(exp, strategy)
   model, latest = restored_model(exp, strategy)
   train, held = eval_data(exp)
@@ -336,7 +399,6 @@ def labelled_splits(exp: Experiment, mode):
 def linear_eval(exp: Experiment, strategy=None) -> dict[str, Any]:
   """Linear probe on frozen features of the latest checkpoint (and of the random-init
   architecture), then the classifier export of the probe."""
-  from nnclr_tf import export, linear_probe
   strategy = _strategy(exp, strategy)
   t, size = exp.train, exp.data.image_size
   train, held, classes = labelled_splits(exp, "linear_eval")
@@ -344,7 +406,6 @@ def linear_eval(exp: Experiment, strategy=None) -> dict[str, Any]:
   l2 = list(exp.probe.linear_l2)
   cache = feature_cache(exp, latest)
   train_f, train_l, eval_f, eval_l = eval_features(exp, model.encoder, latest, train, held)
-  from nnclr_tf import progress
   with progress.timed(f"linear probe on {len(train_l):,} features (l2 from {len(l2)} values)"):
     probe, info = linear_probe.fit_probe(train_f, train_l, classes, train.class_names, size,
                                          l2=l2, seed=t.seed)
@@ -361,7 +422,7 @@ def linear_eval(exp: Experiment, strategy=None) -> dict[str, Any]:
     results.update(linear_top1_random_init=rand_scores["top1"],
                    linear_top5_random_init=rand_scores["top5"], l2_random_init=rand_info["l2"])
   ex = exp.export
-  results["classifier_export_dir"] = export.export_classifier(
+  results["classifier_export_dir"] = export_lib.export_classifier(
       model, probe_path, ex.base, ex.version, ex.warmup,
       metadata=classifier_metadata(exp, latest, results),
       crop_fraction=exp.data.eval_crop_fraction)
@@ -376,8 +437,7 @@ def classifier_metadata(exp: Experiment, checkpoint, linear):
   """The classifier export's metadata: the encoder's (export_metadata of `checkpoint`, the
   checkpoint the probe was fitted on), the probe's figures and the encoder export of the same
   checkpoint, when there is one."""
-  from nnclr_tf import export as export_lib
-  step = md.checkpoint_step(checkpoint)
+  step = checkpoints.checkpoint_step(checkpoint)
   newest, meta = export_lib.newest_export(exp.export.base)
   return md.export_metadata(
       exp.train.model_dir, step, exp.data.image_size,
@@ -390,7 +450,6 @@ def classifier_metadata(exp: Experiment, checkpoint, linear):
 def finetune(exp: Experiment, strategy=None) -> dict[str, Any]:
   """Semi-supervised fine-tune of the whole network on a class-balanced labelled fraction (or
   from scratch with finetune.init="random"); every (fraction, init) run is kept in the results."""
-  from nnclr_tf import finetune as finetune_lib
   strategy = _strategy(exp, strategy)
   t, f = exp.train, exp.finetune
   train, held, classes = labelled_splits(exp, "finetune")
@@ -414,7 +473,6 @@ def finetune(exp: Experiment, strategy=None) -> dict[str, Any]:
 
 
 def write_plots(exp: Experiment, model, train, held, step, checkpoint=None):
-  from nnclr_tf import plots as plots_lib
   t = exp.train
   # Backbone features from the cache shared with kNN and linear_eval (z is recomputed from them).
   features = None
@@ -441,17 +499,15 @@ def plots(exp: Experiment, strategy=None) -> dict[str, Any]:
   strategy = _strategy(exp, strategy)
   model, latest = restored_model(exp, strategy)
   train, held = eval_data(exp)
-  return {"plots": write_plots(exp, model, train, held, md.checkpoint_step(latest), latest),
-          "checkpoint": latest}
+  step = checkpoints.checkpoint_step(latest)
+  return {"plots": write_plots(exp, model, train, held, step, latest), "checkpoint": latest}
 
 
 # --- export ------------------------------------------------------------------------------------
 
 def check_export_target(exp: Experiment, explicit_base=True):
   """Refuses an unwritable export base or an existing export version before any work."""
-  import tempfile
 
-  from nnclr_tf import export as export_lib
   e = exp.export
   if explicit_base:
     try:
@@ -477,22 +533,21 @@ def check_export_target(exp: Experiment, explicit_base=True):
 def export(exp: Experiment, strategy=None) -> dict[str, Any]:
   """Encoder (and, when linear_eval has written its probe, classifier) SavedModels of the latest
   checkpoint, in TF Serving's layout."""
-  from nnclr_tf import export as export_lib
   strategy = _strategy(exp, strategy)
   t, e = exp.train, exp.export
-  latest = md.require_checkpoint(t.model_dir)
+  latest = checkpoints.require_checkpoint(t.model_dir)
   model = build_model(exp, strategy)
   md.prepare(t.model_dir, model.get_config())
-  md.restore(model, latest, strict=True)  # the optimizer is not needed
-  meta = md.export_metadata(t.model_dir, md.checkpoint_step(latest), exp.data.image_size)
+  checkpoints.restore(model, latest, strict=True)  # the optimizer is not needed
+  meta = md.export_metadata(t.model_dir, checkpoints.checkpoint_step(latest), exp.data.image_size)
   crop = exp.data.eval_crop_fraction
   out = {"encoder": export_lib.export_encoder(model, e.base, e.version, e.warmup, metadata=meta,
                                               crop_fraction=crop)}
   probe = md.path(t.model_dir, md.PROBE_FILE)
   linear = md.read_results(t.model_dir, "linear_eval")
   fitted_on = linear.get("checkpoint")
-  if os.path.exists(probe) and fitted_on and md.checkpoint_step(fitted_on) != \
-      md.checkpoint_step(latest):
+  if os.path.exists(probe) and fitted_on and checkpoints.checkpoint_step(fitted_on) != \
+      checkpoints.checkpoint_step(latest):
     # Its probe reads the features of another checkpoint: serving it on this one would be wrong.
     logging.warning("the linear probe %s was fitted on %s, not the latest %s: classifier not "
                     "exported (run --mode=linear_eval again)", probe,

@@ -30,10 +30,15 @@ import tempfile
 import numpy as np
 import tensorflow as tf
 
-from nnclr_tf import augment, linear_probe
+from nnclr_tf import augment, linear_probe, progress
 from nnclr_tf import model_dir as model_dir_lib
 from nnclr_tf.data import decode_image
 from nnclr_tf.errors import ExportError
+
+try:  # the `serving` extra: without it exports carry no warm-up requests
+  from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
+except ImportError:
+  predict_pb2 = prediction_log_pb2 = None
 
 ENCODER = "encoder"
 CLASSIFIER = "classifier"
@@ -109,7 +114,6 @@ def _save_versioned(module, signatures, export_base, model_name, version, warmup
                       "export base") from None
   try:
     _make_readable(tmp)
-    from nnclr_tf import progress
     with progress.timed(f"{model_name} SavedModel for TF Serving"):
       tf.saved_model.save(module, tmp, signatures=signatures)
     if warmup:
@@ -183,7 +187,7 @@ class _Servable(tf.Module):
 
   def __init__(self, model, probe=None, crop_fraction=1.0):
     super().__init__(name=ENCODER if probe is None else CLASSIFIER)
-    self.image_size = int(model.image_size)
+    self.image_size = int(model.config.image_size)
     self.crop_fraction = float(crop_fraction)  # a constant of the traced signatures
     # Stock Keras layers only: what users load or build on must not need nnclr_tf's classes.
     self.encoder = model.portable_encoder()
@@ -258,9 +262,7 @@ def warmup_inputs(image_size, seed=0):
 def _write_warmup(export_dir, model_name, image_size):
   """`assets.extra/tf_serving_warmup_requests`: PredictionLog records TF Serving replays at load,
   so the first real request does not pay for graph initialisation."""
-  try:
-    from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
-  except ImportError:
+  if predict_pb2 is None:
     tf.get_logger().warning("tensorflow-serving-api is not installed: %s written without warm-up "
                             "requests (pip install tensorflow-serving-api)", export_dir)
     return
@@ -328,9 +330,10 @@ def export_classifier(model, probe, export_base, version=0, warmup=True, metadat
   if probe.kernel.shape[0] != dim:
     raise ExportError(f"the linear probe takes {probe.kernel.shape[0]}-d features but the "
                       f"backbone gives {dim}-d; re-run --mode=linear_eval on this model")
-  if probe.image_size != int(model.image_size):
+  if probe.image_size != int(model.config.image_size):
     raise ExportError(f"the linear probe was trained at image_size {probe.image_size} but the "
-                      f"model at {model.image_size}; re-run --mode=linear_eval on this model")
+                      f"model at {model.config.image_size}; re-run --mode=linear_eval on this "
+                      "model")
   module = _Servable(model, probe, crop_fraction)
   return _save_versioned(module, module.signatures(), export_base, CLASSIFIER, version, warmup,
                          _with_crop_fraction(metadata, crop_fraction))

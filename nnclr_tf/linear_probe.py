@@ -26,7 +26,12 @@ import warnings
 from collections.abc import Sequence
 
 import numpy as np
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import train_test_split
+from threadpoolctl import threadpool_limits
 
+from nnclr_tf import model_dir as md
 from nnclr_tf.evaluation import topk_accuracy as topk
 
 DEFAULT_L2 = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
@@ -51,14 +56,12 @@ def save_probe(path, probe: Probe):
   """Writes `probe` to `path` (.npz) atomically: a temporary file renamed into place."""
   _check(probe)
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = path + ".tmp"
-  with open(tmp, "wb") as f:
+  with md.atomic_path(path) as tmp, open(tmp, "wb") as f:
     np.savez(f, kernel=probe.kernel.astype(np.float32), bias=probe.bias.astype(np.float32),
              feature_mean=probe.feature_mean.astype(np.float32),
              feature_std=probe.feature_std.astype(np.float32),
              class_names=np.asarray(probe.class_names, dtype=str),
              image_size=np.asarray(int(probe.image_size), np.int64))
-  os.replace(tmp, path)
   return path
 
 
@@ -99,9 +102,6 @@ def standardiser(features):
 
 
 def _fit(x, y, l2, max_iter, tol, threads):
-  from sklearn.exceptions import ConvergenceWarning
-  from sklearn.linear_model import LogisticRegression
-  from threadpoolctl import threadpool_limits
   # sklearn minimises C * sum_i CE_i + ||W||^2 / 2; dividing by C * n gives
   # mean CE + l2 / 2 * ||W||^2 when C = 1 / (l2 * n).
   clf = LogisticRegression(C=1.0 / (l2 * len(x)), max_iter=max_iter, tol=tol)
@@ -151,7 +151,6 @@ def fit_probe(features, labels, num_classes, class_names=None, image_size=0,
   l2 = sorted(float(v) for v in l2)
   scores = {}
   if len(l2) > 1:
-    from sklearn.model_selection import train_test_split
     counts = np.bincount(labels)
     stratify = labels if counts[counts > 0].min() >= 2 else None
     tr, va = train_test_split(np.arange(len(x)), test_size=val_fraction, random_state=seed,

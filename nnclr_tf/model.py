@@ -34,76 +34,48 @@ import keras
 import tensorflow as tf
 
 from nnclr_tf import augment, distributed
+from nnclr_tf import export as export_lib
 from nnclr_tf.backbones import build_backbone, stock_layers, wrap_backbone
 from nnclr_tf.heads import prediction_head, projection_head
 from nnclr_tf.losses import nnclr_loss
+from nnclr_tf.model_config import NNCLRConfig, split_kwargs
 from nnclr_tf.support_set import SupportSet
 
 
 @keras.saving.register_keras_serializable(package="nnclr_tf")
 class NNCLR(keras.Model):
 
-  def __init__(self, backbone="small_cnn", image_size=32, width=64, proj_hidden_dim=2048,
-               proj_layers=3, pred_hidden_dim=4096, embedding_dim=256, global_bn=True,
-               queue_size=98304, nn_topk=1, use_nn=True, temperature=0.1, seed=0,
-               online_probe_classes=0, online_probe_lr=1e-2, symmetric_loss=False,
-               eval_crop_fraction=1.0, zero_init_residual=True, **kwargs):
-    super().__init__(**kwargs)
-    if temperature <= 0:
-      raise ValueError(f"temperature must be > 0, got {temperature}")
-    if not 1 <= nn_topk <= queue_size:
-      raise ValueError(f"nn_topk must be in [1, queue_size={queue_size}], got {nn_topk}")
-    if isinstance(backbone, dict):  # a user backbone, as get_config recorded it
-      backbone = keras.saving.deserialize_keras_object(backbone)
-    if not 0.0 < eval_crop_fraction <= 1.0:
-      raise ValueError(f"eval_crop_fraction must be in (0, 1], got {eval_crop_fraction}")
-    self._config = dict(backbone=backbone, image_size=image_size, width=width,
-                        proj_hidden_dim=proj_hidden_dim, proj_layers=proj_layers,
-                        pred_hidden_dim=pred_hidden_dim, embedding_dim=embedding_dim,
-                        global_bn=global_bn, queue_size=queue_size, nn_topk=nn_topk,
-                        use_nn=use_nn, temperature=temperature, seed=seed,
-                        online_probe_classes=online_probe_classes,
-                        online_probe_lr=online_probe_lr, symmetric_loss=symmetric_loss,
-                        eval_crop_fraction=float(eval_crop_fraction),
-                        zero_init_residual=bool(zero_init_residual))
-    self.image_size = image_size
-    self.nn_topk = nn_topk
-    self.use_nn = use_nn
-    self.temperature = temperature
-    self.symmetric_loss = bool(symmetric_loss)
-    self.seed = seed
-    self.eval_crop_fraction = float(eval_crop_fraction)
-    if isinstance(backbone, keras.Model):
-      self.encoder = wrap_backbone(backbone, (image_size, image_size, 3))
+  def __init__(self, config: NNCLRConfig | None = None, **kwargs):
+    """NNCLR(NNCLRConfig(...)) or NNCLR(backbone=..., image_size=..., ...) with NNCLRConfig's
+    fields as keywords (Keras's name, trainable and dtype go to keras.Model)."""
+    if config is not None and not isinstance(config, NNCLRConfig):
+      kwargs["backbone"] = config  # NNCLR("resnet18_cifar", ...): the backbone, positionally
+      config = None
+    fields, keras_kwargs = split_kwargs(kwargs)
+    super().__init__(**keras_kwargs)
+    if isinstance(fields.get("backbone"), dict):  # a user backbone, as get_config recorded it
+      fields["backbone"] = keras.saving.deserialize_keras_object(fields["backbone"])
+    self.config = cfg = config if config is not None else NNCLRConfig(**fields)
+    size = (cfg.image_size, cfg.image_size, 3)
+    if isinstance(cfg.backbone, keras.Model):
+      self.encoder = wrap_backbone(cfg.backbone, size)
     else:
-      self.encoder = build_backbone(backbone, (image_size, image_size, 3), global_bn, width,
-                                    zero_init_residual)
+      self.encoder = build_backbone(cfg.backbone, size, cfg.global_bn, cfg.width,
+                                    cfg.zero_init_residual)
     feat_dim = self.encoder.output.shape[-1]
-    self.projector = projection_head(feat_dim, proj_hidden_dim, embedding_dim, proj_layers,
-                                     global_bn)
-    self.predictor = prediction_head(embedding_dim, pred_hidden_dim, global_bn)
-    self.support_set = SupportSet(queue_size, embedding_dim, seed=seed, name="support_set")
+    self.projector = projection_head(feat_dim, cfg.proj_hidden_dim, cfg.embedding_dim,
+                                     cfg.proj_layers, cfg.global_bn)
+    self.predictor = prediction_head(cfg.embedding_dim, cfg.pred_hidden_dim, cfg.global_bn)
+    self.support_set = SupportSet(cfg.queue_size, cfg.embedding_dim, seed=cfg.seed,
+                                  name="support_set")
     self.loss_tracker = keras.metrics.Mean(name="loss")
     self.hit_tracker = keras.metrics.Mean(name="nn_label_hit")
     self.acc_tracker = keras.metrics.Mean(name="contrastive_acc")
     self.sim_tracker = keras.metrics.Mean(name="nn_similarity")
     self.online_probe = None
-    if online_probe_classes:
-      self._build_online_probe(feat_dim, online_probe_classes, online_probe_lr)
+    if cfg.online_probe_classes:
+      self._build_online_probe(feat_dim, cfg.online_probe_classes, cfg.online_probe_lr)
     self.built = True  # every sub-model is built at construction; fit must not trace call()
-
-  @classmethod
-  def from_configs(cls, model_cfg, support_cfg, image_size, temperature, seed,
-                   online_probe_classes=0, online_probe_lr=1e-2, eval_crop_fraction=1.0):
-    return cls(backbone=model_cfg.backbone, image_size=image_size, width=model_cfg.width,
-               proj_hidden_dim=model_cfg.proj_hidden_dim, proj_layers=model_cfg.proj_layers,
-               pred_hidden_dim=model_cfg.pred_hidden_dim, embedding_dim=model_cfg.embedding_dim,
-               global_bn=model_cfg.global_bn, queue_size=support_cfg.queue_size,
-               nn_topk=support_cfg.nn_topk, use_nn=support_cfg.use_nn, temperature=temperature,
-               seed=seed, online_probe_classes=online_probe_classes,
-               online_probe_lr=online_probe_lr, symmetric_loss=support_cfg.symmetric_loss,
-               eval_crop_fraction=eval_crop_fraction,
-               zero_init_residual=model_cfg.zero_init_residual)
 
   def _build_online_probe(self, feat_dim, num_classes, lr):
     # trainable=False keeps the probe out of trainable_variables (and so out of the pretraining
@@ -118,7 +90,7 @@ class NNCLR(keras.Model):
     self.probe_acc_tracker = keras.metrics.Mean(name="online_probe_acc")
 
   def get_config(self):
-    config = {**super().get_config(), **self._config}
+    config = {**super().get_config(), **self.config.to_dict()}
     if isinstance(config["backbone"], keras.Model):
       config["backbone"] = keras.saving.serialize_keras_object(config["backbone"])
     return config
@@ -149,7 +121,7 @@ class NNCLR(keras.Model):
     """uint8 or float [0, 1] images [N, H, W, 3] (or one [H, W, 3]) of any size -> the float
     [N, S, S, 3] the encoder takes: `augment.eval_transform` at this model's image size and
     evaluation crop fraction, the preprocessing of the exported encoder and of evaluation."""
-    return augment.eval_transform(images, self.image_size, self.eval_crop_fraction)
+    return augment.eval_transform(images, self.config.image_size, self.config.eval_crop_fraction)
 
   def call(self, images, training=False):
     """Backbone features [N, D] of uint8 or float [0, 1] images of any size (see `preprocess`)."""
@@ -179,8 +151,7 @@ class NNCLR(keras.Model):
           "NNCLR.export writes only the served encoder SavedModel (format='tf_saved_model', no "
           "input_signature); for another format or signature use "
           "model.portable_encoder().export(filepath, format=..., input_signature=...)")
-    from nnclr_tf import export as export_lib
-    path = export_lib.save_encoder(self, filepath, crop_fraction=self.eval_crop_fraction)
+    path = export_lib.save_encoder(self, filepath, crop_fraction=self.config.eval_crop_fraction)
     if verbose:
       print(f"Saved the NNCLR encoder SavedModel to {path}")
     return path
@@ -195,22 +166,23 @@ class NNCLR(keras.Model):
   def _topk_choice(self, step, local_batch, global_batch, view):
     """Uniform draws in [0, k) over the global batch, sliced to this replica's rows, so the
     draw for a given example does not depend on how many replicas there are."""
-    if self.nn_topk == 1:
+    if self.config.nn_topk == 1:
       return None
-    seed = tf.stack([tf.cast(self.seed * 2 + view, tf.int64), tf.cast(step, tf.int64)])
-    draws = tf.random.stateless_uniform([global_batch], seed, 0, self.nn_topk, dtype=tf.int32)
+    seed = tf.stack([tf.cast(self.config.seed * 2 + view, tf.int64), tf.cast(step, tf.int64)])
+    draws = tf.random.stateless_uniform([global_batch], seed, 0, self.config.nn_topk,
+                                        dtype=tf.int32)
     return distributed.local_rows(draws, local_batch)
 
   def _positives(self, z, choice):
-    if not self.use_nn:
+    if not self.config.use_nn:
       return z, None  # SimCLR ablation: the positive is the other view's own embedding
-    return self.support_set.nearest_neighbour(z, self.nn_topk, choice)
+    return self.support_set.nearest_neighbour(z, self.config.nn_topk, choice)
 
   def _loss(self, nn, p, offset):
-    if not self.symmetric_loss:
-      return nnclr_loss(nn, distributed.all_gather(p), self.temperature, offset)
-    return nnclr_loss(nn, distributed.all_gather(p), self.temperature, offset, symmetric=True,
-                      nn_global=distributed.all_gather(nn), p_local=p)
+    if not self.config.symmetric_loss:
+      return nnclr_loss(nn, distributed.all_gather(p), self.config.temperature, offset)
+    return nnclr_loss(nn, distributed.all_gather(p), self.config.temperature, offset,
+                      symmetric=True, nn_global=distributed.all_gather(nn), p_local=p)
 
   def _pair_loss(self, data, step, training):
     """The NNCLR loss of a batch of pairs against the support set as it is (nothing is written):
@@ -229,7 +201,7 @@ class NNCLR(keras.Model):
     return 0.5 * (loss1 + loss2), h, z1, nn1, idx1, logits1, targets
 
   def _update_metrics(self, loss, labels, z1, nn1, idx1, logits1, targets):
-    if self.use_nn:
+    if self.config.use_nn:
       nn_labels = self.support_set.neighbour_labels(idx1)
       valid = tf.cast(tf.logical_and(labels >= 0, nn_labels >= 0), tf.float32)
       self.hit_tracker.update_state(tf.cast(tf.equal(nn_labels, labels), tf.float32), valid)
@@ -265,7 +237,7 @@ class NNCLR(keras.Model):
       self._probe_step(h, tf.concat([labels, labels], axis=0))
 
     logs = self._update_metrics(loss, labels, z1, nn1, idx1, logits1, targets)
-    if self.use_nn:
+    if self.config.use_nn:
       # Enqueue after the lookup and the loss: this step's queries saw the old queue.
       self.support_set.update(distributed.all_gather(tf.stop_gradient(z1)),
                               distributed.all_gather(labels))

@@ -18,13 +18,17 @@ Every file is written by temp file + rename, so a kill leaves the previous versi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import socket
+import tempfile
 import time
 
+from nnclr_tf import cluster
 from nnclr_tf.errors import ModelDirError, ModelDirLockedError
+from nnclr_tf.model_config import architecture
 
 MODEL_CONFIG = "model_config.json"
 FLAGS_FILE = "flags.txt"
@@ -46,12 +50,32 @@ def path(model_dir, name):
 
 # --- files -------------------------------------------------------------------------------------
 
+@contextlib.contextmanager
+def atomic_path(file_path):
+  """Yields a temporary path beside `file_path` to write to; when the block succeeds it replaces
+  `file_path` in one rename, so a reader (or a kill) never sees a half-written file. The one
+  atomic writer of the project: JSON, CSV, NPZ, PNG alike. The temporary name keeps the
+  extension, for writers that pick the format from it (np.savez, matplotlib)."""
+  head, tail = os.path.split(file_path)
+  # A private name (mkstemp): several workers may write the same file at once.
+  fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=f"-{tail}", dir=head or ".")
+  os.close(fd)
+  try:
+    yield tmp
+    os.replace(tmp, file_path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
 def write_text(file_path, text):
-  """Temp file + rename: a reader (or a kill) never sees a half-written file."""
-  tmp = file_path + ".tmp"
-  with open(tmp, "w") as f:
+  with atomic_path(file_path) as tmp, open(tmp, "w") as f:
     f.write(text)
-  os.replace(tmp, file_path)
+
+
+def write_bytes(file_path, data):
+  with atomic_path(file_path) as tmp, open(tmp, "wb") as f:
+    f.write(data)
 
 
 def write_json(file_path, obj):
@@ -85,30 +109,18 @@ def write_flags(model_dir, text):
   write_text(path(model_dir, FLAGS_FILE), text)
 
 
-# --- the recorded architecture -----------------------------------------------------------------
-
-def architecture(model_config):
-  """The model config as recorded and compared: the online probe is a training monitor, not the
-  architecture (eval and export build the model without it; a resume sizes it from the
-  checkpoint), and the evaluation crop fraction is preprocessing a rerun may change."""
-  return {k: v for k, v in model_config.items()
-          if not k.startswith("online_probe") and k != "eval_crop_fraction"}
-
-
-# Architecture fields added after model_dirs were recorded, as an older model_config.json
-# means them.
-ARCHITECTURE_DEFAULTS = {"symmetric_loss": False, "zero_init_residual": True}
-
+# --- the recorded architecture (model_config.architecture) ------------------------------------
 
 def has_checkpoint(model_dir):
   return os.path.exists(path(model_dir, "checkpoint"))
 
 
-def prepare(model_dir, model_config, model=None):
+def prepare(model_dir, model_config, checkpoint_checked=False):
   """Creates model_dir, refuses one that holds a different architecture, records the config.
 
-  A model_dir with a checkpoint but no model_config.json (written by the Python API) is checked
-  by loading the checkpoint into `model` when it is given; without it no config is recorded."""
+  A model_dir with a checkpoint but no model_config.json (written by the Python API) gets one
+  only when the caller has checked that the checkpoint fits the model
+  (checkpoints.check_checkpoint_fits), `checkpoint_checked`."""
   model_config = architecture(model_config)
   try:
     os.makedirs(model_dir, exist_ok=True)
@@ -121,7 +133,7 @@ def prepare(model_dir, model_config, model=None):
                         "another") from None
   config_path = path(model_dir, MODEL_CONFIG)
   if os.path.exists(config_path):
-    old = {**ARCHITECTURE_DEFAULTS, **architecture(read_json(config_path))}
+    old = architecture(read_json(config_path))
     # Keras numbers model names per process (nnclr, nnclr_1, ...): not part of the architecture.
     diff = sorted(k for k in set(old) | set(model_config)
                   if k != "name" and old.get(k) != model_config.get(k))
@@ -130,63 +142,8 @@ def prepare(model_dir, model_config, model=None):
           f"--model_dir={model_dir} holds a model with different {', '.join(diff)} "
           f"({', '.join(f'{k}={old.get(k)!r}' for k in diff)}); use a new --model_dir or the "
           "same flags")
-  elif model is not None or not has_checkpoint(model_dir):
-    if model is not None:
-      from nnclr_tf import training
-      training.check_checkpoint_fits(model, model_dir)
+  elif checkpoint_checked or not has_checkpoint(model_dir):
     write_json(config_path, model_config)
-
-
-# --- checkpoints -------------------------------------------------------------------------------
-
-def latest_checkpoint(model_dir) -> str | None:
-  import tensorflow as tf
-  return tf.train.latest_checkpoint(model_dir)
-
-
-def checkpoint_step(checkpoint) -> int:
-  """N of a `.../ckpt-N` checkpoint path (0 for None)."""
-  tail = (checkpoint or "").rsplit("-", 1)[-1]
-  return int(tail) if tail.isdigit() else 0
-
-
-def checkpoint_at(model_dir, step):
-  """The latest checkpoint if it holds `step` (the model's state after pretraining), else None."""
-  latest = latest_checkpoint(model_dir)
-  return latest if latest and checkpoint_step(latest) == step else None
-
-
-def require_checkpoint(model_dir):
-  latest = latest_checkpoint(model_dir)
-  if not latest:
-    raise ModelDirError(f"--model_dir={model_dir} holds no checkpoint; run --mode=pretrain first")
-  return latest
-
-
-def restore(model, checkpoint, strict=False):
-  """Loads the model's part of `checkpoint` (the optimizer is not needed to evaluate or export);
-  strict: every variable of the model must be in the checkpoint."""
-  import tensorflow as tf
-  status = tf.train.Checkpoint(model=model).restore(checkpoint)
-  if strict:
-    status.assert_existing_objects_matched()
-  status.expect_partial()
-  return checkpoint
-
-
-def online_probe_classes(model_dir):
-  """The online probe's class count in model_dir's newest checkpoint (0: none), or None when
-  there is no readable checkpoint."""
-  import tensorflow as tf
-  latest = latest_checkpoint(model_dir)
-  if not latest:
-    return None
-  try:
-    kernels = [shape for name, shape in tf.train.list_variables(latest)
-               if name.startswith("model/online_probe/") and "kernel" in name]
-  except (tf.errors.OpError, ValueError):
-    return None  # an unreadable checkpoint: the restore reports it
-  return int(kernels[0][-1]) if kernels else 0
 
 
 # --- a finished pretraining run ----------------------------------------------------------------
@@ -208,27 +165,6 @@ def evaluated(recorded):
 def plots_exist(recorded):
   paths = recorded.get("plots") or {}
   return bool(paths) and all(os.path.exists(p) for p in paths.values())
-
-
-def finished_pretraining(train_cfg, plots_enabled):
-  """A one-line summary when model_dir's pretraining reached its last step and its kNN, plots and
-  encoder export exist (a rerun then has nothing to do), else None."""
-  from nnclr_tf import export
-  model_dir = train_cfg.model_dir
-  recorded = read_results(model_dir, "pretrain")
-  step = recorded.get("steps")
-  if not step or checkpoint_step(latest_checkpoint(model_dir)) != step:
-    return None
-  if target_steps(train_cfg, recorded) != step or not evaluated(recorded):
-    return None
-  if plots_enabled and not plots_exist(recorded):
-    return None
-  export_dir = recorded.get("export_dir")
-  if not export_dir or export.read_metadata(export_dir).get("checkpoint_step") != step:
-    return None
-  return (f"{model_dir}: pretraining finished at step {step}; results in "
-          f"{results_path(model_dir, 'pretrain')}, encoder export {export_dir}; nothing to do "
-          "(raise --train_steps or --train_epochs to train longer)")
 
 
 def merge_results(recorded, results):
@@ -282,23 +218,6 @@ def pid_alive(pid):
   except PermissionError:
     return True  # another user's live process
   return True
-
-
-def is_chief_process(tf_config=None):
-  """Whether this process is the chief of a multi-worker cluster by TF_CONFIG (True without one):
-  read from the environment, so the lock can be taken before TensorFlow is imported."""
-  text = os.environ.get("TF_CONFIG", "") if tf_config is None else tf_config
-  try:
-    cfg = json.loads(text) if text else {}
-  except ValueError:
-    return True  # the strategy reports a malformed TF_CONFIG
-  task = cfg.get("task") or {}
-  kind, index = task.get("type"), int(task.get("index", 0) or 0)
-  if not kind:
-    return True
-  if kind == "chief":
-    return True
-  return kind == "worker" and index == 0 and "chief" not in (cfg.get("cluster") or {})
 
 
 _HELD = {}  # absolute lock path -> how many nested holders in this process
@@ -414,8 +333,7 @@ def lock(model_dir, mode, chief=None):
   """The RunLock of `model_dir` for a process that writes there; a no-op context on non-chief
   workers (they write into .workers/) and, for modes other than pretrain, on a model_dir that does
   not exist (nothing is written; the mode reports the missing checkpoint)."""
-  import contextlib
-  chief = is_chief_process() if chief is None else chief
+  chief = cluster.is_chief_process() if chief is None else chief
   if not chief or (mode != "pretrain" and not os.path.isdir(model_dir)):
     return contextlib.nullcontext()
   return RunLock(model_dir, mode)

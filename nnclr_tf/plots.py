@@ -15,14 +15,22 @@ from __future__ import annotations
 import io
 import os
 
+import matplotlib
 import numpy as np
+import tensorflow as tf
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from sklearn.manifold import TSNE
+from threadpoolctl import threadpool_limits
+
+from nnclr_tf import data, monitors, progress
+from nnclr_tf import model_dir as md
+from nnclr_tf.evaluation import extract_features
 
 GREEN, RED, GREY = "#2ca02c", "#d62728", "#8c8c8c"
 
 
 def _figure(width_px, height_px, dpi=100):
-  from matplotlib.backends.backend_agg import FigureCanvasAgg
-  from matplotlib.figure import Figure
   fig = Figure(figsize=(width_px / dpi, height_px / dpi), dpi=dpi)
   FigureCanvasAgg(fig)
   return fig
@@ -32,9 +40,7 @@ def _save(fig, path):
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   buf = io.BytesIO()
   fig.savefig(buf, format="png", dpi=fig.dpi)
-  with open(path + ".tmp", "wb") as f:
-    f.write(buf.getvalue())
-  os.replace(path + ".tmp", path)
+  md.write_bytes(path, buf.getvalue())
   return path
 
 
@@ -95,24 +101,20 @@ def embedding_map(features, labels, path, class_names=None, max_points=2000, see
   """t-SNE (scikit-learn, PCA init) of at most `max_points` L2-normalised features (a seeded
   sample), coloured by label. Returns the path. t-SNE costs ~1 min for 2,000 points on one busy
   core and grows faster than linearly, hence the default of 2,000 (5,000 is the sensible top)."""
-  from sklearn.manifold import TSNE
   features, labels = np.asarray(features, np.float32), np.asarray(labels)
   if len(features) > max_points:
     keep = np.sort(np.random.default_rng(seed).choice(len(features), max_points, replace=False))
     features, labels = features[keep], labels[keep]
   x = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
   perplexity = float(min(30.0, max(2.0, (len(x) - 1) / 3)))
-  from threadpoolctl import threadpool_limits
 
   # One OpenMP thread: on a busy 2-core machine two spinning threads made t-SNE 2-18x slower.
-  from nnclr_tf import progress
   with threadpool_limits(1), progress.timed(f"t-SNE map of {len(x):,} points"):
     xy = TSNE(n_components=2, init="pca", perplexity=perplexity,
               random_state=seed).fit_transform(x)
   fig = _figure(size_px, size_px)
   ax = fig.add_axes([0.06, 0.06, 0.72, 0.86])
   classes = np.unique(labels)
-  import matplotlib
   cmap = matplotlib.colormaps["tab10" if len(classes) <= 10 else "tab20"]
   for i, c in enumerate(classes):
     m = labels == c
@@ -170,7 +172,6 @@ def training_curves(curves, path, width_px=1000, height_px=700, title=""):
 def _images(source, idx, size, crop_fraction=1.0):
   """Images of `source` at `idx` (any order, repeats allowed) as float [n, size, size, 3], as
   the encoder saw them (the eval transform)."""
-  from nnclr_tf import data
   idx = np.asarray(idx).reshape(-1)
   out = [x for x, _ in data.eval_dataset(source.subset(idx), size, 256,
                                          crop_fraction).as_numpy_iterator()]
@@ -179,10 +180,7 @@ def _images(source, idx, size, crop_fraction=1.0):
 
 def _embeddings(model, source, size, batch_size, crop_fraction=1.0):
   """(backbone features h, L2-normalised projections z) of a source, eval transform."""
-  import tensorflow as tf
 
-  from nnclr_tf import data
-  from nnclr_tf.evaluation import extract_features
   dim = int(model.encoder.output.shape[-1])
   both, labels = extract_features(
       lambda x, training=False: tf.concat(model.embed(x, training=training)[:2], axis=1),
@@ -192,7 +190,6 @@ def _embeddings(model, source, size, batch_size, crop_fraction=1.0):
 
 def _project(model, features, batch_size=4096):
   """L2-normalised z = projector(h) of backbone features, in batches."""
-  import tensorflow as tf
   out = [tf.math.l2_normalize(model.projector(features[i:i + batch_size], training=False),
                               axis=-1).numpy() for i in range(0, len(features), batch_size)]
   return np.concatenate(out) if out else np.zeros((0, model.projector.output.shape[-1]))
@@ -228,7 +225,6 @@ def make_plots(model, train_source, eval_source, image_size, out_dir, curves_csv
   (evaluation.cached_features), which saves the pass over the data; they and the images shown
   must come from the eval transform at `eval_crop_fraction`. Every figure's title names
   `run_name` and `step`. Returns {name: path}."""
-  from nnclr_tf import monitors
   same = eval_source is None
   if features is not None and not same:
     train_h, train_y, q_h, q_y = (np.asarray(a) for a in features)
@@ -269,7 +265,6 @@ def make_plots(model, train_source, eval_source, image_size, out_dir, curves_csv
 
 
 def write_to_tensorboard(paths, logdir, step):
-  import tensorflow as tf
   writer = tf.summary.create_file_writer(logdir)
   with writer.as_default():
     for name, path in paths.items():

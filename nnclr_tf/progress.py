@@ -13,6 +13,8 @@ import contextlib
 import sys
 import time
 
+import keras
+
 _VERBOSE = 0
 
 
@@ -41,7 +43,6 @@ class Bar:
     self._t = time.perf_counter()
     self._bar = None
     if _VERBOSE == 1 and sys.stdout.isatty():
-      import keras
       print(name, flush=True)
       self._bar = keras.utils.Progbar(target, unit_name=unit)
 

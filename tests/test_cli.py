@@ -9,19 +9,19 @@ import zipfile
 import pytest
 
 from conftest import REPO
-from nnclr_tf import cli
+from nnclr_tf import flagfiles
 
 
 def test_presets_resolve_to_the_packaged_files(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)  # not the repository, where flags/ exists
-  packaged = os.path.join(cli.PRESETS_DIR, "quickstart.cfg")
+  packaged = os.path.join(flagfiles.PRESETS_DIR, "quickstart.cfg")
   for name in ("quickstart", "quickstart.cfg", "flags/quickstart.cfg", "/nowhere/quickstart.cfg"):
-    assert cli.resolve_preset(name) == packaged
+    assert flagfiles.resolve_preset(name) == packaged
   mine = tmp_path / "quickstart.cfg"
   mine.write_text("--seed=1\n")
-  assert cli.resolve_preset(str(mine)) == str(mine)  # a file that exists is never replaced
-  assert cli.resolve_preset("no_such_preset") == "no_such_preset"  # absl reports it
-  assert set(cli.presets()) >= {"quickstart", "cifar10_resnet18", "imagenet_resnet50"}
+  assert flagfiles.resolve_preset(str(mine)) == str(mine)  # a file that exists is never replaced
+  assert flagfiles.resolve_preset("no_such_preset") == "no_such_preset"  # absl reports it
+  assert set(flagfiles.presets()) >= {"quickstart", "cifar10_resnet18", "imagenet_resnet50"}
 
 
 @pytest.mark.slow

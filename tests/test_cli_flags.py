@@ -11,7 +11,7 @@ import pytest
 from absl import flags
 
 from conftest import REPO
-from nnclr_tf import cli
+from nnclr_tf import cli, flagfiles
 
 PRESETS = sorted(glob.glob(os.path.join(REPO, "flags", "*.cfg")))
 
@@ -140,8 +140,8 @@ def test_nested_flagfile_paths_are_relative_to_the_current_directory(parse, tmp_
 
 def test_flagfile_moves_but_nothing_after_double_dash(parse):
   path = os.path.join(REPO, "flags", "quickstart.cfg")
-  assert cli.command_line_first(["run.py", "--mode=plots", "--flagfile", path, "--seed=2", "--",
-                                 "--flagfile=x"]) == [
+  assert flagfiles.command_line_first(["run.py", "--mode=plots", "--flagfile", path, "--seed=2",
+                                       "--", "--flagfile=x"]) == [
       "run.py", f"--flagfile={path}", "--mode=plots", "--seed=2", "--", "--flagfile=x"]
 
 

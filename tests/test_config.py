@@ -1,42 +1,65 @@
 """Experiment: every flag a field, presets by name, overrides, JSON round trip, validation."""
 
 import dataclasses
+import json
 import os
 
 import pytest
+from absl import flags
 
-from nnclr_tf import cli
-from nnclr_tf.config import FLAG_ALIASES, FLAG_FIELDS, SECTIONS, Experiment
+from nnclr_tf import cli, flagfiles
+from nnclr_tf.config import ALIASES, FLAG_SPECS, SECTIONS, Experiment
 from nnclr_tf.errors import ConfigError
 
-PRESETS = cli.presets()
+PRESETS = flagfiles.presets()
 
 
-def test_every_cli_flag_is_an_experiment_field_and_back():
-  """Only --mode is the CLI's own; every other flag has one field and every field (but the
-  library-only ones) one flag; old names are aliases of a flag."""
-  fv = cli.flags.FlagValues()
+def generated():
+  fv = flags.FlagValues()
   cli.define_flags(fv)
-  cli_flags = set(fv)
-  assert cli_flags - set(FLAG_FIELDS) == {"mode", *FLAG_ALIASES}
-  assert set(FLAG_ALIASES.values()) <= set(FLAG_FIELDS)
-  fv(["nnclr-tf", "--nolinear_random_init"])
-  assert fv.random_init_baseline is False
-  assert Experiment.from_flags({"linear_random_init": False}).eval.random_init_baseline is False
-  assert set(FLAG_FIELDS) <= cli_flags
+  fv(["nnclr-tf"])
+  return fv
+
+
+def test_the_generated_flags_are_the_fields():
+  """Only --mode is the CLI's own; every other flag is one field's, with the field's default,
+  help and choices; old names are aliases; the library-only fields have no flag."""
+  fv = generated()
+  assert set(fv) - set(flags.FlagValues()) - {"mode"} == set(FLAG_SPECS) | set(ALIASES)
+  for name, spec in FLAG_SPECS.items():
+    field = {f.name: f for f in dataclasses.fields(getattr(Experiment(), spec.section))}[
+        spec.field]
+    assert fv[name].help.endswith(field.metadata["help"]), name  # absl prefixes enum choices
+    assert getattr(fv[name].parser, "enum_values", None) == (
+        list(field.metadata["choices"]) if field.metadata["choices"] else None), name
   fields = {f"{s}.{f.name}" for s in SECTIONS
             for f in dataclasses.fields(getattr(Experiment(), s))}
   library_only = {"augment.crop", "augment.crop_ratio", "train.steps_per_execution",
                   "export.warmup"}
-  assert fields - set(FLAG_FIELDS.values()) == library_only
+  assert fields - {f"{s.section}.{s.field}" for s in FLAG_SPECS.values()} == library_only
+  fv(["nnclr-tf", "--nolinear_random_init"])
+  assert fv.random_init_baseline is False
+  assert Experiment.from_flags({"linear_random_init": False}).eval.random_init_baseline is False
 
 
-def test_defaults_equal_the_cli_defaults():
-  fv = cli.flags.FlagValues()
-  cli.define_flags(fv)
-  fv(["nnclr-tf"])
-  from_cli = Experiment.from_flags({n: fv[n].value for n in FLAG_FIELDS})
-  assert from_cli == Experiment()
+def test_the_generated_defaults_are_the_field_defaults():
+  fv = generated()
+  assert Experiment.from_flags({n: fv[n].value for n in FLAG_SPECS}) == Experiment()
+  assert fv["crop_min_scale"].value == Experiment().augment.crop_scale[0]
+  assert fv["blur_prob"].value == ["1.0", "0.1"] and fv["export_base"].value == ""
+
+
+def test_old_json_layouts_still_load():
+  """Fields that moved section (temperature, symmetric_loss, random_init_baseline) load from
+  JSON written before the move."""
+  new = Experiment.from_flags({"temperature": 0.2, "symmetric_loss": True,
+                               "random_init_baseline": False})
+  raw = json.loads(new.to_json())
+  raw["train"]["temperature"] = raw["loss"].pop("temperature")
+  raw["support"]["symmetric_loss"] = raw["loss"].pop("symmetric_loss")
+  raw["probe"]["linear_random_init"] = raw["eval"].pop("random_init_baseline")
+  del raw["loss"]
+  assert Experiment.from_json(json.dumps(raw)) == new
 
 
 @pytest.mark.parametrize("preset", PRESETS)
@@ -75,7 +98,21 @@ def test_overrides_by_flag_name_and_export_base_follows_model_dir():
     ({"knn_train_split": "train"}, "--dataset=digits has none"),
     ({"dataset": "stl10", "knn_train_split": "train", "val_images": 500},
      "cannot go with --val_images"),
+    # The optimizer's combinations, before any data loads.
+    ({"optimizer": "sgd", "lars_clip_lr": True}, "--lars_clip_lr applies to --optimizer=lars"),
+    ({"weight_decay_mode": "coupled"}, "--weight_decay_mode=coupled applies to --optimizer=sgd"),
+    ({"weight_decay_mode": "both"}, "--weight_decay_mode='both' is unknown"),
+    ({"finetune_init": "imagenet"}, "--finetune_init='imagenet' is unknown"),
+    ({"eval_crop_fraction": 1.5}, "--eval_crop_fraction=1.5 must be in"),
 ])
 def test_validated_once_with_the_flag_named(values, needle):
   with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace("+", r"\+")):
     Experiment.from_flags({"batch_size": 128, "queue_size": 1024, **values})
+
+
+def test_sections_are_validated_when_made_outside_an_experiment():
+  from nnclr_tf.config import LossConfig, OptimConfig
+  with pytest.raises(ConfigError, match="--lars_clip_lr applies"):
+    OptimConfig(optimizer="adamw", lars_clip_lr=True)
+  with pytest.raises(ConfigError, match="--temperature=0"):
+    LossConfig(temperature=0)

@@ -7,6 +7,7 @@ import tensorflow as tf
 
 from nnclr_tf import data
 from nnclr_tf.config import AugmentConfig, DataConfig
+from nnclr_tf.model_config import NNCLRConfig
 
 AUG = AugmentConfig(blur_prob=(0.0, 0.0))
 
@@ -182,7 +183,7 @@ def test_tfds_dataset_built_locally(tiny_stl, tmp_path):
 
 class _PixelsOut:
   """Stands in for a model in export._Servable: its 'features' output is the preprocessed image."""
-  image_size = 16
+  config = NNCLRConfig(image_size=16)
   encoder = staticmethod(lambda x, training=False: tf.reshape(x, [tf.shape(x)[0], -1]))
   projector = staticmethod(lambda h, training=False: h)
 

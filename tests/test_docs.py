@@ -218,7 +218,7 @@ def problems(text):
         out.append(check_path(token))
       elif OUTPUT.match(token) and not token.startswith("runs/"):
         out.append(check_output_file(token, library))
-    if not PATH.match(span):
+    if not PATH.match(span) and not OUTPUT.match(span):
       problem, last_module = check_name(span, last_module)
       out.append(problem)
   for line in code:

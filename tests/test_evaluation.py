@@ -1,3 +1,5 @@
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -94,8 +96,9 @@ def test_feature_cache_key_names_the_eval_crop_fraction():
                                                                   eval_crop_fraction=1.0), 0)
   assert path != feature_cache_path("/m", "/m/ckpt-7", DataConfig(image_size=16, val_images=5,
                                                                   eval_crop_fraction=0.875), 0)
-  assert path != feature_cache_path("/m", "/m/ckpt-7", DataConfig(image_size=16, val_images=5,
-                                                                  knn_train_split="train"), 0)
+  stl = DataConfig(dataset="stl10", image_size=16)
+  assert feature_cache_path("/m", "/m/ckpt-7", stl, 0) != feature_cache_path(
+      "/m", "/m/ckpt-7", dataclasses.replace(stl, knn_train_split="train"), 0)
 
 
 def brute_force_topk(bank, queries, k):

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from nnclr_tf import experiment
+from nnclr_tf import checkpoints, experiment
 from nnclr_tf import model_dir as md
 from nnclr_tf.config import Experiment
 
@@ -21,7 +21,7 @@ def test_pretrain_knn_linear_export_without_flags(tmp_path):
   r = experiment.pretrain(exp)
   assert r["steps"] == 3 and r["final_loss"] > 0 and 0 <= r["knn_top1"] <= 1
   assert r == md.read_results(exp.train.model_dir, "pretrain")
-  assert md.checkpoint_step(md.latest_checkpoint(exp.train.model_dir)) == 3
+  assert checkpoints.checkpoint_step(checkpoints.latest_checkpoint(exp.train.model_dir)) == 3
   k = experiment.knn_eval(exp)
   assert k["knn_top1"] == pytest.approx(r["knn_top1"], abs=1e-6)  # the restore is complete
   lin = experiment.linear_eval(exp)

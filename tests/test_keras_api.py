@@ -41,10 +41,10 @@ def oracle(model, batch):
   _, z, p = (t.numpy() for t in model.embed(np.concatenate([batch["view1"], batch["view2"]])))
   queue = model.support_set.embeddings.numpy()
   nn = queue[np.argmax(z @ queue.T, axis=1)]
-  t = model.temperature
+  t = model.config.temperature
 
-  loss = 0.5 * (oracles.nnclr_loss(nn[:n], p[n:], t, model.symmetric_loss)
-                + oracles.nnclr_loss(nn[n:], p[:n], t, model.symmetric_loss))
+  loss = 0.5 * (oracles.nnclr_loss(nn[:n], p[n:], t, model.config.symmetric_loss)
+                + oracles.nnclr_loss(nn[n:], p[:n], t, model.config.symmetric_loss))
   acc = np.mean(np.argmax(nn[:n] @ p[n:].T, axis=1) == np.arange(n))
   return loss, acc
 

@@ -5,8 +5,10 @@ import tensorflow as tf
 
 import tolerances
 from conftest import mirrored
-from nnclr_tf import data, training
+from nnclr_tf import checkpoints, data, training
+from nnclr_tf.checks import check_batch
 from nnclr_tf.config import AugmentConfig, DataConfig, OptimConfig, TrainConfig
+from nnclr_tf.errors import ConfigError
 from nnclr_tf.model import NNCLR
 
 AUG = AugmentConfig(flip_prob=0, jitter_prob=0, grayscale_prob=0, blur_prob=(0, 0),
@@ -105,7 +107,7 @@ def _loss_and_tape(model, views):
     b = views[0].shape[0]
     nn1, _ = model.support_set.nearest_neighbour(z[:b])
     from nnclr_tf.losses import nnclr_loss
-    loss = nnclr_loss(nn1, p[b:], model.temperature)[0]
+    loss = nnclr_loss(nn1, p[b:], model.config.temperature)[0]
   return loss, tape, z
 
 
@@ -143,14 +145,17 @@ def test_heads_follow_the_paper_spec():
 
 
 def test_zero_init_residual_follows_the_config_and_round_trips():
-  from nnclr_tf.config import ModelConfig, SupportSetConfig
-  m = NNCLR.from_configs(ModelConfig(backbone="resnet18_cifar", width=8, proj_hidden_dim=32,
-                                     proj_layers=2, pred_hidden_dim=32, embedding_dim=16,
-                                     zero_init_residual=False),
-                         SupportSetConfig(queue_size=64), 16, 0.1, 0)
+  from nnclr_tf import experiment
+  from nnclr_tf.config import Experiment
+  exp = Experiment.from_flags(dict(backbone="resnet18_cifar", width=8, proj_hidden_dim=32,
+                                   proj_layers=2, pred_hidden_dim=32, embedding_dim=16,
+                                   zero_init_residual=False, queue_size=64, batch_size=16,
+                                   image_size=16))
+  m = NNCLR(experiment.nnclr_config(exp))
   cfg = m.get_config()
   assert cfg["zero_init_residual"] is False
   again = NNCLR.from_config(cfg)
+  assert again.config == m.config
   assert all(bool(np.all(layer.gamma.numpy() == 1)) for layer in again.encoder.layers
              if isinstance(layer, keras.layers.BatchNormalization))
   assert NNCLR(**TINY).get_config()["zero_init_residual"] is True
@@ -161,12 +166,12 @@ def test_invalid_arguments_are_refused():
     NNCLR(**{**TINY, "temperature": 0.0})
   with pytest.raises(ValueError, match="nn_topk"):
     NNCLR(**{**TINY, "nn_topk": 65})
-  with pytest.raises(training.ConfigError, match="multiple"):
-    training.validate_batch(24, 64, 1)
-  with pytest.raises(training.ConfigError, match="smaller"):
-    training.validate_batch(128, 64, 1)
-  with pytest.raises(training.ConfigError, match="divisible"):
-    training.validate_batch(18, 36, 4)
+  with pytest.raises(ConfigError, match="multiple"):
+    check_batch(24, 64, 1)
+  with pytest.raises(ConfigError, match="smaller"):
+    check_batch(128, 64, 1)
+  with pytest.raises(ConfigError, match="divisible"):
+    check_batch(18, 36, 4)
 
 
 def test_use_nn_false_and_topk_train(tmp_path):
@@ -188,7 +193,7 @@ def test_checkpoint_resume_restores_exactly(tmp_path):
     again.compile(optimizer=training.build_optimizer(OptimConfig(), again.trainable_variables,
                                                      16, 10, 5))
     again.optimizer.build(again.trainable_variables)
-  assert training.restore_latest(again, str(tmp_path))
+  assert checkpoints.restore_latest(again, str(tmp_path))
   for k, v in state(again).items():
     np.testing.assert_array_equal(v, saved[k], err_msg=k)
   assert int(again.optimizer.iterations.numpy()) == 3

@@ -1,15 +1,12 @@
-"""The model_dir contract: checkpoint steps, results merging, finished-run detection."""
+"""The model_dir contract: atomic files, results merging, finished-run detection."""
 
 import json
 import os
 
+import pytest
+
 from nnclr_tf import model_dir as md
 from nnclr_tf.config import TrainConfig
-
-
-def test_checkpoint_step():
-  assert md.checkpoint_step("/a/b/ckpt-120") == 120
-  assert md.checkpoint_step(None) == 0 and md.checkpoint_step("/a/ckpt-x") == 0
 
 
 def test_merge_never_replaces_a_figure_with_none():
@@ -35,6 +32,12 @@ def test_results_and_flags_are_written_whole(tmp_path):
   md.write_flags(d, "--seed=1\n")
   assert md.read_results(d, "knn_eval") == {"knn_top1": 0.5}
   assert sorted(os.listdir(d)) == ["flags.txt", "knn_results.json"]  # no temp file left
+  with pytest.raises(ZeroDivisionError):  # a writer that fails leaves the old file, no temp
+    with md.atomic_path(os.path.join(d, "flags.txt")) as tmp, open(tmp, "w") as f:
+      f.write("--seed=2\n")
+      raise ZeroDivisionError
+  assert open(os.path.join(d, "flags.txt")).read() == "--seed=1\n"
+  assert sorted(os.listdir(d)) == ["flags.txt", "knn_results.json"]
   with open(os.path.join(d, "pretrain_results.json"), "w") as f:
     f.write("{not json")
   assert md.read_results(d, "pretrain") == {}
@@ -43,9 +46,10 @@ def test_results_and_flags_are_written_whole(tmp_path):
 
 def test_a_run_is_finished_only_with_checkpoint_results_and_export(tmp_path):
   from nnclr_tf import export
+  from nnclr_tf.experiment import finished_pretraining
   d = str(tmp_path)
   t = TrainConfig(model_dir=d, train_steps=4)
-  assert md.finished_pretraining(t, plots_enabled=False) is None
+  assert finished_pretraining(t, plots_enabled=False) is None
   with open(os.path.join(d, "checkpoint"), "w") as f:
     f.write('model_checkpoint_path: "ckpt-4"\nall_model_checkpoint_paths: "ckpt-4"\n')
   for suffix in (".index", ".data-00000-of-00001"):
@@ -53,18 +57,16 @@ def test_a_run_is_finished_only_with_checkpoint_results_and_export(tmp_path):
   enc = os.path.join(d, "export", "encoder", "1")
   os.makedirs(os.path.dirname(os.path.join(enc, export.METADATA_FILE)))
   md.write_results(d, "pretrain", {"steps": 4, "knn_top1": 0.8, "export_dir": enc})
-  assert md.finished_pretraining(t, plots_enabled=False) is None  # the export lacks its step
+  assert finished_pretraining(t, plots_enabled=False) is None  # the export lacks its step
   md.write_json(os.path.join(enc, export.METADATA_FILE), {"checkpoint_step": 4})
-  assert "finished at step 4" in md.finished_pretraining(t, plots_enabled=False)
-  assert md.finished_pretraining(t, plots_enabled=True) is None  # no plots yet
-  assert md.finished_pretraining(TrainConfig(model_dir=d, train_steps=6), False) is None
+  assert "finished at step 4" in finished_pretraining(t, plots_enabled=False)
+  assert finished_pretraining(t, plots_enabled=True) is None  # no plots yet
+  assert finished_pretraining(TrainConfig(model_dir=d, train_steps=6), False) is None
 
 
 def test_an_older_model_config_without_later_fields_is_the_same_architecture(tmp_path):
   """model_config.json written before symmetric_loss / zero_init_residual existed holds what
   those runs did (row-wise loss, zero-init residual): the same flags resume, others are refused."""
-  import pytest
-
   from nnclr_tf.errors import ModelDirError
   d = str(tmp_path)
   now = {"backbone": "resnet18_cifar", "width": 8, "seed": 0, "symmetric_loss": False,

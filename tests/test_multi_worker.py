@@ -20,7 +20,7 @@ from test_operations import curve_step, wait_for
 
 import tolerances
 from conftest import REPO
-from nnclr_tf import model_dir as md
+from nnclr_tf import checkpoints
 
 pytestmark = pytest.mark.slow  # run.py processes end to end
 
@@ -175,7 +175,7 @@ def test_sigterm_on_one_worker_stops_both_at_one_step_and_both_resume(tmp_path, 
       assert len(lines) == 1 and "SIGTERM at step " in lines[0], err[-2000:]
       assert "Traceback" not in err
       step = int(lines[0].split("SIGTERM at step ")[1].split(":")[0])
-      assert md.checkpoint_step(tf.train.latest_checkpoint(folder)) == step
+      assert checkpoints.checkpoint_step(tf.train.latest_checkpoint(folder)) == step
       stopped_at[name] = step
     assert stopped_at["w0"] == stopped_at["w1"], stopped_at
     stop = stopped_at["w0"]

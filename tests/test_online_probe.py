@@ -7,7 +7,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import mirrored
-from nnclr_tf import training
+from nnclr_tf import checkpoints
 from nnclr_tf.model import NNCLR
 
 TINY = dict(backbone="small_cnn", image_size=16, width=8, proj_hidden_dim=32, proj_layers=2,
@@ -117,11 +117,11 @@ def test_probe_and_its_optimizer_are_checkpointed(tmp_path):
   model.optimizer.build(model.trainable_variables)
   for i in range(2):
     model.train_step(batch(seed=i))
-  tf.train.CheckpointManager(training.make_checkpoint(model), str(tmp_path), 1).save(2)
+  tf.train.CheckpointManager(checkpoints.make_checkpoint(model), str(tmp_path), 1).save(2)
   again = build(seed=9, online_probe_classes=10)
   again.compile(optimizer=keras.optimizers.SGD(0.1))
   again.optimizer.build(again.trainable_variables)
-  assert training.restore_latest(again, str(tmp_path))
+  assert checkpoints.restore_latest(again, str(tmp_path))
   pairs = list(zip(model.online_probe.weights + model.probe_optimizer.variables,
                    again.online_probe.weights + again.probe_optimizer.variables))
   assert len(pairs) == 2 + 2 + 2 * 2  # kernel, bias; iterations, lr; Adam m and v per weight

@@ -24,7 +24,7 @@ from test_reliability import (
 )
 
 from conftest import REPO
-from nnclr_tf import errors, experiment, monitors
+from nnclr_tf import checkpoints, cluster, errors, experiment, monitors
 from nnclr_tf import model_dir as md
 from nnclr_tf.config import Experiment
 
@@ -149,7 +149,7 @@ def test_a_full_disk_stops_with_one_line_and_keeps_the_last_checkpoint(tmp_path,
   assert os.path.getsize(latest + ".data-00000-of-00001") > limit  # written before the limit
   reader = tf.train.load_checkpoint(latest)
   assert reader.get_tensor("optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE") == \
-      md.checkpoint_step(latest) == 5
+      checkpoints.checkpoint_step(latest) == 5
   assert "File too large" in lines[0] and f"writing {d}/ckpt-10_temp/" in lines[0]
   assert "ran out of data" not in err  # model.fit did not take the failed save for the data end
   assert not os.path.exists(os.path.join(d, md.LOCK))
@@ -240,9 +240,9 @@ def test_lock_is_exclusive_reentrant_and_released(tmp_path):
     json.dump({"pid": 1, "host": socket.gethostname(), "mode": "pretrain", "started": "t"}, f)
   with pytest.raises(errors.ModelDirLockedError, match="in use by pid 1 on"):
     md.RunLock(d).acquire()
-  assert md.is_chief_process('{"cluster": {"worker": ["a", "b"]}, "task": {"type": "worker", '
+  assert cluster.is_chief_process('{"cluster": {"worker": ["a", "b"]}, "task": {"type": "worker", '
                              '"index": 0}}')
-  assert not md.is_chief_process('{"cluster": {"worker": ["a", "b"]}, "task": {"type": '
+  assert not cluster.is_chief_process('{"cluster": {"worker": ["a", "b"]}, "task": {"type": '
                                  '"worker", "index": 1}}')
 
 

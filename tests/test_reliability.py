@@ -22,12 +22,13 @@ import tensorflow as tf
 from PIL import Image
 
 from conftest import REPO
-from nnclr_tf import cli as cli_lib  # noqa: E402  (defines the absl flags; parsed per test)
 from nnclr_tf import (
+  checkpoints,
   data,
   experiment,  # noqa: E402
   training,
 )
+from nnclr_tf import cli as cli_lib  # noqa: E402  (defines the absl flags; parsed per test)
 from nnclr_tf import model_dir as model_dir_lib  # noqa: E402
 from nnclr_tf.config import (
   AugmentConfig,
@@ -80,7 +81,7 @@ def compiled(model, total=16, spe=4):
 def save_at(model, model_dir, step):
   """A checkpoint of `model` as CheckpointCallback writes it at `step`."""
   model.optimizer.iterations.assign(step)
-  tf.train.CheckpointManager(training.make_checkpoint(model), str(model_dir),
+  tf.train.CheckpointManager(checkpoints.make_checkpoint(model), str(model_dir),
                              max_to_keep=5).save(checkpoint_number=step)
 
 
@@ -186,9 +187,9 @@ def test_restored_state_equals_the_checkpoint_bit_for_bit(tmp_path):
     again.optimizer.build(again.trainable_variables)
   assert not np.array_equal(again.support_set.embeddings.numpy(),
                             model.support_set.embeddings.numpy())
-  assert training.restore_latest(again, str(tmp_path / "a")).endswith("ckpt-5")
+  assert checkpoints.restore_latest(again, str(tmp_path / "a")).endswith("ckpt-5")
   # Oracle: the file. Writing the restored objects again must give the same tensors, key by key.
-  training.make_checkpoint(again).write(str(tmp_path / "b" / "re"))
+  checkpoints.make_checkpoint(again).write(str(tmp_path / "b" / "re"))
   rewritten = checkpoint_tensors(str(tmp_path / "b" / "re"))
   values = {k for k in saved if k.endswith("VARIABLE_VALUE") and "save_counter" not in k}
   assert len(values) >= len(again.weights) + len(again.optimizer.variables) - 1
@@ -254,7 +255,7 @@ def test_a_save_interrupted_at_any_point_leaves_the_previous_checkpoint(tmp_path
   assert checkpoint_steps(d) == [2]
 
   # (a) Killed after the checkpoint files were written but before the state file was updated.
-  manager = tf.train.CheckpointManager(training.make_checkpoint(model), str(d), max_to_keep=5)
+  manager = tf.train.CheckpointManager(checkpoints.make_checkpoint(model), str(d), max_to_keep=5)
 
   def killed(*args, **kwargs):
     raise KeyboardInterrupt("simulated kill before the state file is rewritten")
@@ -330,7 +331,7 @@ def test_every_n_steps_saves_even_when_callbacks_see_every_kth_step(tmp_path):
   """With steps_per_execution=3 the callback sees steps 3, 6, 9, 12: --checkpoint_every_steps=4
   must still save once per 4 steps (at 6, 9 and 12, the first step past each multiple)."""
   model = compiled(build())
-  cb = training.CheckpointCallback(str(tmp_path), every_steps=4, keep=10)
+  cb = checkpoints.CheckpointCallback(str(tmp_path), every_steps=4, keep=10)
   cb.set_model(model)
   cb.on_train_begin()
   for step in (3, 6, 9, 12):
@@ -373,7 +374,7 @@ def test_nan_batch_stops_training_and_keeps_the_last_good_checkpoint(tmp_path):
   assert all(np.all(np.isfinite(v)) for v in kept.values()
              if isinstance(v, np.ndarray) and v.dtype.kind == "f")
   # The guard mattered: the model in memory is poisoned.
-  assert not training.state_is_finite(model)
+  assert not checkpoints.state_is_finite(model)
 
 
 def test_checkpoint_refuses_non_finite_weights_even_with_a_finite_loss(tmp_path):
@@ -382,7 +383,7 @@ def test_checkpoint_refuses_non_finite_weights_even_with_a_finite_loss(tmp_path)
   model = compiled(build())
   save_at(model, tmp_path, 2)
   guard = training.NonFiniteGuard()
-  cb = training.CheckpointCallback(str(tmp_path), every_steps=1, guard=guard)
+  cb = checkpoints.CheckpointCallback(str(tmp_path), every_steps=1, guard=guard)
   cb.set_model(model)
   guard.set_model(model)
   cb.on_train_begin()
@@ -558,8 +559,7 @@ def test_unwritable_model_dir(tmp_path, cli):
 def test_model_dir_of_another_architecture_is_refused_untouched(tmp_path, cli):
   """A run.py model_dir (model_config.json) and a Python-API one (checkpoint only): a different
   --width is refused with one line, and no file in either folder changes or appears."""
-  model = compiled(NNCLR.from_configs(*_model_cfgs(width=8), image_size=16, temperature=0.1,
-                                      seed=0))
+  model = compiled(_tiny_model(width=8))
   save_at(model, tmp_path / "api", 1)
   with_config = tmp_path / "cli"
   shutil.copytree(tmp_path / "api", with_config)
@@ -576,16 +576,16 @@ def test_model_dir_of_another_architecture_is_refused_untouched(tmp_path, cli):
     assert "use a new --model_dir" in lines[0]
     assert file_bytes(d) == before
   # The same architecture is accepted, and its config recorded from then on.
-  same = NNCLR.from_configs(*_model_cfgs(width=8), image_size=16, temperature=0.1, seed=0)
-  model_dir_lib.prepare(str(tmp_path / "api"), same.get_config(), same)
+  same = _tiny_model(width=8)
+  checkpoints.check_checkpoint_fits(same, str(tmp_path / "api"))
+  model_dir_lib.prepare(str(tmp_path / "api"), same.get_config(), checkpoint_checked=True)
   assert os.path.exists(tmp_path / "api" / "model_config.json")
 
 
-def _model_cfgs(width):
-  from nnclr_tf.config import ModelConfig, SupportSetConfig
-  return (ModelConfig(backbone="small_cnn", width=width, proj_hidden_dim=32, proj_layers=2,
-                      pred_hidden_dim=32, embedding_dim=16),
-          SupportSetConfig(queue_size=64))
+def _tiny_model(width):
+  return NNCLR(backbone="small_cnn", width=width, proj_hidden_dim=32, proj_layers=2,
+               pred_hidden_dim=32, embedding_dim=16, queue_size=64, image_size=16,
+               temperature=0.1, seed=0)
 
 
 @pytest.mark.slow

@@ -7,7 +7,7 @@ import tensorflow as tf
 
 from conftest import mirrored
 from nnclr_tf import data, distributed, training
-from nnclr_tf.config import AugmentConfig, DataConfig, OptimConfig, SupportSetConfig, TrainConfig
+from nnclr_tf.config import AugmentConfig, DataConfig, OptimConfig, TrainConfig
 from nnclr_tf.losses import nnclr_loss
 from nnclr_tf.model import NNCLR
 from oracles import nnclr_loss as numpy_loss
@@ -94,9 +94,11 @@ def test_symmetric_training_step_matches_across_replica_counts(tmp_path):
 def test_symmetric_flag_round_trips_and_follows_the_config():
   cfg = NNCLR(**TINY, symmetric_loss=True).get_config()
   assert cfg["symmetric_loss"] is True
-  assert NNCLR.from_config(cfg).symmetric_loss is True
-  from nnclr_tf.config import ModelConfig
-  m = NNCLR.from_configs(ModelConfig(backbone="small_cnn", width=8, proj_hidden_dim=32,
-                                     proj_layers=2, pred_hidden_dim=32, embedding_dim=16),
-                         SupportSetConfig(queue_size=64, symmetric_loss=True), 16, 0.1, 0)
-  assert m.symmetric_loss is True
+  assert NNCLR.from_config(cfg).config.symmetric_loss is True
+  from nnclr_tf import experiment
+  from nnclr_tf.config import Experiment
+  exp = Experiment.from_flags(dict(backbone="small_cnn", width=8, proj_hidden_dim=32,
+                                   proj_layers=2, pred_hidden_dim=32, embedding_dim=16,
+                                   queue_size=64, batch_size=16, image_size=16,
+                                   symmetric_loss=True))
+  assert NNCLR(experiment.nnclr_config(exp)).config.symmetric_loss is True

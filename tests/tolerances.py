@@ -38,7 +38,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from nnclr_tf import distributed, training
+from nnclr_tf import checkpoints, distributed, training
 from nnclr_tf.config import OptimConfig
 from nnclr_tf.lars import LARS
 from nnclr_tf.model import NNCLR
@@ -170,7 +170,7 @@ def initial_checkpoint(model_dir, out_dir):
   model.compile(optimizer=training.build_optimizer(OptimConfig(), model.trainable_variables,
                                                    128, 10, 5))
   model.optimizer.build(model.trainable_variables)
-  return checkpoint(training.make_checkpoint(model).write(os.path.join(out_dir, "init")))
+  return checkpoint(checkpoints.make_checkpoint(model).write(os.path.join(out_dir, "init")))
 
 
 # Deliberate bugs, each in one of the two runs of a comparison: the tests in test_distributed.py
