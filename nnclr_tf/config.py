@@ -398,7 +398,7 @@ class Experiment:
     return cls(**sections)
 
 
-SECTION_CLASSES = {f.name: type(f.default) for f in dataclasses.fields(Experiment)}
+SECTION_CLASSES: dict[str, Any] = {f.name: type(f.default) for f in dataclasses.fields(Experiment)}
 SECTIONS = tuple(SECTION_CLASSES)
 SECTION_FIELDS = {name: tuple(f.name for f in dataclasses.fields(cls))
                   for name, cls in SECTION_CLASSES.items()}

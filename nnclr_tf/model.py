@@ -30,6 +30,8 @@ layers, for what users save and build on.
 
 from __future__ import annotations
 
+from typing import Any
+
 import keras
 import tensorflow as tf
 
@@ -72,7 +74,7 @@ class NNCLR(keras.Model):
     self.hit_tracker = keras.metrics.Mean(name="nn_label_hit")
     self.acc_tracker = keras.metrics.Mean(name="contrastive_acc")
     self.sim_tracker = keras.metrics.Mean(name="nn_similarity")
-    self.online_probe = None
+    self.online_probe: Any = None  # a keras.layers.Dense when the probe is on
     if cfg.online_probe_classes:
       self._build_online_probe(feat_dim, cfg.online_probe_classes, cfg.online_probe_lr)
     self.built = True  # every sub-model is built at construction; fit must not trace call()
@@ -114,7 +116,8 @@ class NNCLR(keras.Model):
 
   @property
   def metrics(self):
-    probe = [] if self.online_probe is None else [self.probe_loss_tracker, self.probe_acc_tracker]
+    probe: list = ([] if self.online_probe is None else
+                   [self.probe_loss_tracker, self.probe_acc_tracker])
     return [self.loss_tracker, self.hit_tracker, self.acc_tracker, self.sim_tracker, *probe]
 
   def preprocess(self, images):

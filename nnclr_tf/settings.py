@@ -78,18 +78,18 @@ def flag_specs(sections: dict[str, type]) -> dict[str, FlagSpec]:
 def define_flags(specs: dict[str, FlagSpec], fv: flags.FlagValues):
   """Defines every spec's flag (and its aliases) on `fv`; the type follows the default."""
   for spec in specs.values():
-    default, kw = spec.flag_default, {"flag_values": fv}
+    default = spec.flag_default
     if spec.choices is not None:
-      flags.DEFINE_enum(spec.name, default, list(spec.choices), spec.help, **kw)
+      flags.DEFINE_enum(spec.name, default, list(spec.choices), spec.help, flag_values=fv)
     elif isinstance(default, bool):
-      flags.DEFINE_bool(spec.name, default, spec.help, **kw)
+      flags.DEFINE_bool(spec.name, default, spec.help, flag_values=fv)
     elif isinstance(default, int):
-      flags.DEFINE_integer(spec.name, default, spec.help, **kw)
+      flags.DEFINE_integer(spec.name, default, spec.help, flag_values=fv)
     elif isinstance(default, float):
-      flags.DEFINE_float(spec.name, default, spec.help, **kw)
+      flags.DEFINE_float(spec.name, default, spec.help, flag_values=fv)
     elif isinstance(default, list):
-      flags.DEFINE_list(spec.name, default, spec.help, **kw)
+      flags.DEFINE_list(spec.name, default, spec.help, flag_values=fv)
     else:
-      flags.DEFINE_string(spec.name, default, spec.help, **kw)
+      flags.DEFINE_string(spec.name, default, spec.help, flag_values=fv)
     for alias in spec.aliases:
       flags.DEFINE_alias(alias, spec.name, flag_values=fv)

@@ -11,7 +11,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import REPO
-from nnclr_tf import checkpoints, config, experiment
+from nnclr_tf import building, checkpoints, config, experiment, pretraining
 from nnclr_tf import model_dir as md
 from nnclr_tf.errors import ConfigError
 from nnclr_tf.model import NNCLR
@@ -33,14 +33,14 @@ def test_every_field_is_set_from_one_section():
   """A model setting reaches NNCLRConfig by name from exactly one section: change each flag and
   see it arrive."""
   exp = config.Experiment.from_flags(dict(batch_size=64, queue_size=128))
-  for name, section in experiment.MODEL_FIELD_SECTIONS.items():
+  for name, section in building.MODEL_FIELD_SECTIONS.items():
     value = getattr(getattr(exp, section), name)
     changed = {bool: lambda v: not v, int: lambda v: v + 64, float: lambda v: v / 2,
                str: lambda v: "small_cnn"}[type(value)](value)
     spec = next(s for s in config.FLAG_SPECS.values() if (s.section, s.field) == (section, name))
     got = experiment.nnclr_config(exp.replace(**{spec.name: spec.to_flag(changed)}))
     assert getattr(got, name) == changed, name
-  assert set(experiment.MODEL_FIELD_SECTIONS) == set(FIELDS) - {"online_probe_classes"}
+  assert set(building.MODEL_FIELD_SECTIONS) == set(FIELDS) - {"online_probe_classes"}
 
 
 def test_get_config_is_the_config_and_round_trips():
@@ -77,7 +77,7 @@ def test_a_model_dir_of_0_2_0_restores_and_evaluates(tmp_path):
   recorded = json.load(open(os.path.join(d, md.MODEL_CONFIG)))
   model = experiment.build_model(exp)
   assert architecture(model.get_config()) == {**architecture(recorded), "name": model.name}
-  experiment.prepare_model_dir(d, model)  # the same architecture: accepted, file unchanged
+  pretraining.prepare_model_dir(d, model)  # the same architecture: accepted, file unchanged
   assert json.load(open(os.path.join(d, md.MODEL_CONFIG))) == recorded
   checkpoints.restore(model, checkpoints.latest_checkpoint(d), strict=True)
   reader = tf.train.load_checkpoint(os.path.join(d, "ckpt-2"))

@@ -46,7 +46,7 @@ def test_results_and_flags_are_written_whole(tmp_path):
 
 def test_a_run_is_finished_only_with_checkpoint_results_and_export(tmp_path):
   from nnclr_tf import export
-  from nnclr_tf.experiment import finished_pretraining
+  from nnclr_tf.pretraining import finished_pretraining
   d = str(tmp_path)
   t = TrainConfig(model_dir=d, train_steps=4)
   assert finished_pretraining(t, plots_enabled=False) is None

@@ -25,7 +25,7 @@ from conftest import REPO
 from nnclr_tf import (
   checkpoints,
   data,
-  experiment,  # noqa: E402
+  scoring,
   training,
 )
 from nnclr_tf import cli as cli_lib  # noqa: E402  (defines the absl flags; parsed per test)
@@ -509,7 +509,7 @@ def test_one_class_folder_trains_but_knn_is_skipped(tmp_path):
         _encode(np.full((8, 8, 3), 40 * i, np.uint8), "PNG"))
   train, _ = data.load_sources(DataConfig(dataset="folder", image_dir=str(tmp_path), image_size=8))
   assert train.class_names == ["only"] and train.has_labels
-  assert experiment.knn_results(Experiment(), None, train, train) == {}
+  assert scoring.knn_results(Experiment(), None, train, train) == {}
 
 
 # ------------------------------------------------------------------------------------------------

@@ -115,7 +115,7 @@ def test_plots_mode_redraws(pretrained):
 def test_online_probe_size_follows_labels_and_resumed_checkpoints(pretrained, tmp_path):
   """New runs size the probe from the labels; a resumed run keeps its checkpoint's probe (or its
   absence), so toggling --online_probe never breaks a restore."""
-  from nnclr_tf import data, experiment
+  from nnclr_tf import data, pretraining
   from nnclr_tf.config import Experiment
   from nnclr_tf.model import NNCLR
   digits = data.digits_source()
@@ -127,7 +127,7 @@ def test_online_probe_size_follows_labels_and_resumed_checkpoints(pretrained, tm
                       ).save(os.path.join(plain_dir, "ckpt"))
   def classes(source, model_dir, **flags):
     exp = Experiment.from_flags({"model_dir": model_dir, **flags})
-    return experiment.online_probe_classes(exp, source, strategy)
+    return pretraining.online_probe_classes(exp, source, strategy)
 
   assert classes(digits, str(tmp_path / "new")) == 10
   assert classes(unlabelled, str(tmp_path / "new")) == 0
