@@ -30,3 +30,12 @@ def test_make_targets_run_what_contributing_says():
     command = p.stdout.strip()
     documented = re.search(rf"^    make {re.escape(target)} +# (.+?)(:|$)", text, re.M).group(1)
     assert command == documented, (target, command, documented)
+
+
+def test_every_library_module_has_a_test_file():
+  """tests/test_<module>.py for each nnclr_tf/<module>.py (the package's __init__: test_package)."""
+  import glob
+  modules = {os.path.basename(p)[:-3] for p in glob.glob(os.path.join(REPO, "nnclr_tf", "*.py"))}
+  tests = {os.path.basename(p)[5:-3] for p in glob.glob(os.path.join(REPO, "tests", "test_*.py"))}
+  assert sorted(modules - {"__init__"} - tests) == []
+  assert "package" in tests

@@ -44,26 +44,6 @@ def test_results_and_flags_are_written_whole(tmp_path):
   json.dumps(md.export_metadata(d, 3))
 
 
-def test_a_run_is_finished_only_with_checkpoint_results_and_export(tmp_path):
-  from nnclr_tf import export
-  from nnclr_tf.pretraining import finished_pretraining
-  d = str(tmp_path)
-  t = TrainConfig(model_dir=d, train_steps=4)
-  assert finished_pretraining(t, plots_enabled=False) is None
-  with open(os.path.join(d, "checkpoint"), "w") as f:
-    f.write('model_checkpoint_path: "ckpt-4"\nall_model_checkpoint_paths: "ckpt-4"\n')
-  for suffix in (".index", ".data-00000-of-00001"):
-    open(os.path.join(d, "ckpt-4" + suffix), "w").close()
-  enc = os.path.join(d, "export", "encoder", "1")
-  os.makedirs(os.path.dirname(os.path.join(enc, export.METADATA_FILE)))
-  md.write_results(d, "pretrain", {"steps": 4, "knn_top1": 0.8, "export_dir": enc})
-  assert finished_pretraining(t, plots_enabled=False) is None  # the export lacks its step
-  md.write_json(os.path.join(enc, export.METADATA_FILE), {"checkpoint_step": 4})
-  assert "finished at step 4" in finished_pretraining(t, plots_enabled=False)
-  assert finished_pretraining(t, plots_enabled=True) is None  # no plots yet
-  assert finished_pretraining(TrainConfig(model_dir=d, train_steps=6), False) is None
-
-
 def test_an_older_model_config_without_later_fields_is_the_same_architecture(tmp_path):
   """model_config.json written before symmetric_loss / zero_init_residual existed holds what
   those runs did (row-wise loss, zero-init residual): the same flags resume, others are refused."""

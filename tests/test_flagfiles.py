@@ -1,0 +1,32 @@
+"""Presets by name or path, and a flagfile mistake as one line (precedence: test_cli_flags.py)."""
+
+import os
+
+import pytest
+from absl import flags
+
+from nnclr_tf import flagfiles
+from nnclr_tf.errors import ConfigError
+
+
+def test_presets_resolve_by_name_and_packaged_path(tmp_path):
+  packaged = os.path.join(flagfiles.PRESETS_DIR, "quickstart.cfg")
+  for name in ("quickstart", "quickstart.cfg", "flags/quickstart.cfg"):
+    assert flagfiles.resolve_preset(name) in (packaged, name)
+  mine = tmp_path / "quickstart.cfg"
+  mine.write_text("--seed=1\n")
+  assert flagfiles.resolve_preset(str(mine)) == str(mine)
+  assert "quickstart" in flagfiles.presets()
+
+
+def test_read_flagfile_ignores_undefok_and_names_a_mistyped_flag(tmp_path):
+  fv = flags.FlagValues()
+  flags.DEFINE_integer("seed", 0, "Seed.", flag_values=fv)
+  good = tmp_path / "good.cfg"
+  good.write_text("--mode=pretrain\n--seed=4\n")
+  assert flagfiles.read_flagfile(fv, str(good), undefok=("mode",)).seed == 4
+  bad = tmp_path / "bad.cfg"
+  bad.write_text("--sed=4\n")
+  with pytest.raises(ConfigError, match=f"unknown flag --sed in --flagfile={bad}; did you mean "
+                                        "--seed"):
+    flagfiles.read_flagfile(fv, str(bad))
