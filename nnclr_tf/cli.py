@@ -139,7 +139,8 @@ def _fmt(value, digits=3):
 
 
 def summary(mode, exp, results):
-  """A few human-readable lines of a mode's results (the JSON line follows)."""
+  """A few human-readable lines of a mode's results (the JSON line follows); each mode reads only
+  the keys its results declare (nnclr_tf/results.py)."""
   r, d = results, exp.train.model_dir
   lines = []
   if mode == "pretrain":
@@ -149,24 +150,26 @@ def summary(mode, exp, results):
     lines.append(f"  final loss {_fmt(r.get('final_loss'))} (mean of the last epoch), NN "
                  f"label-hit {_fmt(r.get('nn_label_hit'))}, "
                  f"{_fmt(r.get('pairs_per_sec'), 1)} pairs/s")
-  if r.get("knn_top1") is not None:
+  if mode in ("pretrain", "knn_eval") and r.get("knn_top1") is not None:
     base = (f" (random init {_fmt(r['knn_top1_random_init'])})"
             if r.get("knn_top1_random_init") is not None else "")
     lines.append(f"  kNN top-1 {_fmt(r['knn_top1'])}{base}, k={r.get('knn_k')}, "
                  f"{r.get('eval_examples')} eval images")
-  if r.get("linear_top1") is not None:
+  if mode == "linear_eval" and r.get("linear_top1") is not None:
     base = (f" (random init {_fmt(r['linear_top1_random_init'])})"
             if r.get("linear_top1_random_init") is not None else "")
     lines.append(f"linear probe top-1 {_fmt(r['linear_top1'])}{base}, l2={r.get('l2')}")
-  if mode == "finetune" and r.get("top1") is not None:
-    lines.append(f"fine-tuned top-1 {_fmt(r['top1'])} ({r.get('init')}, "
+  if mode == "finetune" and r.get("finetune_top1") is not None:
+    lines.append(f"fine-tuned top-1 {_fmt(r['finetune_top1'])} ({r.get('init')}, "
                  f"label fraction {exp.finetune.label_fraction:g})")
-  for key in ("export_dir", "encoder_export_dir", "classifier_export_dir"):
+  exports = {"pretrain": ("export_dir",), "linear_eval": ("classifier_export_dir",),
+             "export": ("encoder_export_dir", "classifier_export_dir")}.get(mode, ())
+  for key in exports:
     if r.get(key):
       lines.append(f"  export: {r[key]}")
-  if r.get("plots"):
+  if mode in ("pretrain", "plots") and r.get("plots"):
     lines.append(f"  plots: {os.path.dirname(next(iter(r['plots'].values())))}/")
-  if r.get("checkpoint"):
+  if mode != "pretrain" and r.get("checkpoint"):
     lines.append(f"  checkpoint: {r['checkpoint']}")
   if mode in md.RESULTS:
     lines.append(f"  results: {md.results_path(d, mode)}")

@@ -16,6 +16,7 @@ import tensorflow as tf
 
 from nnclr_tf import model_dir as md
 from nnclr_tf import progress
+from nnclr_tf.results import KnnFigures
 
 ANNOUNCE_BYTES = 2 ** 30
 
@@ -164,7 +165,8 @@ def knn_eval(encoder, train_ds, eval_ds, num_classes, k=200, temperature=0.1):
   return knn_eval_features(train_f, train_l, eval_f, eval_l, num_classes, k, temperature)
 
 
-def knn_eval_features(train_f, train_l, eval_f, eval_l, num_classes, k=200, temperature=0.1):
+def knn_eval_features(train_f, train_l, eval_f, eval_l, num_classes, k=200,
+                      temperature=0.1) -> KnnFigures:
   """knn_eval on features already extracted (e.g. by `cached_features`)."""
   scores = knn_scores(train_f, train_l, eval_f, num_classes, k, temperature)
   return {"knn_top1": topk_accuracy(scores, eval_l, 1),

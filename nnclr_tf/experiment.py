@@ -17,7 +17,6 @@ import functools
 import logging
 import os
 import tempfile
-from typing import Any
 
 from nnclr_tf import checkpoints, distributed, linear_probe, pretraining, progress
 from nnclr_tf import export as export_lib
@@ -37,6 +36,14 @@ from nnclr_tf.building import (  # the public API: experiment.build_model and fr
 from nnclr_tf.checks import check_batch
 from nnclr_tf.config import Experiment
 from nnclr_tf.errors import ConfigError, ModelDirError
+from nnclr_tf.results import (
+  ExportResults,
+  FinetuneResults,
+  KnnEvalResults,
+  LinearEvalResults,
+  PlotsResults,
+  PretrainResults,
+)
 from nnclr_tf.scoring import (
   classifier_metadata,
   eval_features,
@@ -63,7 +70,7 @@ def _locked(mode):
 # --- pretrain ----------------------------------------------------------------------------------
 
 @_locked("pretrain")
-def pretrain(exp: Experiment, strategy=None, flags_text: str | None = None) -> dict[str, Any]:
+def pretrain(exp: Experiment, strategy=None, flags_text: str | None = None) -> PretrainResults:
   """Trains (resuming from the model_dir), then on the chief runs kNN of the final checkpoint,
   writes the plots and exports the encoder (pretraining.train, .evaluate, .export). A model_dir
   whose run is complete is left as it is; parts missing after a crash (export, kNN, plots) run
@@ -86,13 +93,13 @@ def pretrain(exp: Experiment, strategy=None, flags_text: str | None = None) -> d
 
 
 @_locked("knn_eval")
-def knn_eval(exp: Experiment, strategy=None) -> dict[str, Any]:
+def knn_eval(exp: Experiment, strategy=None) -> KnnEvalResults:
   """Weighted kNN of the latest checkpoint's backbone features, eval split against train split."""
   strategy = strategy_for(exp, strategy)
   model, latest = restored_model(exp, strategy)
   train, held = eval_data(exp)
-  results = knn_results(exp, model, train, held)  # extracted afresh: checks the restore
-  results["checkpoint"] = latest
+  # Features extracted afresh, not from the cache: that checks the restore.
+  results: KnnEvalResults = {**knn_results(exp, model, train, held), "checkpoint": latest}
   if distributed.is_chief(strategy):  # multi-worker: only the chief writes into model_dir
     md.write_results(exp.train.model_dir, "knn_eval", results)
   return results
@@ -102,7 +109,7 @@ def knn_eval(exp: Experiment, strategy=None) -> dict[str, Any]:
 
 
 @_locked("linear_eval")
-def linear_eval(exp: Experiment, strategy=None) -> dict[str, Any]:
+def linear_eval(exp: Experiment, strategy=None) -> LinearEvalResults:
   """Linear probe on frozen features of the latest checkpoint (and of the random-init
   architecture), then the classifier export of the probe."""
   strategy = strategy_for(exp, strategy)
@@ -117,7 +124,8 @@ def linear_eval(exp: Experiment, strategy=None) -> dict[str, Any]:
                                          l2=l2, seed=t.seed)
   scores = linear_probe.evaluate_probe(probe, eval_f, eval_l)
   probe_path = linear_probe.save_probe(md.path(t.model_dir, md.PROBE_FILE), probe)
-  results = {"linear_top1": scores["top1"], "linear_top5": scores["top5"], **info,
+  results: LinearEvalResults = {
+      "linear_top1": scores["top1"], "linear_top5": scores["top5"], **info,
              "eval_examples": int(len(eval_l)), "feature_dim": int(train_f.shape[1]),
              "probe": probe_path, "feature_cache": cache, "checkpoint": latest}
   if exp.eval.random_init_baseline:
@@ -125,8 +133,9 @@ def linear_eval(exp: Experiment, strategy=None) -> dict[str, Any]:
     with progress.timed("linear probe on the random-init features"):
       rand, rand_info = linear_probe.fit_probe(rf[0], rf[1], classes, l2=l2, seed=t.seed)
     rand_scores = linear_probe.evaluate_probe(rand, rf[2], rf[3])
-    results.update(linear_top1_random_init=rand_scores["top1"],
-                   linear_top5_random_init=rand_scores["top5"], l2_random_init=rand_info["l2"])
+    results.update({"linear_top1_random_init": rand_scores["top1"],
+                    "linear_top5_random_init": rand_scores["top5"],
+                    "l2_random_init": rand_info["l2"]})
   ex = exp.export
   results["classifier_export_dir"] = export_lib.export_classifier(
       model, probe_path, ex.base, ex.version, ex.warmup,
@@ -136,7 +145,7 @@ def linear_eval(exp: Experiment, strategy=None) -> dict[str, Any]:
 
 
 @_locked("finetune")
-def finetune(exp: Experiment, strategy=None) -> dict[str, Any]:
+def finetune(exp: Experiment, strategy=None) -> FinetuneResults:
   """Semi-supervised fine-tune of the whole network on a class-balanced labelled fraction (or
   from scratch with finetune.init="random"); every (fraction, init) run is kept in the results."""
   strategy = strategy_for(exp, strategy)
@@ -154,15 +163,16 @@ def finetune(exp: Experiment, strategy=None) -> dict[str, Any]:
       eval_crop_fraction=exp.data.eval_crop_fraction)
   results.update(init=f.init, checkpoint=latest)
   # The latest run at the top level; every (fraction, init) run kept under by_label_fraction.
-  runs = md.read_results(t.model_dir, "finetune").get("by_label_fraction", {})
+  recorded: FinetuneResults = md.read_results(t.model_dir, "finetune")
+  runs = recorded.get("by_label_fraction", {})
   key = f"{f.label_fraction:g}" + ("" if f.init == "pretrained" else "_random_init")
-  runs[key] = dict(results)
+  runs[key] = results.copy()
   md.write_results(t.model_dir, "finetune", {**results, "by_label_fraction": runs})
   return results
 
 
 @_locked("plots")
-def plots(exp: Experiment, strategy=None) -> dict[str, Any]:
+def plots(exp: Experiment, strategy=None) -> PlotsResults:
   """Retrieval grid, embedding map and training curves of the latest checkpoint."""
   strategy = strategy_for(exp, strategy)
   model, latest = restored_model(exp, strategy)
@@ -198,7 +208,7 @@ def check_export_target(exp: Experiment, explicit_base=True):
 
 
 @_locked("export")
-def export(exp: Experiment, strategy=None) -> dict[str, Any]:
+def export(exp: Experiment, strategy=None) -> ExportResults:
   """Encoder (and, when linear_eval has written its probe, classifier) SavedModels of the latest
   checkpoint, in TF Serving's layout."""
   strategy = strategy_for(exp, strategy)
@@ -227,10 +237,11 @@ def export(exp: Experiment, strategy=None) -> dict[str, Any]:
   else:
     logging.warning("no linear probe at %s: classifier not exported (run --mode=linear_eval)",
                     probe)
-  results = {"checkpoint": latest}
-  for name, path in out.items():
-    results[f"{name}_export_dir"] = path
-    results[f"{name}_export_bytes"] = export_lib.dir_size(path)
+  results: ExportResults = {"checkpoint": latest, "encoder_export_dir": out["encoder"],
+                            "encoder_export_bytes": export_lib.dir_size(out["encoder"])}
+  if "classifier" in out:
+    results.update({"classifier_export_dir": out["classifier"],
+                    "classifier_export_bytes": export_lib.dir_size(out["classifier"])})
   return md.write_results(t.model_dir, "export", results)
 
 

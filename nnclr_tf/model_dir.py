@@ -25,6 +25,7 @@ import os
 import socket
 import tempfile
 import time
+from typing import Any
 
 from nnclr_tf import cluster
 from nnclr_tf.errors import ModelDirError, ModelDirLockedError
@@ -96,7 +97,8 @@ def results_path(model_dir, mode):
   return path(model_dir, RESULTS[mode])
 
 
-def read_results(model_dir, mode):
+def read_results(model_dir, mode) -> Any:
+  """`<mode>_results.json` ({} when missing or unreadable): the mode's results.RESULTS dict."""
   return read_json(results_path(model_dir, mode))
 
 
@@ -167,7 +169,7 @@ def plots_exist(recorded):
   return bool(paths) and all(os.path.exists(p) for p in paths.values())
 
 
-def merge_results(recorded, results):
+def merge_results(recorded, results) -> Any:
   """New figures over the recorded ones of the same step; a recorded figure is never replaced by
   None (a rerun that trained nothing has no loss or speed of its own)."""
   if recorded.get("steps") != results.get("steps"):
@@ -220,7 +222,7 @@ def pid_alive(pid):
   return True
 
 
-_HELD = {}  # absolute lock path -> how many nested holders in this process
+_HELD: dict[str, int] = {}  # absolute lock path -> how many nested holders in this process
 
 
 class RunLock:

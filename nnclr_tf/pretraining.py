@@ -17,6 +17,7 @@ from nnclr_tf import export as export_lib
 from nnclr_tf import model_dir as md
 from nnclr_tf.building import build_model, load_data
 from nnclr_tf.config import Experiment
+from nnclr_tf.results import PretrainResults
 from nnclr_tf.scoring import knn_results, write_plots
 
 
@@ -26,7 +27,7 @@ class TrainedRun:
   model: Any
   train: Any            # the training source
   held: Any             # the held-out source, or None
-  results: dict         # this run's figures so far
+  results: PretrainResults  # this run's figures so far
   recorded: dict        # pretrain_results.json as the run found it
   chief: bool
   replicas: int
@@ -56,9 +57,10 @@ def train(exp: Experiment, strategy, flags_text: str | None = None) -> TrainedRu
   if chief:
     log_view_pairs(exp, train_src, os.path.join(t.model_dir, md.LOGS, "views"),
                    checkpoints.checkpoint_step(checkpoints.latest_checkpoint(t.model_dir)))
-  results = training.pretrain(model, strategy, train_src, exp.data, exp.augment, t, exp.optim,
-                              callbacks=[curves])
-  results["online_probe_acc"] = curves.last_logs.get("online_probe_acc")
+  results: PretrainResults = {
+      **training.pretrain(model, strategy, train_src, exp.data, exp.augment, t, exp.optim,
+                          callbacks=[curves]),
+      "online_probe_acc": curves.last_logs.get("online_probe_acc")}
   return TrainedRun(model, train_src, held, results, recorded, chief,
                     strategy.num_replicas_in_sync)
 
@@ -71,19 +73,23 @@ def evaluate(exp: Experiment, run: TrainedRun):
   final = checkpoints.checkpoint_at(exp.train.model_dir, step)
   bank = data.knn_bank_source(exp.data, run.train)  # --knn_train_split, else the training images
   if not (same_step and md.evaluated(recorded)):
-    results.update(knn_results(exp, run.model, bank, run.held, final) or {"knn_skipped": True})
+    figures = knn_results(exp, run.model, bank, run.held, final)
+    if figures:
+      results.update(figures)
+    else:
+      results["knn_skipped"] = True
   if exp.plots.enabled and not (same_step and md.plots_exist(recorded)):
     results["plots"] = write_plots(exp, run.model, bank, run.held, step, final)
-  results.update(train_examples=len(run.train), skipped_images=run.train.skipped,
-                 skipped_eval_images=0 if run.held is None else run.held.skipped,
-                 global_batch=exp.train.batch_size, replicas=run.replicas)
+  results.update({"train_examples": len(run.train), "skipped_images": run.train.skipped,
+                  "skipped_eval_images": 0 if run.held is None else run.held.skipped,
+                  "global_batch": exp.train.batch_size, "replicas": run.replicas})
 
 
-def export(exp: Experiment, run: TrainedRun) -> dict:
+def export(exp: Experiment, run: TrainedRun) -> PretrainResults:
   """The encoder export of the final checkpoint (reused when it is served already with this
   preprocessing), then pretrain_results.json: this run's figures over the recorded ones."""
   t, e, step = exp.train, exp.export, run.results["steps"]
-  merged = md.merge_results(run.recorded, run.results)
+  merged: PretrainResults = md.merge_results(run.recorded, run.results)
   crop = exp.data.eval_crop_fraction
   newest, meta = export_lib.newest_export(e.base)
   if (not e.version and newest and meta.get("checkpoint_step") == step

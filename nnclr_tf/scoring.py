@@ -15,6 +15,7 @@ from nnclr_tf import plots as plots_lib
 from nnclr_tf.building import build_encoder, eval_data
 from nnclr_tf.config import Experiment
 from nnclr_tf.errors import DataError
+from nnclr_tf.results import KnnFigures
 
 
 def feature_cache(exp: Experiment, checkpoint):
@@ -47,7 +48,7 @@ def num_classes(train, held):
   return len(train.class_names) or int(max(train.labels.max(), held.labels.max())) + 1
 
 
-def knn_results(exp: Experiment, model, train, held, checkpoint=None):
+def knn_results(exp: Experiment, model, train, held, checkpoint=None) -> KnnFigures:
   """kNN of the trained encoder and of the same architecture at random initialisation ({} when
   there is no labelled eval split or a single class).
 
@@ -66,15 +67,18 @@ def knn_results(exp: Experiment, model, train, held, checkpoint=None):
     return {}
   e = exp.eval
   classes = num_classes(train, held)
-  out = evaluation.knn_eval_features(
-      *eval_features(exp, model.encoder, checkpoint, train, held, use_cache=bool(checkpoint)),
-      classes, e.knn_k, e.knn_temperature)
+  train_f, train_l, eval_f, eval_l = eval_features(exp, model.encoder, checkpoint, train, held,
+                                                   use_cache=bool(checkpoint))
+  out = evaluation.knn_eval_features(train_f, train_l, eval_f, eval_l, classes, e.knn_k,
+                                     e.knn_temperature)
   if e.random_init_baseline:
-    rand = evaluation.knn_eval_features(*random_init_features(exp, train, held), classes,
-                                        e.knn_k, e.knn_temperature)
-    out.update(knn_top1_random_init=rand["knn_top1"], knn_top5_random_init=rand["knn_top5"])
-  out.update(knn_k=e.knn_k, knn_temperature=e.knn_temperature, eval_examples=len(held),
-             knn_bank_examples=len(train))
+    train_f, train_l, eval_f, eval_l = random_init_features(exp, train, held)
+    rand = evaluation.knn_eval_features(train_f, train_l, eval_f, eval_l, classes, e.knn_k,
+                                        e.knn_temperature)
+    out.update({"knn_top1_random_init": rand["knn_top1"],
+                "knn_top5_random_init": rand["knn_top5"]})
+  out.update({"knn_k": e.knn_k, "knn_temperature": e.knn_temperature,
+              "eval_examples": len(held), "knn_bank_examples": len(train)})
   return out
 
 

@@ -18,6 +18,7 @@ from nnclr_tf.checks import check_batch
 from nnclr_tf.config import OptimConfig
 from nnclr_tf.errors import ConfigError, NonFiniteLossError, Preempted
 from nnclr_tf.lars import LARS, is_excluded
+from nnclr_tf.results import TrainingFigures
 from nnclr_tf.schedules import WarmupCosine, scaled_learning_rate
 from nnclr_tf.sgd import CoupledSGD
 
@@ -175,7 +176,8 @@ def check_workers_agree(strategy, step):
         "share, or a new --model_dir to start over")
 
 
-def pretrain(model, strategy, source, data_cfg, aug_cfg, train_cfg, optim_cfg, callbacks=()):
+def pretrain(model, strategy, source, data_cfg, aug_cfg, train_cfg, optim_cfg,
+             callbacks=()) -> TrainingFigures:
   """Compiles `model` (built in `strategy.scope()`), resumes from train_cfg.model_dir if it holds
   a checkpoint, and trains to the target step with model.fit. Returns a dict of figures."""
   global_batch = train_cfg.batch_size

@@ -24,7 +24,8 @@ import numpy as np
 import pytest
 
 from conftest import REPO, listing_changes, repo_listing
-from nnclr_tf import cli
+from nnclr_tf import cli, results
+from nnclr_tf import model_dir as md
 
 README = os.path.join(REPO, "README.md")
 COMMAND_WORDS = ("python", "pip", "curl", "docker", "cat", "export", "saved_model_cli",
@@ -364,6 +365,11 @@ def check_outputs(spec, cwd, stdout):
   import glob
   for pattern in spec.outputs:
     assert glob.glob(os.path.join(cwd, pattern)), f"{pattern} was not written"
+    mode = next((m for m, name in md.RESULTS.items() if pattern.endswith("/" + name)), None)
+    if mode:  # every key the run wrote is one nnclr_tf/results.py declares
+      with open(os.path.join(cwd, pattern)) as f:
+        keys = set(json.load(f))
+      assert keys <= results.declared_keys(mode), keys - results.declared_keys(mode)
   assert spec.stdout in stdout, stdout[-2000:]
 
 
