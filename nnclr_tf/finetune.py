@@ -18,7 +18,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from nnclr_tf import augment
+from nnclr_tf import augment, pipelines
 from nnclr_tf import data as data_lib
 from nnclr_tf.config import AugmentConfig
 from nnclr_tf.evaluation import extract_features, topk_accuracy
@@ -53,7 +53,7 @@ def train_dataset(source, image_size, batch_size, seed, aug: AugmentConfig):
   """Endless (image, label) batches: a seeded shuffle per epoch (index_shuffle), random resized
   crop (aug.crop_scale) and flip (aug.flip_prob), nothing else."""
   n = len(source)
-  load = data_lib._load_fn(source)
+  load = pipelines._load_fn(source)
   labels = tf.constant(source.labels, tf.int32)
 
   def element(pos):

@@ -1,0 +1,371 @@
+"""tf.data pipelines over sources (`nnclr_tf/sources.py`): pretraining, evaluation, fine-tuning
+and a user's own tf.data.
+
+The pretraining pipeline is a pure function of (seed, global step): element `i` of the global stream
+is example `index_shuffle(i mod E, seed, epoch)` of the epoch `i // E` (E = steps_per_epoch x global
+batch), augmented with a seed derived from (seed, epoch, example index). Each input pipeline builds
+only the rows of its own replicas, so the global batch of step s is the same whatever the number of
+replicas or workers, and a run resumed at step s sees exactly the batches an uninterrupted run sees.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+
+from nnclr_tf import augment
+from nnclr_tf.config import AugmentConfig
+from nnclr_tf.errors import DataError
+from nnclr_tf.sources import AUTOTUNE, StreamSource, _tfds_example, decode_image
+
+FUSED_JPEG_CROP = False
+
+
+def _is_jpeg(data):
+  return tf.equal(tf.strings.substr(data, 0, 3), b"\xff\xd8\xff")
+
+
+def two_views_encoded(data, seed, size, aug, fused=None):
+  """augment.two_views of an encoded image without decoding it whole when it is a JPEG: the crop
+  boxes come from the header's shape (`tf.image.extract_jpeg_shape`) and only those windows are
+  decoded. Same boxes and pixels as decoding first; other formats are decoded in full."""
+  fused = FUSED_JPEG_CROP if fused is None else fused
+
+  def jpeg():
+    shape = tf.concat([tf.image.extract_jpeg_shape(data)[:2], [3]], 0)
+
+    def read(begin, crop):
+      window = tf.image.decode_and_crop_jpeg(
+          data, tf.stack([begin[0], begin[1], crop[0], crop[1]]), channels=3)
+      window.set_shape([None, None, 3])
+      return window
+
+    return augment.two_views_windows(shape, read, seed, size, aug)
+
+  def whole():
+    return augment.two_views(decode_image(data), seed, size, aug)
+
+  if not fused:
+    return whole()
+  return tf.cond(_is_jpeg(data), jpeg, whole)
+
+
+def _item_fn(source):
+  """(index tensor -> uint8 image [H, W, 3] or encoded bytes, whether it returns bytes)."""
+  if source.images is not None:
+    images = tf.constant(source.images)
+    return (lambda i: tf.gather(images, i)), False
+  paths = tf.constant(source.paths)
+  return (lambda i: tf.io.read_file(tf.gather(paths, i))), True
+
+
+def _load_fn(source):
+  """index tensor -> uint8 image [H, W, 3]."""
+  if source.images is not None:
+    images = tf.constant(source.images)
+    return lambda i: tf.gather(images, i)
+  paths = tf.constant(source.paths)
+  return lambda i: decode_image(tf.io.read_file(tf.gather(paths, i)))
+
+
+def steps_per_epoch(num_examples, global_batch):
+  return num_examples // global_batch
+
+
+def pretrain_dataset(source, aug: AugmentConfig, image_size, global_batch, seed, start_step=0,
+                     input_context: tf.distribute.InputContext | None = None):
+  """Per-replica batches {"view1", "view2", "label"} for the replicas of one input pipeline.
+
+  For global step s and global replica r, the rows are stream positions
+  s * global_batch + r * per_replica + [0, per_replica). Batches come out replica after replica,
+  which is the order tf.distribute hands them to a worker's local replicas.
+  """
+  n = len(source)
+  spe = steps_per_epoch(n, global_batch)
+  if spe < 1:
+    raise DataError(f"--batch_size={global_batch} is larger than the {n} training examples; "
+                    "lower it")
+  ctx = input_context or tf.distribute.InputContext()
+  replicas = ctx.num_replicas_in_sync
+  if global_batch % replicas:
+    raise DataError(f"--batch_size={global_batch} must be divisible by the {replicas} replicas")
+  per_replica = global_batch // replicas
+  local = replicas // ctx.num_input_pipelines
+  if isinstance(source, StreamSource) and not source.random_access:
+    return _tfrecord_pretrain_dataset(source, aug, image_size, per_replica, local, seed,
+                                      start_step, ctx)
+  first = ctx.input_pipeline_id * local
+  epoch_len = spe * global_batch
+
+  # Row offsets within one global batch for this pipeline's replicas, in replica order.
+  offsets = tf.constant(
+      np.concatenate([np.arange(per_replica) + (first + r) * per_replica for r in range(local)]),
+      tf.int64)
+
+  def positions(step):
+    return tf.data.Dataset.from_tensor_slices(step * global_batch + offsets)
+
+  def element(pos):
+    epoch = pos // epoch_len
+    within = pos % epoch_len
+    example = tf.random.experimental.index_shuffle(
+        within, tf.stack([tf.cast(seed, tf.int64), epoch]), tf.constant(n - 1, tf.int64))
+    return example, epoch
+
+  def augmented(example, epoch, item, label):
+    s = augment.example_seed(seed, epoch, example)
+    if source_is_encoded:
+      view1, view2 = two_views_encoded(item, s, image_size, aug)
+    else:
+      view1, view2 = augment.two_views(item, s, image_size, aug)
+    return {"view1": view1, "view2": view2, "label": label}
+
+  ds = tf.data.Dataset.range(start_step, tf.int64.max).flat_map(positions)
+  if isinstance(source, StreamSource):
+    # Random access by index (ArrayRecord): records are read a batch at a time, one Python call.
+    read = _record_reader(source)
+    ds = ds.map(element).batch(per_replica).map(lambda e, ep: (e, ep) + read(e)).unbatch()
+    source_is_encoded = True
+  else:
+    load, source_is_encoded = _item_fn(source)
+    labels = tf.constant(source.labels, tf.int32)
+
+    def loaded(e, ep):
+      return e, ep, load(e), tf.gather(labels, e)
+
+    ds = ds.map(lambda pos: augmented(*loaded(*element(pos))), num_parallel_calls=AUTOTUNE,
+                deterministic=True)
+  if isinstance(source, StreamSource):
+    ds = ds.map(augmented, num_parallel_calls=AUTOTUNE, deterministic=True)
+  ds = ds.batch(per_replica, drop_remainder=True)
+  # flat_map hides that the stream never ends. Declared infinite, multi-worker input keeps the
+  # static batch dimension (tf.distribute relaxes it to None for finite/unknown datasets in
+  # multi-worker mode, in case workers run out of data unevenly), which the train step needs.
+  ds = ds.apply(tf.data.experimental.assert_cardinality(tf.data.INFINITE_CARDINALITY))
+  options = tf.data.Options()
+  options.experimental_optimization.map_parallelization = True
+  options.autotune.enabled = True
+  return ds.with_options(options).prefetch(AUTOTUNE)
+
+
+def _raw_example(source):
+  """serialized tfds example -> (encoded image bytes, int32 label or -1), nothing decoded."""
+  import tensorflow_datasets as tfds
+  features = source.builder.info.features
+
+  def parse(record):
+    ex = features.deserialize_example(record, decoders={"image": tfds.decode.SkipDecoding()})
+    label = tf.cast(ex["label"], tf.int32) if "label" in ex else tf.constant(-1, tf.int32)
+    return ex["image"], label
+
+  return parse
+
+
+def _record_reader(source):
+  """int64 [b] example indices -> (encoded images [b], labels [b]) of an ArrayRecord split."""
+  records = source.builder.as_data_source(split=source.split).data_source
+  parse = _raw_example(source)
+
+  def fetch(idx):
+    return np.asarray(records.__getitems__([int(i) for i in idx]), dtype=object)
+
+  def read(idx):
+    raw = tf.numpy_function(fetch, [idx], tf.string, stateful=False)
+    raw.set_shape(idx.shape)
+    return tf.map_fn(parse, raw, fn_output_signature=(tf.string, tf.int32))
+
+  return read
+
+
+def _shard_plan(source, pipeline, pipelines):
+  """This pipeline's shards of a TFRecord split, as (files, skips, takes) of tfds's file
+  instructions (a sliced split reads part of a file)."""
+  instructions = source.builder.info.splits[source.split].file_instructions
+  mine = instructions[pipeline::pipelines]
+  if not mine:
+    raise DataError(f"{source.name} has {len(instructions)} files for {pipelines} input "
+                    "pipelines; every pipeline needs at least one (prepare it with more shards "
+                    "or as ArrayRecord)")
+  files = np.array([str(f.filename) for f in mine])
+  skips = np.array([f.skip for f in mine], np.int64)
+  takes = np.array([f.take for f in mine], np.int64)
+  return files, skips, takes
+
+
+def _stream_key(seed, *parts):
+  """A [2] stateless seed from the run seed and integer `parts`."""
+  key = tf.stack([tf.cast(seed, tf.int64), tf.constant(0x5712EA, tf.int64)])
+  for p in parts:
+    key = tf.random.experimental.stateless_fold_in(key, tf.cast(p, tf.int64))
+  return key
+
+
+def _shard_order(seed, epoch, pipeline, num_shards):
+  """The order an input pipeline reads its shards in during `epoch`: a function of these only."""
+  key = _stream_key(seed, 0, epoch, pipeline)
+  return tf.random.experimental.index_shuffle(
+      tf.range(num_shards, dtype=tf.int64), key, tf.constant(num_shards - 1, tf.int64))
+
+
+def _tfrecord_pretrain_dataset(source, aug, image_size, per_replica, local, seed, start_step,
+                               ctx):
+  """The stream of a TFRecord split (see StreamSource): blocks of shards in a per-epoch order,
+  their raw records permuted within the block, then decoded (crop windows only) and augmented
+  with seeds from (seed, pipeline, position). Resuming at a step computes which block holds its
+  first row and skips raw records within that block only."""
+  pipeline, pipelines = ctx.input_pipeline_id, ctx.num_input_pipelines
+  files, skips, takes = _shard_plan(source, pipeline, pipelines)
+  num_shards, per_block = len(files), max(1, source.shards_per_block)
+  blocks = -(-num_shards // per_block)
+  epoch_len = int(takes.sum())
+  files_t, skips_t, takes_t = tf.constant(files), tf.constant(skips), tf.constant(takes)
+
+  def block_shards(epoch, block):
+    order = _shard_order(seed, epoch, pipeline, num_shards)
+    return order[block * per_block:tf.minimum((block + 1) * per_block, num_shards)]
+
+  def read_block(g):
+    epoch, block = g // blocks, g % blocks
+    shards = block_shards(epoch, block)
+    parts = tf.data.Dataset.from_tensor_slices(
+        (tf.gather(files_t, shards), tf.gather(skips_t, shards), tf.gather(takes_t, shards)))
+    raw = parts.flat_map(lambda f, s, t: tf.data.TFRecordDataset(f).skip(s).take(t))
+    records = raw.batch(epoch_len).get_single_element()
+    key = _stream_key(seed, 1, g, pipeline)
+    count = tf.cast(tf.size(records), tf.int64)
+    perm = tf.random.experimental.index_shuffle(tf.range(count), key, count - 1)
+    return tf.data.Dataset.from_tensor_slices(tf.gather(records, perm))
+
+  # The first row this pipeline needs: which epoch, which block of that epoch's order, how far in.
+  start = start_step * local * per_replica
+  epoch, within = divmod(start, epoch_len)
+  order = _shard_order(seed, epoch, pipeline, num_shards).numpy()
+  sizes = [takes[order[b * per_block:(b + 1) * per_block]].sum() for b in range(blocks)]
+  first = int(np.searchsorted(np.cumsum(sizes), within, side="right"))
+  offset = within - int(np.sum(sizes[:first]))
+
+  ds = tf.data.Dataset.range(epoch * blocks + first, tf.int64.max).flat_map(read_block)
+  ds = ds.skip(offset)
+  ds = tf.data.Dataset.zip(tf.data.Dataset.range(start, tf.int64.max), ds)
+  parse = _raw_example(source)
+
+  def element(position, record):
+    image, label = parse(record)
+    s = augment.example_seed(seed, pipeline, position)
+    view1, view2 = two_views_encoded(image, s, image_size, aug)
+    return {"view1": view1, "view2": view2, "label": label}
+
+  ds = ds.map(element, num_parallel_calls=AUTOTUNE, deterministic=True)
+  ds = ds.batch(per_replica, drop_remainder=True)
+  ds = ds.apply(tf.data.experimental.assert_cardinality(tf.data.INFINITE_CARDINALITY))
+  return ds.prefetch(AUTOTUNE)
+
+
+def distributed_pretrain_dataset(strategy, source, aug, image_size, global_batch, seed,
+                                 start_step=0):
+  return strategy.distribute_datasets_from_function(
+      lambda ctx: pretrain_dataset(source, aug, image_size, global_batch, seed, start_step, ctx))
+
+
+def eval_dataset(source, image_size, batch_size=256, crop_fraction=1.0):
+  """(images float [b, S, S, 3] in [0, 1], labels) in source order, no augmentation:
+  augment.eval_transform of each decoded image at `crop_fraction` (the cached evaluation views
+  when the source holds them)."""
+  if isinstance(source, StreamSource):
+    ds = source.builder.as_dataset(split=source.split, shuffle_files=False)
+
+    def prep(ex):
+      image, label = _tfds_example(ex)
+      return augment.eval_transform(image, image_size, crop_fraction), label
+
+    return ds.map(prep, num_parallel_calls=AUTOTUNE).batch(batch_size).prefetch(AUTOTUNE)
+  labels = tf.constant(source.labels, tf.int32)
+  if (source.eval_images is not None and source.eval_crop_fraction == crop_fraction
+      and source.eval_images.shape[1:3] == (image_size, image_size)):
+    views = tf.constant(source.eval_images)
+    transform = lambda i: tf.image.convert_image_dtype(tf.gather(views, i), tf.float32)
+  elif crop_fraction != 1.0 and source.cache_size:
+    # A squashed image has lost its aspect ratio: cropping it would silently give other pixels.
+    raise DataError(f"{source.name!r} is cached at {source.cache_size}x{source.cache_size} "
+                    f"without evaluation views for crop fraction {crop_fraction}; load it with "
+                    f"DataConfig(eval_crop_fraction={crop_fraction})")
+  else:
+    load = _load_fn(source)
+    transform = lambda i: augment.eval_transform(load(i), image_size, crop_fraction)
+
+  def element(i):
+    return transform(i), tf.gather(labels, i)
+
+  ds = tf.data.Dataset.range(len(source)).map(element, num_parallel_calls=AUTOTUNE)
+  return ds.batch(batch_size).prefetch(AUTOTUNE)
+
+
+# ------------------------------------------------------------------------------------------------
+# A user's own tf.data
+
+_STREAM_ACCEPTS = ("a tf.data.Dataset of single images [H, W, C] or of (image, label) pairs, with "
+                   "C = 1 or 3, uint8 or float in [0, 1], any H and W, integer scalar labels")
+
+
+def _user_element(spec):
+  """(has_labels) for an accepted element_spec, else a DataError naming what was given."""
+  def is_image(s):
+    return (isinstance(s, tf.TensorSpec) and s.shape.rank == 3 and s.shape[-1] in (1, 3)
+            and (s.dtype == tf.uint8 or s.dtype.is_floating))
+
+  def is_label(s):
+    return isinstance(s, tf.TensorSpec) and s.shape.rank == 0 and s.dtype.is_integer
+
+  if is_image(spec):
+    return False
+  if isinstance(spec, (tuple, list)) and len(spec) == 2 and is_image(spec[0]) and is_label(
+      spec[1]):
+    return True
+  hint = ""
+  first = spec[0] if isinstance(spec, (tuple, list)) and spec else spec
+  if isinstance(first, tf.TensorSpec) and first.shape.rank == 4:
+    hint = "; it looks batched: pass dataset.unbatch()"
+  elif isinstance(spec, dict):
+    hint = "; map a dict to (image, label) first, e.g. ds.map(lambda d: (d['image'], d['label']))"
+  raise DataError(f"pretraining_stream takes {_STREAM_ACCEPTS}; got element_spec {spec}{hint}")
+
+
+def pretraining_stream(dataset, aug: AugmentConfig | None = None, image_size=32,
+                       batch_size=256, epochs=None, seed=0):
+  """A user's tf.data of images or (image, label) -> the batches `NNCLR.fit` trains on:
+  {"view1", "view2": float [B, S, S, 3] in [0, 1], "label": int32 [B], -1 when unlabelled}.
+
+  Each image gives two views of the pretraining augmentation (`augment.two_views` with `aug`,
+  default AugmentConfig(), the paper's) at `image_size`. Images may be uint8 or float in [0, 1],
+  grayscale or RGB, of any size. `dataset` is read in its own order (shuffle it yourself) and
+  `batch_size` is the global batch (divisible by the replica count; the model's queue_size must
+  be a multiple of it); a last partial batch is dropped.
+
+  `epochs=None` repeats forever (give `fit` a `steps_per_epoch`); `epochs=k` makes a finite
+  stream of k passes, so `fit(stream)` without steps_per_epoch ends its epochs (k=1 and
+  `fit(epochs=N)` is the usual Keras pattern). Augmentation seeds are drawn from `seed` afresh on
+  every pass over the stream, so the views differ between fit epochs and repeat between runs.
+  Anything but images or (image, label) pairs is a DataError naming the accepted structures.
+  """
+  if not isinstance(dataset, tf.data.Dataset):
+    raise DataError(f"pretraining_stream takes {_STREAM_ACCEPTS}; got {type(dataset).__name__}")
+  if epochs is not None and int(epochs) < 1:
+    raise DataError(f"epochs={epochs} must be None (repeat forever) or >= 1")
+  labelled = _user_element(dataset.element_spec)
+  aug = aug or AugmentConfig()
+  seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
+  if not labelled:
+    dataset = dataset.map(lambda image: (image, tf.constant(-1, tf.int32)))
+
+  def views(element, example_seed):
+    image, label = element
+    image = tf.image.convert_image_dtype(image, tf.float32)
+    if image.shape[-1] == 1:
+      image = tf.image.grayscale_to_rgb(image)
+    v1, v2 = augment.two_views(image, example_seed, image_size, aug)
+    return {"view1": v1, "view2": v2, "label": tf.cast(label, tf.int32)}
+
+  stream = dataset.repeat(epochs) if epochs is not None else dataset.repeat()
+  stream = tf.data.Dataset.zip(stream, seeds).map(views, num_parallel_calls=AUTOTUNE)
+  return stream.batch(batch_size, drop_remainder=True).prefetch(AUTOTUNE)
+
