@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 import tensorflow as tf
+import tensorflow_datasets as tfds
 
 from nnclr_tf import augment
 from nnclr_tf.config import AugmentConfig
@@ -150,7 +151,6 @@ def pretrain_dataset(source, aug: AugmentConfig, image_size, global_batch, seed,
 
 def _raw_example(source):
   """serialized tfds example -> (encoded image bytes, int32 label or -1), nothing decoded."""
-  import tensorflow_datasets as tfds
   features = source.builder.info.features
 
   def parse(record):

@@ -9,10 +9,14 @@ prepared files). The tf.data pipelines over them are in `nnclr_tf/pipelines.py`.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 
 import numpy as np
 import tensorflow as tf
+import tensorflow_datasets as tfds
+from absl import logging
+from sklearn.datasets import load_digits
 
 from nnclr_tf import augment
 from nnclr_tf.config import DataConfig
@@ -87,7 +91,6 @@ class StreamSource:
   @property
   def random_access(self):
     """Whether examples can be read by index (an ArrayRecord dataset, `array_record` installed)."""
-    import importlib.util
     fmt = getattr(self.builder.info.file_format, "value", self.builder.info.file_format)
     return fmt == "array_record" and importlib.util.find_spec("array_record") is not None
 
@@ -111,7 +114,6 @@ def numpy_source(images, labels=None, class_names=None, name="numpy"):
 
 def digits_source():
   """scikit-learn's bundled 1,797 8x8 handwritten digits (no download), as RGB uint8."""
-  from sklearn.datasets import load_digits
   d = load_digits()
   images = (d.images / 16.0 * 255.0).round().astype(np.uint8)
   return numpy_source(images, d.target, [str(i) for i in range(10)], name="digits")
@@ -185,7 +187,6 @@ def decode_error(path):
 def _drop_bad(source, good_idx, skip_bad):
   """The subset of `source` at `good_idx`; the others are undecodable files: counted and logged
   as skipped, or a DataError naming the first of them when `skip_bad` is False."""
-  from absl import logging
   bad = np.setdiff1d(np.arange(len(source)), good_idx)
   if not len(bad):
     return source
@@ -277,7 +278,6 @@ def check_decodable(source, skip_bad=True):
 def tfds_source(name, split, data_dir, size, limit_mb, eval_crop_fraction=1.0):
   """A tfds image dataset already prepared in `data_dir` (nothing is downloaded), in memory (as
   `cache_decoded` keeps it) when it fits `limit_mb`, else a StreamSource."""
-  import tensorflow_datasets as tfds
   try:
     builder = tfds.builder(name, data_dir=data_dir)
   except Exception as e:  # tfds raises its own DatasetNotFoundError for unknown names
