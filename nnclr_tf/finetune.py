@@ -18,7 +18,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from nnclr_tf import augment, pipelines
+from nnclr_tf import augment, pipelines, sources
 from nnclr_tf import data as data_lib
 from nnclr_tf.config import AugmentConfig
 from nnclr_tf.evaluation import extract_features, topk_accuracy
@@ -36,17 +36,9 @@ def label_subset(labels, fraction, seed):
   if len(classes) < 2:
     raise data_lib.DataError("fine-tuning needs labelled training data of at least 2 classes")
   n = max(len(classes), int(round(fraction * len(labelled))))
-  rng = np.random.default_rng(seed)
-  per_class = {c: rng.permutation(labelled[labels[labelled] == c]) for c in classes}
-  take = {c: n // len(classes) for c in classes}
-  for c in rng.permutation(classes)[: n % len(classes)]:
-    take[c] += 1
-  short = [c for c in classes if take[c] > len(per_class[c])]
-  if short:
-    raise data_lib.DataError(
-        f"--label_fraction={fraction} asks for {take[short[0]]} images of class {short[0]}, "
-        f"which has {len(per_class[short[0]])}; lower --label_fraction")
-  return np.sort(np.concatenate([per_class[c][: take[c]] for c in classes]))
+  return sources.balanced_indices(labels, n, seed, among=labelled, too_few=lambda c, want, have: (
+      f"--label_fraction={fraction} asks for {want} images of class {c}, which has {have}; "
+      "lower --label_fraction"))
 
 
 def train_dataset(source, image_size, batch_size, seed, aug: AugmentConfig):

@@ -119,22 +119,34 @@ def digits_source():
   return numpy_source(images, d.target, [str(i) for i in range(10)], name="digits")
 
 
+def balanced_indices(labels, n, seed, *, too_few, among=None):
+  """Sorted indices of a seeded draw of `n` of the indices `among` (default: all) with equal
+  counts per class (±1, the classes that get one more drawn too): a function of the arguments
+  only. The validation split and fine-tuning's label subsets both draw with it. A class with
+  fewer examples than its share raises DataError(too_few(class, share, available)), worded by
+  the caller for the flag that asked."""
+  labels = np.asarray(labels)
+  among = np.arange(len(labels)) if among is None else np.asarray(among)
+  classes = np.unique(labels[among])
+  rng = np.random.default_rng(seed)
+  per_class = {c: rng.permutation(among[labels[among] == c]) for c in classes}
+  take = {c: n // len(classes) for c in classes}
+  for c in rng.permutation(classes)[: n % len(classes)]:
+    take[c] += 1
+  short = [c for c in classes if take[c] > len(per_class[c])]
+  if short:
+    raise DataError(too_few(short[0], take[short[0]], len(per_class[short[0]])))
+  return np.sort(np.concatenate([per_class[c][: take[c]] for c in classes]))
+
+
 def split_balanced(source, n, seed):
   """(rest, held_out): a seeded held-out set of `n` examples with equal counts per class (±1)."""
   if n <= 0:
     raise DataError("--val_images must be > 0 to carve a validation split")
   if n >= len(source):
     raise DataError(f"--val_images={n} must be smaller than the {len(source)} training images")
-  rng = np.random.default_rng(seed)
-  classes = np.unique(source.labels)
-  per_class = {c: rng.permutation(np.flatnonzero(source.labels == c)) for c in classes}
-  take = {c: n // len(classes) for c in classes}
-  for c in rng.permutation(classes)[: n % len(classes)]:
-    take[c] += 1
-  short = [c for c in classes if take[c] > len(per_class[c])]
-  if short:
-    raise DataError(f"--val_images={n} asks for more images of class {short[0]} than it has")
-  held = np.sort(np.concatenate([per_class[c][: take[c]] for c in classes]))
+  held = balanced_indices(source.labels, n, seed, too_few=lambda c, *_: (
+      f"--val_images={n} asks for more images of class {c} than it has"))
   rest = np.setdiff1d(np.arange(len(source)), held)
   return source.subset(rest), source.subset(held, name=source.name + "-val")
 
