@@ -18,7 +18,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from nnclr_tf import augment, pipelines, sources
+from nnclr_tf import augment, sources
 from nnclr_tf import data as data_lib
 from nnclr_tf.config import AugmentConfig
 from nnclr_tf.evaluation import extract_features, topk_accuracy
@@ -45,20 +45,20 @@ def train_dataset(source, image_size, batch_size, seed, aug: AugmentConfig):
   """Endless (image, label) batches: a seeded shuffle per epoch (index_shuffle), random resized
   crop (aug.crop_scale) and flip (aug.flip_prob), nothing else."""
   n = len(source)
-  load = pipelines._load_fn(source)
-  labels = tf.constant(source.labels, tf.int32)
+  read = source.reader()
 
   def element(pos):
     epoch = pos // n
     example = tf.random.experimental.index_shuffle(
         pos % n, tf.stack([tf.cast(seed, tf.int64), epoch]), tf.constant(n - 1, tf.int64))
-    image = tf.image.convert_image_dtype(load(example), tf.float32)
+    image, label = read(example)
+    image = tf.image.convert_image_dtype(image, tf.float32)
     s = augment.split_seed(augment.example_seed(seed, epoch, example), 2)
     if aug.crop:
       image = augment.crop_and_resize(image, s[0], image_size, aug.crop_scale, aug.crop_ratio)
     else:
       image = augment.center_resize(image, image_size)
-    return augment.flip(image, s[1], aug.flip_prob), tf.gather(labels, example)
+    return augment.flip(image, s[1], aug.flip_prob), label
 
   ds = tf.data.Dataset.range(tf.int64.max).map(element, num_parallel_calls=tf.data.AUTOTUNE,
                                                deterministic=True)

@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import numpy as np
 import tensorflow as tf
-import tensorflow_datasets as tfds
 
 from nnclr_tf import augment
 from nnclr_tf.config import AugmentConfig
 from nnclr_tf.errors import DataError
-from nnclr_tf.sources import AUTOTUNE, StreamSource, _tfds_example, decode_image
+from nnclr_tf.sources import AUTOTUNE, decode_image, tfds_example
 
 FUSED_JPEG_CROP = False
 
@@ -51,24 +50,6 @@ def two_views_encoded(data, seed, size, aug, fused=None):
   return tf.cond(_is_jpeg(data), jpeg, whole)
 
 
-def _item_fn(source):
-  """(index tensor -> uint8 image [H, W, 3] or encoded bytes, whether it returns bytes)."""
-  if source.images is not None:
-    images = tf.constant(source.images)
-    return (lambda i: tf.gather(images, i)), False
-  paths = tf.constant(source.paths)
-  return (lambda i: tf.io.read_file(tf.gather(paths, i))), True
-
-
-def _load_fn(source):
-  """index tensor -> uint8 image [H, W, 3]."""
-  if source.images is not None:
-    images = tf.constant(source.images)
-    return lambda i: tf.gather(images, i)
-  paths = tf.constant(source.paths)
-  return lambda i: decode_image(tf.io.read_file(tf.gather(paths, i)))
-
-
 def steps_per_epoch(num_examples, global_batch):
   return num_examples // global_batch
 
@@ -92,7 +73,7 @@ def pretrain_dataset(source, aug: AugmentConfig, image_size, global_batch, seed,
     raise DataError(f"--batch_size={global_batch} must be divisible by the {replicas} replicas")
   per_replica = global_batch // replicas
   local = replicas // ctx.num_input_pipelines
-  if isinstance(source, StreamSource) and not source.random_access:
+  if not source.random_access:
     return _tfrecord_pretrain_dataset(source, aug, image_size, per_replica, local, seed,
                                       start_step, ctx)
   first = ctx.input_pipeline_id * local
@@ -113,31 +94,25 @@ def pretrain_dataset(source, aug: AugmentConfig, image_size, global_batch, seed,
         within, tf.stack([tf.cast(seed, tf.int64), epoch]), tf.constant(n - 1, tf.int64))
     return example, epoch
 
+  read = source.reader(decode=False)
+  two_views = two_views_encoded if source.encoded else augment.two_views
+
+  def with_item(example, epoch):
+    return (example, epoch) + read(example)
+
   def augmented(example, epoch, item, label):
     s = augment.example_seed(seed, epoch, example)
-    if source_is_encoded:
-      view1, view2 = two_views_encoded(item, s, image_size, aug)
-    else:
-      view1, view2 = augment.two_views(item, s, image_size, aug)
+    view1, view2 = two_views(item, s, image_size, aug)
     return {"view1": view1, "view2": view2, "label": label}
 
   ds = tf.data.Dataset.range(start_step, tf.int64.max).flat_map(positions)
-  if isinstance(source, StreamSource):
-    # Random access by index (ArrayRecord): records are read a batch at a time, one Python call.
-    read = _record_reader(source)
-    ds = ds.map(element).batch(per_replica).map(lambda e, ep: (e, ep) + read(e)).unbatch()
-    source_is_encoded = True
-  else:
-    load, source_is_encoded = _item_fn(source)
-    labels = tf.constant(source.labels, tf.int32)
-
-    def loaded(e, ep):
-      return e, ep, load(e), tf.gather(labels, e)
-
-    ds = ds.map(lambda pos: augmented(*loaded(*element(pos))), num_parallel_calls=AUTOTUNE,
-                deterministic=True)
-  if isinstance(source, StreamSource):
+  if source.streamed:
+    # Read by index (ArrayRecord) a batch at a time: one Python call per batch of records.
+    ds = ds.map(element).batch(per_replica).map(with_item).unbatch()
     ds = ds.map(augmented, num_parallel_calls=AUTOTUNE, deterministic=True)
+  else:
+    ds = ds.map(lambda pos: augmented(*with_item(*element(pos))), num_parallel_calls=AUTOTUNE,
+                deterministic=True)
   ds = ds.batch(per_replica, drop_remainder=True)
   # flat_map hides that the stream never ends. Declared infinite, multi-worker input keeps the
   # static batch dimension (tf.distribute relaxes it to None for finite/unknown datasets in
@@ -147,34 +122,6 @@ def pretrain_dataset(source, aug: AugmentConfig, image_size, global_batch, seed,
   options.experimental_optimization.map_parallelization = True
   options.autotune.enabled = True
   return ds.with_options(options).prefetch(AUTOTUNE)
-
-
-def _raw_example(source):
-  """serialized tfds example -> (encoded image bytes, int32 label or -1), nothing decoded."""
-  features = source.builder.info.features
-
-  def parse(record):
-    ex = features.deserialize_example(record, decoders={"image": tfds.decode.SkipDecoding()})
-    label = tf.cast(ex["label"], tf.int32) if "label" in ex else tf.constant(-1, tf.int32)
-    return ex["image"], label
-
-  return parse
-
-
-def _record_reader(source):
-  """int64 [b] example indices -> (encoded images [b], labels [b]) of an ArrayRecord split."""
-  records = source.builder.as_data_source(split=source.split).data_source
-  parse = _raw_example(source)
-
-  def fetch(idx):
-    return np.asarray(records.__getitems__([int(i) for i in idx]), dtype=object)
-
-  def read(idx):
-    raw = tf.numpy_function(fetch, [idx], tf.string, stateful=False)
-    raw.set_shape(idx.shape)
-    return tf.map_fn(parse, raw, fn_output_signature=(tf.string, tf.int32))
-
-  return read
 
 
 def _shard_plan(source, pipeline, pipelines):
@@ -247,7 +194,7 @@ def _tfrecord_pretrain_dataset(source, aug, image_size, per_replica, local, seed
   ds = tf.data.Dataset.range(epoch * blocks + first, tf.int64.max).flat_map(read_block)
   ds = ds.skip(offset)
   ds = tf.data.Dataset.zip(tf.data.Dataset.range(start, tf.int64.max), ds)
-  parse = _raw_example(source)
+  parse = source.record_parser()
 
   def element(position, record):
     image, label = parse(record)
@@ -271,30 +218,31 @@ def eval_dataset(source, image_size, batch_size=256, crop_fraction=1.0):
   """(images float [b, S, S, 3] in [0, 1], labels) in source order, no augmentation:
   augment.eval_transform of each decoded image at `crop_fraction` (the cached evaluation views
   when the source holds them)."""
-  if isinstance(source, StreamSource):
+  if source.streamed:
     ds = source.builder.as_dataset(split=source.split, shuffle_files=False)
 
     def prep(ex):
-      image, label = _tfds_example(ex)
+      image, label = tfds_example(ex)
       return augment.eval_transform(image, image_size, crop_fraction), label
 
     return ds.map(prep, num_parallel_calls=AUTOTUNE).batch(batch_size).prefetch(AUTOTUNE)
-  labels = tf.constant(source.labels, tf.int32)
   if (source.eval_images is not None and source.eval_crop_fraction == crop_fraction
       and source.eval_images.shape[1:3] == (image_size, image_size)):
-    views = tf.constant(source.eval_images)
-    transform = lambda i: tf.image.convert_image_dtype(tf.gather(views, i), tf.float32)
+    views, labels = tf.constant(source.eval_images), tf.constant(source.labels, tf.int32)
+
+    def element(i):
+      return tf.image.convert_image_dtype(tf.gather(views, i), tf.float32), tf.gather(labels, i)
   elif crop_fraction != 1.0 and source.cache_size:
     # A squashed image has lost its aspect ratio: cropping it would silently give other pixels.
     raise DataError(f"{source.name!r} is cached at {source.cache_size}x{source.cache_size} "
                     f"without evaluation views for crop fraction {crop_fraction}; load it with "
                     f"DataConfig(eval_crop_fraction={crop_fraction})")
   else:
-    load = _load_fn(source)
-    transform = lambda i: augment.eval_transform(load(i), image_size, crop_fraction)
+    read = source.reader()
 
-  def element(i):
-    return transform(i), tf.gather(labels, i)
+    def element(i):
+      image, label = read(i)
+      return augment.eval_transform(image, image_size, crop_fraction), label
 
   ds = tf.data.Dataset.range(len(source)).map(element, num_parallel_calls=AUTOTUNE)
   return ds.batch(batch_size).prefetch(AUTOTUNE)

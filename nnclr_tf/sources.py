@@ -50,6 +50,31 @@ class Source:
   def has_labels(self):
     return bool(len(self.labels)) and bool(np.all(self.labels >= 0))
 
+  # What the pipelines ask a source (StreamSource answers the same), instead of testing its class.
+  random_access = True  # any example can be read by index
+  streamed = False  # read through tfds from its prepared files, not a subset of rows
+
+  @property
+  def encoded(self):
+    """Whether `reader(decode=False)` gives files' encoded bytes (decoded in the pipeline)."""
+    return self.images is None
+
+  def reader(self, decode=True):
+    """index tensor -> (uint8 image [H, W, 3], int32 label). A file source with `decode` False
+    gives the file's encoded bytes instead of the image, for a pipeline that decodes only the
+    crop windows of a JPEG."""
+    labels = tf.constant(self.labels, tf.int32)
+    if self.images is not None:
+      images = tf.constant(self.images)
+      return lambda i: (tf.gather(images, i), tf.gather(labels, i))
+    paths = tf.constant(self.paths)
+
+    def read(i):
+      data = tf.io.read_file(tf.gather(paths, i))
+      return decode_image(data) if decode else data, tf.gather(labels, i)
+
+    return read
+
   def subset(self, idx, name=None):
     idx = np.asarray(idx)
     take = lambda a: None if a is None else a[idx]
@@ -88,11 +113,44 @@ class StreamSource:
   def has_labels(self):
     return self.labelled
 
+  streamed = True
+  encoded = True
+
   @property
   def random_access(self):
     """Whether examples can be read by index (an ArrayRecord dataset, `array_record` installed)."""
     fmt = getattr(self.builder.info.file_format, "value", self.builder.info.file_format)
     return fmt == "array_record" and importlib.util.find_spec("array_record") is not None
+
+  def record_parser(self):
+    """serialized tfds example -> (encoded image bytes, int32 label or -1), nothing decoded."""
+    features = self.builder.info.features
+
+    def parse(record):
+      ex = features.deserialize_example(record, decoders={"image": tfds.decode.SkipDecoding()})
+      label = tf.cast(ex["label"], tf.int32) if "label" in ex else tf.constant(-1, tf.int32)
+      return ex["image"], label
+
+    return parse
+
+  def reader(self, decode=False):
+    """int64 [b] example indices -> (encoded images [b], labels [b]) of an ArrayRecord split
+    (`random_access`): a batch per call, so one Python call reads a batch of records. Images of
+    different sizes do not stack, so they stay encoded."""
+    if decode or not self.random_access:
+      raise ValueError(f"{self.name} is read by index only as encoded bytes of ArrayRecord")
+    records = self.builder.as_data_source(split=self.split).data_source
+    parse = self.record_parser()
+
+    def fetch(idx):
+      return np.asarray(records.__getitems__([int(i) for i in idx]), dtype=object)
+
+    def read(idx):
+      raw = tf.numpy_function(fetch, [idx], tf.string, stateful=False)
+      raw.set_shape(idx.shape)
+      return tf.map_fn(parse, raw, fn_output_signature=(tf.string, tf.int32))
+
+    return read
 
 
 def numpy_source(images, labels=None, class_names=None, name="numpy"):
@@ -314,7 +372,7 @@ def tfds_source(name, split, data_dir, size, limit_mb, eval_crop_fraction=1.0):
   ds = builder.as_dataset(split=split, shuffle_files=False)
 
   def prep(ex):
-    image, label = _tfds_example(ex)
+    image, label = tfds_example(ex)
     return _cached_views(image, size, eval_crop_fraction), label
 
   images, labels = [], []
@@ -325,7 +383,7 @@ def tfds_source(name, split, data_dir, size, limit_mb, eval_crop_fraction=1.0):
   return _set_cached(out, images, size, eval_crop_fraction)
 
 
-def _tfds_example(ex):
+def tfds_example(ex):
   """A tfds example -> (uint8 [H, W, 3], int32 label or -1)."""
   image = ex["image"]
   if image.shape[-1] == 1:
@@ -353,7 +411,7 @@ def load_sources(cfg: DataConfig, seed=0):
       held = tfds_source(cfg.dataset, cfg.eval_split, cfg.data_dir, cfg.image_size,
                          cfg.cache_limit_mb, cfg.eval_crop_fraction)
   if cfg.val_images:
-    if isinstance(train, StreamSource):
+    if train.streamed:
       raise DataError(f"--val_images needs a dataset held in memory; {train.name} is streamed, "
                       "use --eval_split instead")
     if not train.has_labels:
