@@ -54,6 +54,36 @@ def steps_per_epoch(num_examples, global_batch):
   return num_examples // global_batch
 
 
+def _permuted(index, key, n):
+  """Where `index` (int64, any shape) lands in the permutation of [0, n) drawn from the [2]
+  int64 `key`. Every shuffle here (examples, shards, records within a block) is this one, so each
+  is a function of its key and nothing else: no shuffle buffer to replay on resume."""
+  return tf.random.experimental.index_shuffle(index, key, tf.cast(n, tf.int64) - 1)
+
+
+def _example_at(position, seed, epoch_len, n):
+  """(example, epoch) at a stream position: epochs of `epoch_len` positions, each the first
+  `epoch_len` of a permutation of the n examples drawn from (seed, epoch). Pretraining and
+  fine-tuning index their streams with it; a position's example never depends on what was read
+  before it."""
+  epoch = position // epoch_len
+  return _permuted(position % epoch_len, tf.stack([tf.cast(seed, tf.int64), epoch]), n), epoch
+
+
+def _pair(views, label):
+  """The element NNCLR trains on, from augment.two_views' two views."""
+  view1, view2 = views
+  return {"view1": view1, "view2": view2, "label": label}
+
+
+def _endless_batches(ds, batch):
+  # flat_map hides that the stream never ends. Declared infinite, multi-worker input keeps the
+  # static batch dimension (tf.distribute relaxes it to None for finite/unknown datasets in
+  # multi-worker mode, in case workers run out of data unevenly), which the train step needs.
+  ds = ds.batch(batch, drop_remainder=True)
+  return ds.apply(tf.data.experimental.assert_cardinality(tf.data.INFINITE_CARDINALITY))
+
+
 def pretrain_dataset(source, aug: AugmentConfig, image_size, global_batch, seed, start_step=0,
                      input_context: tf.distribute.InputContext | None = None):
   """Per-replica batches {"view1", "view2", "label"} for the replicas of one input pipeline.
@@ -87,13 +117,7 @@ def pretrain_dataset(source, aug: AugmentConfig, image_size, global_batch, seed,
   def positions(step):
     return tf.data.Dataset.from_tensor_slices(step * global_batch + offsets)
 
-  def element(pos):
-    epoch = pos // epoch_len
-    within = pos % epoch_len
-    example = tf.random.experimental.index_shuffle(
-        within, tf.stack([tf.cast(seed, tf.int64), epoch]), tf.constant(n - 1, tf.int64))
-    return example, epoch
-
+  element = lambda pos: _example_at(pos, seed, epoch_len, n)
   read = source.reader(decode=False)
   two_views = two_views_encoded if source.encoded else augment.two_views
 
@@ -101,9 +125,8 @@ def pretrain_dataset(source, aug: AugmentConfig, image_size, global_batch, seed,
     return (example, epoch) + read(example)
 
   def augmented(example, epoch, item, label):
-    s = augment.example_seed(seed, epoch, example)
-    view1, view2 = two_views(item, s, image_size, aug)
-    return {"view1": view1, "view2": view2, "label": label}
+    return _pair(two_views(item, augment.example_seed(seed, epoch, example), image_size, aug),
+                 label)
 
   ds = tf.data.Dataset.range(start_step, tf.int64.max).flat_map(positions)
   if source.streamed:
@@ -113,11 +136,7 @@ def pretrain_dataset(source, aug: AugmentConfig, image_size, global_batch, seed,
   else:
     ds = ds.map(lambda pos: augmented(*with_item(*element(pos))), num_parallel_calls=AUTOTUNE,
                 deterministic=True)
-  ds = ds.batch(per_replica, drop_remainder=True)
-  # flat_map hides that the stream never ends. Declared infinite, multi-worker input keeps the
-  # static batch dimension (tf.distribute relaxes it to None for finite/unknown datasets in
-  # multi-worker mode, in case workers run out of data unevenly), which the train step needs.
-  ds = ds.apply(tf.data.experimental.assert_cardinality(tf.data.INFINITE_CARDINALITY))
+  ds = _endless_batches(ds, per_replica)
   options = tf.data.Options()
   options.experimental_optimization.map_parallelization = True
   options.autotune.enabled = True
@@ -149,9 +168,8 @@ def _stream_key(seed, *parts):
 
 def _shard_order(seed, epoch, pipeline, num_shards):
   """The order an input pipeline reads its shards in during `epoch`: a function of these only."""
-  key = _stream_key(seed, 0, epoch, pipeline)
-  return tf.random.experimental.index_shuffle(
-      tf.range(num_shards, dtype=tf.int64), key, tf.constant(num_shards - 1, tf.int64))
+  return _permuted(tf.range(num_shards, dtype=tf.int64), _stream_key(seed, 0, epoch, pipeline),
+                   num_shards)
 
 
 def _tfrecord_pretrain_dataset(source, aug, image_size, per_replica, local, seed, start_step,
@@ -180,7 +198,7 @@ def _tfrecord_pretrain_dataset(source, aug, image_size, per_replica, local, seed
     records = raw.batch(epoch_len).get_single_element()
     key = _stream_key(seed, 1, g, pipeline)
     count = tf.cast(tf.size(records), tf.int64)
-    perm = tf.random.experimental.index_shuffle(tf.range(count), key, count - 1)
+    perm = _permuted(tf.range(count), key, count)
     return tf.data.Dataset.from_tensor_slices(tf.gather(records, perm))
 
   # The first row this pipeline needs: which epoch, which block of that epoch's order, how far in.
@@ -199,13 +217,10 @@ def _tfrecord_pretrain_dataset(source, aug, image_size, per_replica, local, seed
   def element(position, record):
     image, label = parse(record)
     s = augment.example_seed(seed, pipeline, position)
-    view1, view2 = two_views_encoded(image, s, image_size, aug)
-    return {"view1": view1, "view2": view2, "label": label}
+    return _pair(two_views_encoded(image, s, image_size, aug), label)
 
   ds = ds.map(element, num_parallel_calls=AUTOTUNE, deterministic=True)
-  ds = ds.batch(per_replica, drop_remainder=True)
-  ds = ds.apply(tf.data.experimental.assert_cardinality(tf.data.INFINITE_CARDINALITY))
-  return ds.prefetch(AUTOTUNE)
+  return _endless_batches(ds, per_replica).prefetch(AUTOTUNE)
 
 
 def distributed_pretrain_dataset(strategy, source, aug, image_size, global_batch, seed,
@@ -246,6 +261,29 @@ def eval_dataset(source, image_size, batch_size=256, crop_fraction=1.0):
 
   ds = tf.data.Dataset.range(len(source)).map(element, num_parallel_calls=AUTOTUNE)
   return ds.batch(batch_size).prefetch(AUTOTUNE)
+
+
+def finetune_dataset(source, image_size, batch_size, seed, aug: AugmentConfig):
+  """Endless (image, label) batches for fine-tuning: the pretraining stream's shuffle with an
+  epoch of every example, random resized crop (aug.crop_scale) and flip (aug.flip_prob), nothing
+  else."""
+  n = len(source)
+  read = source.reader()
+
+  def element(pos):
+    example, epoch = _example_at(pos, seed, n, n)
+    image, label = read(example)
+    image = tf.image.convert_image_dtype(image, tf.float32)
+    s = augment.split_seed(augment.example_seed(seed, epoch, example), 2)
+    if aug.crop:
+      image = augment.crop_and_resize(image, s[0], image_size, aug.crop_scale, aug.crop_ratio)
+    else:
+      image = augment.center_resize(image, image_size)
+    return augment.flip(image, s[1], aug.flip_prob), label
+
+  ds = tf.data.Dataset.range(tf.int64.max).map(element, num_parallel_calls=AUTOTUNE,
+                                               deterministic=True)
+  return ds.batch(batch_size, drop_remainder=True).prefetch(AUTOTUNE)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -310,8 +348,7 @@ def pretraining_stream(dataset, aug: AugmentConfig | None = None, image_size=32,
     image = tf.image.convert_image_dtype(image, tf.float32)
     if image.shape[-1] == 1:
       image = tf.image.grayscale_to_rgb(image)
-    v1, v2 = augment.two_views(image, example_seed, image_size, aug)
-    return {"view1": v1, "view2": v2, "label": tf.cast(label, tf.int32)}
+    return _pair(augment.two_views(image, example_seed, image_size, aug), tf.cast(label, tf.int32))
 
   stream = dataset.repeat(epochs) if epochs is not None else dataset.repeat()
   stream = tf.data.Dataset.zip(stream, seeds).map(views, num_parallel_calls=AUTOTUNE)
