@@ -113,6 +113,7 @@ class StreamSource:
   def has_labels(self):
     return self.labelled
 
+  # The pipelines' questions (see Source): read through tfds, always as encoded bytes.
   streamed = True
   encoded = True
 
