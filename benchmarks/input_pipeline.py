@@ -130,7 +130,7 @@ def wave1_dataset(source, aug, image_size, batch, seed=0):
 def compare_224(args, cores):
   """Pairs/s at 224 px on ImageNet-shaped JPEGs: wave-1 pipeline, full decode of the new
   pipeline (uint8 crop before float) and crop-window decoding, back to back per core count."""
-  from nnclr_tf import data
+  from nnclr_tf import data, pipelines
   src = data.folder_source(imagenet_shaped_jpegs(args.imagenet_dir, args.imagenet_images))
   aug = augment_config("byol")
   out = {"images": len(src), "batch_size": args.large_batch_size, "dir": args.imagenet_dir,
@@ -138,12 +138,12 @@ def compare_224(args, cores):
   for c in cores:
     row = {}
     for name in args.imagenet_modes.split(","):
-      data.FUSED_JPEG_CROP = name != "uint8_full_decode"
+      pipelines.FUSED_JPEG_CROP = name != "uint8_full_decode"
       make = (lambda: wave1_dataset(src, aug, 224, args.large_batch_size)) if name == "wave1" \
           else None
       row[name] = pairs_per_sec(src, aug, 224, args.large_batch_size, c, args.warmup_batches,
                                 args.batches, make=make)
-    data.FUSED_JPEG_CROP = True
+    pipelines.FUSED_JPEG_CROP = True
     out["pairs_per_sec_by_cores"][str(c)] = row
   return out
 

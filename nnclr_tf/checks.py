@@ -52,9 +52,7 @@ def check_batch(global_batch, queue_size, replicas=1, nn_topk=1, num_examples=No
   Experiment checks it with one replica when it is made; pretraining again with its replicas."""
   if global_batch <= 0:
     raise ConfigError(f"--batch_size={global_batch} must be positive")
-  if global_batch % replicas:
-    raise ConfigError(f"--batch_size={global_batch} must be divisible by the {replicas} replicas; "
-                      f"use a multiple of {replicas}")
+  check_replicas(global_batch, replicas)
   if queue_size < global_batch:
     raise ConfigError(f"--queue_size={queue_size} is smaller than --batch_size={global_batch}; "
                       "the support set must hold at least one global batch")
@@ -63,6 +61,19 @@ def check_batch(global_batch, queue_size, replicas=1, nn_topk=1, num_examples=No
                       f"{global_batch} (static-shape enqueue); try "
                       f"{max(1, queue_size // global_batch) * global_batch}")
   check_nn_topk(nn_topk, queue_size)
-  if num_examples is not None and global_batch > num_examples:
+  if num_examples is not None:
+    check_examples(global_batch, num_examples)
+
+
+def check_replicas(global_batch, replicas):
+  """Every replica takes an equal share of the global batch (static shapes)."""
+  if global_batch % replicas:
+    raise ConfigError(f"--batch_size={global_batch} must be divisible by the {replicas} replicas; "
+                      f"use a multiple of {replicas}")
+
+
+def check_examples(global_batch, num_examples):
+  """An epoch holds at least one global batch."""
+  if global_batch > num_examples:
     raise ConfigError(f"--batch_size={global_batch} is larger than the {num_examples} training "
                       "examples; lower it")

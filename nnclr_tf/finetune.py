@@ -9,7 +9,8 @@ subset (NNCLR paper, Table 2 "semi-supervised", following SimCLR's protocol):
 
 Here the crop scale and flip probability come from the pretraining AugmentConfig (so a dataset that
 must not be flipped, like digits, is not), the lr follows a cosine decay, and the subset is
-class-balanced and seeded (`label_subset`).
+class-balanced and seeded (`label_subset`, drawn as the validation split is). The training
+stream is `pipelines.finetune_dataset` (`train_dataset` here), shuffled as pretraining is.
 """
 
 from __future__ import annotations
@@ -18,10 +19,12 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from nnclr_tf import augment
-from nnclr_tf import data as data_lib
+from nnclr_tf import sources
 from nnclr_tf.config import AugmentConfig
+from nnclr_tf.errors import DataError
 from nnclr_tf.evaluation import extract_features, topk_accuracy
+from nnclr_tf.pipelines import eval_dataset
+from nnclr_tf.pipelines import finetune_dataset as train_dataset
 
 
 def label_subset(labels, fraction, seed):
@@ -30,47 +33,15 @@ def label_subset(labels, fraction, seed):
   at least one. The same (labels, fraction, seed) always gives the same subset."""
   labels = np.asarray(labels)
   if not 0 < fraction <= 1:
-    raise data_lib.DataError(f"--label_fraction={fraction} must be in (0, 1], e.g. 0.01 or 0.1")
+    raise DataError(f"--label_fraction={fraction} must be in (0, 1], e.g. 0.01 or 0.1")
   labelled = np.flatnonzero(labels >= 0)
   classes = np.unique(labels[labelled])
   if len(classes) < 2:
-    raise data_lib.DataError("fine-tuning needs labelled training data of at least 2 classes")
+    raise DataError("fine-tuning needs labelled training data of at least 2 classes")
   n = max(len(classes), int(round(fraction * len(labelled))))
-  rng = np.random.default_rng(seed)
-  per_class = {c: rng.permutation(labelled[labels[labelled] == c]) for c in classes}
-  take = {c: n // len(classes) for c in classes}
-  for c in rng.permutation(classes)[: n % len(classes)]:
-    take[c] += 1
-  short = [c for c in classes if take[c] > len(per_class[c])]
-  if short:
-    raise data_lib.DataError(
-        f"--label_fraction={fraction} asks for {take[short[0]]} images of class {short[0]}, "
-        f"which has {len(per_class[short[0]])}; lower --label_fraction")
-  return np.sort(np.concatenate([per_class[c][: take[c]] for c in classes]))
-
-
-def train_dataset(source, image_size, batch_size, seed, aug: AugmentConfig):
-  """Endless (image, label) batches: a seeded shuffle per epoch (index_shuffle), random resized
-  crop (aug.crop_scale) and flip (aug.flip_prob), nothing else."""
-  n = len(source)
-  load = data_lib._load_fn(source)
-  labels = tf.constant(source.labels, tf.int32)
-
-  def element(pos):
-    epoch = pos // n
-    example = tf.random.experimental.index_shuffle(
-        pos % n, tf.stack([tf.cast(seed, tf.int64), epoch]), tf.constant(n - 1, tf.int64))
-    image = tf.image.convert_image_dtype(load(example), tf.float32)
-    s = augment.split_seed(augment.example_seed(seed, epoch, example), 2)
-    if aug.crop:
-      image = augment.crop_and_resize(image, s[0], image_size, aug.crop_scale, aug.crop_ratio)
-    else:
-      image = augment.center_resize(image, image_size)
-    return augment.flip(image, s[1], aug.flip_prob), tf.gather(labels, example)
-
-  ds = tf.data.Dataset.range(tf.int64.max).map(element, num_parallel_calls=tf.data.AUTOTUNE,
-                                               deterministic=True)
-  return ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+  return sources.balanced_indices(labels, n, seed, among=labelled, too_few=lambda c, want, have: (
+      f"--label_fraction={fraction} asks for {want} images of class {c}, which has {have}; "
+      "lower --label_fraction"))
 
 
 def classifier(encoder, num_classes):
@@ -102,8 +73,8 @@ def finetune(encoder, train_source, eval_source, num_classes, image_size, aug: A
   replicas = strategy.num_replicas_in_sync
   batch = min(batch_size, len(subset)) // replicas * replicas
   if batch < 1:
-    raise data_lib.DataError(f"--label_fraction={label_fraction} leaves {len(subset)} examples, "
-                             f"fewer than the {replicas} replicas")
+    raise DataError(f"--label_fraction={label_fraction} leaves {len(subset)} examples, "
+                    f"fewer than the {replicas} replicas")
   spe = max(1, len(subset) // batch)
   epochs = epochs or max(60 if label_fraction <= 0.01 else 30, -(-min_steps // spe))
   total = epochs * spe
@@ -117,7 +88,7 @@ def finetune(encoder, train_source, eval_source, num_classes, image_size, aug: A
                   metrics=["accuracy"])
   history = model.fit(train_dataset(subset, image_size, batch, seed, aug), epochs=epochs,
                       steps_per_epoch=spe, verbose=verbose)
-  logits, labels = extract_features(model, data_lib.eval_dataset(
+  logits, labels = extract_features(model, eval_dataset(
       eval_source, image_size, eval_batch_size, eval_crop_fraction))
   counts = np.bincount(subset.labels)
   counts = counts[counts > 0]

@@ -94,7 +94,7 @@ def test_resumed_stream_starts_at_the_contracts_batch(stream):
           tf.constant(within, tf.int64), tf.constant([4, epoch], tf.int64),
           tf.constant(TRAIN - 1, tf.int64)))
       raw = records.data_source[ex]
-      image, label = data._raw_example(stream)(tf.constant(raw))
+      image, label = stream.record_parser()(tf.constant(raw))
       views = data.two_views_encoded(image, augment.example_seed(4, epoch, ex), SIZE, AUG)
       assert resumed["label"][r] == label.numpy() == records[ex]["label"]
       np.testing.assert_allclose(resumed["view1"][r], views[0].numpy(), atol=1e-6)
