@@ -1,12 +1,12 @@
 """Shared by the benchmark scripts: building the real model, timing model.fit steps, FLOPs.
 
-Import this before TensorFlow is imported elsewhere: `setup(cpu_replicas)` must split the CPU
-into logical devices before TF initialises them.
+Their run settings are an Experiment (run_settings.Parser); `nnclr_tf.experiment.setup(exp)` makes
+the strategy. Import this before TensorFlow is imported elsewhere: setup must split the CPU into
+logical devices before TF initialises them.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import resource
 import statistics
@@ -21,75 +21,26 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-import keras  # noqa: E402  (importing does not initialise devices; split_cpu still works)
+import keras  # noqa: E402  (importing does not initialise devices; experiment.setup still can)
 
-# The CIFAR-10 ResNet-18 recipe (flags/cifar10_resnet18.cfg): the model the targets are set on.
-RECIPE = dict(backbone="resnet18_cifar", width=64, proj_hidden_dim=2048, proj_layers=3,
-              pred_hidden_dim=4096, embedding_dim=256, temperature=0.2)
-
-
-def str2bool(v):
-  if isinstance(v, bool):
-    return v
-  if v.lower() in ("1", "true", "yes", "y"):
-    return True
-  if v.lower() in ("0", "false", "no", "n"):
-    return False
-  raise argparse.ArgumentTypeError(f"expected true/false, got {v!r}")
+# Every step benchmark deliberately differs from its preset here: the timed steps run at the
+# recipe's peak learning rate, as the bulk of a run does, not at the first steps of its warm-up.
+# The rate changes no arithmetic of the step, only the size of the updates (and so the losses).
+STEP_OVERRIDES = {"warmup_epochs": 0}
 
 
-def add_model_flags(ap):
-  """The flags that choose the model and how its step runs (shared by the step benchmarks)."""
-  ap.add_argument("--backbone", default=RECIPE["backbone"],
-                  choices=["resnet18_cifar", "resnet50", "small_cnn"])
-  ap.add_argument("--width", type=int, default=RECIPE["width"])
-  ap.add_argument("--image_size", type=int, default=32)
-  ap.add_argument("--batch_size", type=int, default=256, help="global batch (pairs per step)")
-  ap.add_argument("--proj_hidden_dim", type=int, default=RECIPE["proj_hidden_dim"])
-  ap.add_argument("--proj_layers", type=int, default=RECIPE["proj_layers"])
-  ap.add_argument("--pred_hidden_dim", type=int, default=RECIPE["pred_hidden_dim"])
-  ap.add_argument("--embedding_dim", type=int, default=RECIPE["embedding_dim"])
-  ap.add_argument("--optimizer", default="lars", choices=["lars", "sgd", "adamw"])
-  ap.add_argument("--jit_compile", type=str2bool, default=False)
-  ap.add_argument("--mixed_precision", default="none", choices=["none", "bf16"])
-  ap.add_argument("--cpu_replicas", type=int, default=1)
-  ap.add_argument("--warmup", type=int, default=2, help="untimed steps (tracing, first touch)")
-  ap.add_argument("--steps", type=int, default=10, help="timed steps")
-  ap.add_argument("--seed", type=int, default=0)
-
-
-def setup(cpu_replicas=1, mixed_precision="none"):
-  """Splits the CPU, sets the precision policy, returns the strategy (call once, first)."""
-  from nnclr_tf import distributed
-  distributed.split_cpu(cpu_replicas)
-  if mixed_precision == "bf16":
-    keras.mixed_precision.set_global_policy("mixed_bfloat16")
-  return distributed.make_strategy("auto", cpu_replicas)
-
-
-def experiment_of(args, queue_size, use_nn):
-  """The nnclr_tf Experiment of the benchmark's model flags (the CLI's flag names)."""
-  from nnclr_tf.config import Experiment
-  return Experiment.from_flags(dict(
-      backbone=args.backbone, image_size=args.image_size, width=args.width,
-      proj_hidden_dim=args.proj_hidden_dim, proj_layers=args.proj_layers,
-      pred_hidden_dim=args.pred_hidden_dim, embedding_dim=args.embedding_dim,
-      queue_size=queue_size, use_nn=use_nn, temperature=RECIPE["temperature"], seed=args.seed,
-      batch_size=args.batch_size, optimizer=args.optimizer, warmup_epochs=0,
-      jit_compile=args.jit_compile))
-
-
-def build_model(args, strategy, queue_size, use_nn):
-  """The real NNCLR (experiment.build_model), compiled with the real optimizer
-  (nnclr_tf.training.build_optimizer)."""
+def build_model(exp, strategy, steps_per_epoch):
+  """The real NNCLR of `exp` (experiment.build_model), compiled with the real optimizer of
+  exp.optim (training.build_optimizer). The benchmark's whole run is one epoch of
+  `steps_per_epoch` steps (the unit of a --warmup_epochs given on its command line); the cosine
+  spans 10**6 steps, so it stays flat over any benchmark."""
   from nnclr_tf import experiment, training
-  exp = experiment_of(args, queue_size, use_nn)
   model = experiment.build_model(exp, strategy)
   with strategy.scope():
-    total = args.warmup + args.steps + 1
-    opt = training.build_optimizer(exp.optim, model.trainable_variables, args.batch_size,
-                                   10 ** 6, total)
-    model.compile(optimizer=opt, jit_compile=args.jit_compile)
+    opt = training.build_optimizer(exp.optim, model.trainable_variables, exp.train.batch_size,
+                                   10 ** 6, steps_per_epoch)
+    model.compile(optimizer=opt,
+                  jit_compile=training.keras_jit_compile(exp.train.jit_compile, strategy))
     opt.build(model.trainable_variables)
   return model
 

@@ -16,7 +16,6 @@ Each core count c runs the pipeline on a private tf.data thread pool of c thread
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -26,15 +25,20 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import peak  # noqa: E402
 
 import common  # noqa: E402  (sets the TF environment before TensorFlow is imported)
+import run_settings  # noqa: E402
 
 DEFAULT_DIR = os.path.join(common.REPO, "..", "shared", "data", "cifar10", "train")
+# The 32 px set's image size, batch and seed: the CIFAR-10 ResNet-18 recipe's, whose pipeline the
+# input-pipeline target is set against.
+PRESET = "cifar10_resnet18"
+# --augment / --large_augment name the preset whose augmentation runs: cifar is BYOL without blur
+# at 32 px, byol the paper's BYOL pipeline (ImageNet, whose image size the 224 px comparison uses).
+AUGMENT_PRESETS = {"cifar": "cifar10_resnet18", "byol": "imagenet_resnet50"}
 
 
 def augment_config(name):
-  from nnclr_tf.config import AugmentConfig
-  if name == "cifar":  # flags/cifar10_resnet18.cfg: BYOL without blur at 32 px
-    return AugmentConfig(blur_prob=(0.0, 0.0))
-  return AugmentConfig()  # the paper's BYOL pipeline
+  from nnclr_tf.config import Experiment
+  return Experiment.from_flagfile(AUGMENT_PRESETS[name]).augment
 
 
 def subset_source(image_dir, images, seed=0):
@@ -131,37 +135,41 @@ def compare_224(args, cores):
   """Pairs/s at 224 px on ImageNet-shaped JPEGs: wave-1 pipeline, full decode of the new
   pipeline (uint8 crop before float) and crop-window decoding, back to back per core count."""
   from nnclr_tf import data, pipelines
+  from nnclr_tf.config import Experiment
   src = data.folder_source(imagenet_shaped_jpegs(args.imagenet_dir, args.imagenet_images))
-  aug = augment_config("byol")
+  imagenet = Experiment.from_flagfile(AUGMENT_PRESETS["byol"])
+  aug, size = imagenet.augment, imagenet.data.image_size
   out = {"images": len(src), "batch_size": args.large_batch_size, "dir": args.imagenet_dir,
          "pairs_per_sec_by_cores": {}}
   for c in cores:
     row = {}
     for name in args.imagenet_modes.split(","):
       pipelines.FUSED_JPEG_CROP = name != "uint8_full_decode"
-      make = (lambda: wave1_dataset(src, aug, 224, args.large_batch_size)) if name == "wave1" \
+      make = (lambda: wave1_dataset(src, aug, size, args.large_batch_size)) if name == "wave1" \
           else None
-      row[name] = pairs_per_sec(src, aug, 224, args.large_batch_size, c, args.warmup_batches,
+      row[name] = pairs_per_sec(src, aug, size, args.large_batch_size, c, args.warmup_batches,
                                 args.batches, make=make)
     pipelines.FUSED_JPEG_CROP = True
     out["pairs_per_sec_by_cores"][str(c)] = row
   return out
 
 
-def main(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--image_dir", default=DEFAULT_DIR, help="CIFAR-10 train folder (class dirs)")
+def parser():
+  # The images are a folder of class sub-folders (the preset names tfds cifar10, which is not
+  # prepared here): the CIFAR-10 JPEGs beside the repository unless --image_dir says otherwise.
+  ap = run_settings.Parser(PRESET, ("image_dir", "image_size", "batch_size", "seed"),
+                           overrides={"dataset": "folder", "image_dir": DEFAULT_DIR},
+                           description=__doc__.splitlines()[0])
   ap.add_argument("--images", type=int, default=8192, help="images sampled from --image_dir")
-  ap.add_argument("--image_size", type=int, default=32)
-  ap.add_argument("--augment", default="cifar", choices=["cifar", "byol"],
-                  help="augmentation at --image_size (cifar: BYOL without blur)")
+  ap.add_argument("--augment", default="cifar", choices=sorted(AUGMENT_PRESETS),
+                  help="augmentation at --image_size, a preset's: cifar (cifar10_resnet18, BYOL "
+                       "without blur) or byol (imagenet_resnet50, the paper's)")
   ap.add_argument("--modes", default="cached,files")
   ap.add_argument("--large_size", type=int, default=224, help="0 skips the large-JPEG set")
   ap.add_argument("--large_images", type=int, default=1024)
-  ap.add_argument("--large_augment", default="byol", choices=["cifar", "byol"])
+  ap.add_argument("--large_augment", default="byol", choices=sorted(AUGMENT_PRESETS))
   ap.add_argument("--large_dir", default="/tmp/nnclr_bench_jpeg224")
   ap.add_argument("--large_batch_size", type=int, default=64)
-  ap.add_argument("--batch_size", type=int, default=256)
   ap.add_argument("--cores", default="", help="comma-separated core counts (default 1..all)")
   ap.add_argument("--warmup_batches", type=int, default=2)
   ap.add_argument("--batches", type=int, default=4)
@@ -169,18 +177,24 @@ def main(argv=None):
                   help="> 0: also compare pipelines at 224 px on this many ImageNet-shaped JPEGs")
   ap.add_argument("--imagenet_dir", default="/tmp/nnclr_bench_imagenet_shaped")
   ap.add_argument("--imagenet_modes", default="wave1,uint8_full_decode,crop_windows")
-  args = ap.parse_args(argv)
+  return ap
+
+
+def main(argv=None):
+  ap = parser()
+  args, exp = ap.parse(argv)
+  image_dir, size, batch = exp.data.image_dir, exp.data.image_size, exp.train.batch_size
   if args.imagenet_images and not args.modes and not args.large_size:
     import tensorflow as tf
     cores = [int(c) for c in args.cores.split(",")] if args.cores else [2]
     print(json.dumps({"benchmark": "input_pipeline_224_imagenet_shaped",
                       "results": compare_224(args, cores), "device": peak.machine(),
-                      "tf_version": tf.__version__, "settings": vars(args),
+                      "tf_version": tf.__version__, "settings": ap.settings(args, exp),
                       "env": common.environment(), "load_average": peak.load_average(),
                       "date": time.strftime("%Y-%m-%d %H:%M:%S")}))
     return
-  if not os.path.isdir(args.image_dir):
-    ap.error(f"--image_dir={args.image_dir} is not a directory; point it at CIFAR-10 train")
+  if not os.path.isdir(image_dir):
+    ap.error(f"--image_dir={image_dir} is not a directory; point it at CIFAR-10 train")
   available = len(os.sched_getaffinity(0))
   cores = ([int(c) for c in args.cores.split(",")] if args.cores
            else list(range(1, available + 1)))
@@ -189,24 +203,24 @@ def main(argv=None):
 
   from nnclr_tf import data
 
-  src = subset_source(args.image_dir, args.images)
+  src = subset_source(image_dir, args.images, exp.train.seed)
   results = {}
   for mode in args.modes.split(","):
     t = time.perf_counter()
-    s = data.cache_decoded(src, args.image_size, 1 << 30) if mode == "cached" else src
+    s = data.cache_decoded(src, size, 1 << 30) if mode == "cached" else src
     prep = time.perf_counter() - t
-    key = f"{args.image_size}px_{mode}"
-    results[key] = {"image_size": args.image_size, "augment": args.augment, "images": len(s),
-                    "batch_size": args.batch_size, "decode_once_s": prep if mode == "cached"
+    key = f"{size}px_{mode}"
+    results[key] = {"image_size": size, "augment": args.augment, "images": len(s),
+                    "batch_size": batch, "decode_once_s": prep if mode == "cached"
                     else 0.0, "pairs_per_sec_by_cores": {}}
     for c in cores:
       results[key]["pairs_per_sec_by_cores"][str(c)] = pairs_per_sec(
-          s, augment_config(args.augment), args.image_size, args.batch_size, c,
-          args.warmup_batches, args.batches)
+          s, augment_config(args.augment), size, batch, c, args.warmup_batches, args.batches,
+          exp.train.seed)
   if args.large_size:
     t = time.perf_counter()
-    large = make_large_jpegs(subset_source(args.image_dir, args.large_images), args.large_dir,
-                             args.large_size)
+    large = make_large_jpegs(subset_source(image_dir, args.large_images, exp.train.seed),
+                             args.large_dir, args.large_size)
     made = time.perf_counter() - t
     s = data.folder_source(large)
     key = f"{args.large_size}px_files"
@@ -216,10 +230,10 @@ def main(argv=None):
     for c in cores:
       results[key]["pairs_per_sec_by_cores"][str(c)] = pairs_per_sec(
           s, augment_config(args.large_augment), args.large_size, args.large_batch_size, c,
-          args.warmup_batches, args.batches)
+          args.warmup_batches, args.batches, exp.train.seed)
   print(json.dumps({
       "benchmark": "input_pipeline", "results": results, "cores": cores,
-      "device": peak.machine(), "tf_version": tf.__version__, "settings": vars(args),
+      "device": peak.machine(), "tf_version": tf.__version__, "settings": ap.settings(args, exp),
       "env": common.environment(), "peak_rss_mb": common.peak_rss_mb(),
       "load_average_before": load_before, "load_average_after": peak.load_average(),
       "date": time.strftime("%Y-%m-%d %H:%M:%S")}))

@@ -6,13 +6,15 @@ absorb tracing; the median of the timed steps is reported, with the step's achie
 (analytic FLOPs, see common.step_flops) as a fraction of the dense matmul peak of the same cores
 (peak.py, measured right after the steps unless --peak_gflops is given).
 
+The model, batch, support set, optimizer and runtime are flags/cifar10_resnet18.cfg's (--preset),
+each changed by its nnclr_tf flag (--help lists them):
+
   python benchmarks/throughput.py --backbone=resnet18_cifar --image_size=32 --batch_size=256 \
       --queue_size=65536 --steps=10
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -22,25 +24,36 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import peak  # noqa: E402
 
 import common  # noqa: E402  (sets the TF environment before TensorFlow is imported)
+import run_settings  # noqa: E402
+
+# The CIFAR-10 ResNet-18 recipe: the model the step targets and RESULTS.md's figures are set on.
+PRESET = "cifar10_resnet18"
+# The matmul the step's compute dtype is compared with.
+PEAK_DTYPES = {"none": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
-def main(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  common.add_model_flags(ap)
-  ap.add_argument("--queue_size", type=int, default=65536)
-  ap.add_argument("--use_nn", type=common.str2bool, default=True)
+def parser():
+  ap = run_settings.Parser(PRESET, run_settings.STEP_FLAGS, overrides=common.STEP_OVERRIDES,
+                           description=__doc__.splitlines()[0])
+  ap.add_argument("--warmup", type=int, default=2, help="untimed steps (tracing, first touch)")
+  ap.add_argument("--steps", type=int, default=10, help="timed steps")
   ap.add_argument("--peak_gflops", type=float, default=0.0,
                   help="matmul peak to compare with; 0 measures it (peak.py) after the steps")
   ap.add_argument("--peak_sizes", default="1024,2048")
-  args = ap.parse_args(argv)
-  if args.queue_size % args.batch_size:
-    ap.error(f"--queue_size={args.queue_size} must be a multiple of --batch_size")
+  return ap
+
+
+def main(argv=None):
+  ap = parser()
+  args, exp = ap.parse(argv)
+  batch = exp.train.batch_size
 
   load_before = peak.load_average()
-  strategy = common.setup(args.cpu_replicas, args.mixed_precision)
+  from nnclr_tf import experiment
+  strategy = experiment.setup(exp)
   import tensorflow as tf
-  model = common.build_model(args, strategy, args.queue_size, args.use_nn)
-  ds = common.in_memory_dataset(strategy, args.batch_size, args.image_size, args.seed)
+  model = common.build_model(exp, strategy, args.warmup + args.steps + 1)
+  ds = common.in_memory_dataset(strategy, batch, exp.data.image_size, exp.train.seed)
   t0 = time.perf_counter()
   common.fit_steps(model, ds, args.warmup)
   warmup_s = time.perf_counter() - t0
@@ -49,9 +62,9 @@ def main(argv=None):
   load_after = peak.load_average()
 
   step_s = common.median(times)
-  flops = common.step_flops(model, args.batch_size, args.use_nn)
+  flops = common.step_flops(model, batch, exp.support.use_nn)
   achieved = flops["step_gflop"] / step_s
-  dtype = "bfloat16" if args.mixed_precision == "bf16" else "float32"
+  dtype = PEAK_DTYPES[exp.runtime.mixed_precision]
   if args.peak_gflops:
     peak_gflops, peak_cpu = args.peak_gflops, None
   else:
@@ -60,7 +73,7 @@ def main(argv=None):
   achieved_cpu = flops["step_gflop"] / common.median(timer.cpu_times)
   out = {
       "benchmark": "throughput",
-      "pairs_per_sec": args.batch_size / step_s,
+      "pairs_per_sec": batch / step_s,
       "step_ms": 1000 * step_s,
       "step_ms_min": 1000 * min(times),
       "step_ms_mean": 1000 * sum(times) / len(times),
@@ -84,7 +97,7 @@ def main(argv=None):
                  "logical_devices": [d.name for d in tf.config.list_logical_devices()],
                  "replicas": strategy.num_replicas_in_sync},
       "tf_version": tf.__version__,
-      "settings": vars(args),
+      "settings": ap.settings(args, exp),
       "env": common.environment(),
       "load_average_before": load_before, "load_average_after": load_after,
       "date": time.strftime("%Y-%m-%d %H:%M:%S"),
