@@ -23,7 +23,6 @@ script runs lightly's recipe as published and has no such switches.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import json
 import os
@@ -44,6 +43,7 @@ REPO = os.path.dirname(HERE)
 sys.path.insert(0, REPO)
 sys.path.insert(0, HERE)
 
+import run_settings  # noqa: E402
 from peer_compare import last_json_line  # noqa: E402
 
 DEFAULT_PEER_DIR = os.path.normpath(os.path.join(REPO, "..", "shared", "peers", "lightly"))
@@ -56,7 +56,11 @@ ABLATIONS = ("use_nn", "symmetric_loss", "weight_decay_mode")
 # blocks until the preset matched lightly's gamma 1).
 RECORDED = ABLATIONS + ("zero_init_residual",)
 LEGACY_SETTINGS = {"ours": {"zero_init_residual": True}}
-SECTION = {"weight_decay_mode": "optim", "zero_init_residual": "model"}
+# Our side's run flags on the command line: the ablations, and the seed and batch the peer gets
+# too (default: the preset's).
+RUN_FLAGS = ABLATIONS + ("seed", "batch_size", "verbose")
+# One line per epoch: a run takes the better part of an hour and its log is read afterwards.
+OVERRIDES = {"verbose": 2}
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 
 
@@ -108,25 +112,23 @@ def carve_split(source, split_dir, val_images, seed):
 
 
 def ours_experiment(args, split, model_dir):
+  """The preset with the run flags given (args.ours_flags), this protocol's data, length and
+  model_dir, and last the --override items."""
   from nnclr_tf.config import Experiment
-  values = dict(dataset="folder", image_dir=os.path.join(split, "train"),
-                eval_image_dir=os.path.join(split, "val"), val_images=0,
-                batch_size=args.batch_size, train_steps=args.steps, seed=args.seed,
-                model_dir=model_dir, plots=False, online_probe=False, verbose=args.verbose)
-  for name in ABLATIONS:
-    if getattr(args, name) is not None:
-      values[name] = getattr(args, name)
-  values.update(parse_overrides(args.override))
-  return Experiment.from_flagfile(args.preset, **values)
+  protocol = dict(dataset="folder", image_dir=os.path.join(split, "train"),
+                  eval_image_dir=os.path.join(split, "val"), val_images=0,
+                  train_steps=args.steps, model_dir=model_dir, plots=False, online_probe=False)
+  return Experiment.from_flagfile(args.preset, **{**OVERRIDES, **args.ours_flags, **protocol,
+                                                  **parse_overrides(args.override)})
 
 
 def parse_overrides(items):
-  """{flag: value} of "flag=value" strings, typed by the CLI's own flag definitions."""
+  """{flag: value} of "flag=value" strings, typed by the Experiment's own flag definitions."""
   from absl import flags
 
-  from nnclr_tf import cli, flagfiles
+  from nnclr_tf import config, flagfiles
   fv = flags.FlagValues()
-  cli.define_flags(fv)
+  config.define_flags(fv)
   out = {}
   for item in items:
     key, _, value = item.partition("=")
@@ -146,7 +148,8 @@ def run_ours(args, split):
     strategy = experiment.setup(exp)
   r = experiment.pretrain(exp, strategy)
   seconds = time.perf_counter() - t0
-  settings = {n: getattr(getattr(exp, SECTION.get(n, "support")), n) for n in RECORDED}
+  values = exp.flag_values()
+  settings = {n: values[n] for n in RECORDED}
   return {"knn_top1": r.get("knn_top1"), "knn_top1_random_init": r.get("knn_top1_random_init"),
           "pairs_per_s": r.get("pairs_per_sec"), "steps_done": r["steps"],
           "pairs_per_s_after_first_step": r.get("pairs_per_sec"),
@@ -236,47 +239,39 @@ def summarise(path):
   return out
 
 
-def str2bool(v):
-  if v.lower() in ("1", "true", "yes"):
-    return True
-  if v.lower() in ("0", "false", "no"):
-    return False
-  raise argparse.ArgumentTypeError(f"expected true/false, got {v!r}")
-
-
-def main(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parser():
+  ap = run_settings.Parser(PRESET, RUN_FLAGS, overrides=OVERRIDES,
+                           description=__doc__.splitlines()[0])
   ap.add_argument("--side", choices=["ours", "peer", "both"], default="both")
-  ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--steps", type=int, default=300)
-  ap.add_argument("--batch_size", type=int, default=128)
-  ap.add_argument("--use_nn", type=str2bool, default=None, help="ours only (default: preset)")
-  ap.add_argument("--symmetric_loss", type=str2bool, default=None, help="ours only")
-  ap.add_argument("--weight_decay_mode", choices=["decoupled", "coupled"], default=None,
-                  help="ours only")
   ap.add_argument("--source", default=DEFAULT_SOURCE, help="class sub-folders to carve from")
   ap.add_argument("--split_dir", default="/tmp/nnclr_parity/split")
   ap.add_argument("--val_images", type=int, default=5000)
   ap.add_argument("--split_seed", type=int, default=0)
   ap.add_argument("--work_dir", default="/tmp/nnclr_parity", help="our model_dirs go here")
   ap.add_argument("--results", default=os.path.join(HERE, "parity_results.jsonl"))
-  ap.add_argument("--preset", default=PRESET)
   ap.add_argument("--override", action="append", default=[], metavar="FLAG=VALUE",
                   help="another flag for our side (smoke tests: a tiny model)")
   ap.add_argument("--peer_python", default="/work/peerenv/bin/python")
   ap.add_argument("--peer_dir", default=DEFAULT_PEER_DIR)
   ap.add_argument("--peer_flags", default="--malloc_tune",
                   help="extra flags for knn_budget.py (default: its best setting)")
-  ap.add_argument("--verbose", type=int, default=2)
   ap.add_argument("--timeout", type=float, default=4 * 3600)
   ap.add_argument("--summary", action="store_true", help="only print the summary of --results")
-  args = ap.parse_args(argv)
+  return ap
+
+
+def main(argv=None):
+  ap = parser()
+  args, exp = ap.parse(argv)
+  # The peer runs the same seed and batch as ours; the rest of our side is the Experiment's.
+  args.seed, args.batch_size, args.ours_flags = exp.train.seed, exp.train.batch_size, ap.given
   if args.summary:
     print(json.dumps({"benchmark": "parity_summary", "groups": summarise(args.results)}))
     return
   sides = ["peer", "ours"] if args.side == "both" else [args.side]
   if "peer" in sides:
-    if any(getattr(args, n) is not None for n in ABLATIONS):
+    if any(n in ap.given for n in ABLATIONS):
       ap.error("--use_nn/--symmetric_loss/--weight_decay_mode change our side only; run the "
                "ablations with --side=ours")
     if not os.path.isfile(os.path.join(args.peer_dir, "knn_budget.py")):
