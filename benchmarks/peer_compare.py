@@ -13,7 +13,6 @@ Peer set-up (outside the project): see ../shared/peers/lightly/README.md.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -21,8 +20,13 @@ import subprocess
 import sys
 import time
 
+import run_settings
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_PEER_DIR = os.path.normpath(os.path.join(HERE, "..", "..", "shared", "peers", "lightly"))
+# throughput.py's preset: the recipe the peer's script runs too (R18-CIFAR, 32 px). Its batch and
+# support-set size are the defaults of the two settings both sides are given.
+PRESET = "cifar10_resnet18"
 
 
 def last_json_line(text):
@@ -55,22 +59,29 @@ def ratio_of_medians(ours, peers):
   return statistics.median(ours) / statistics.median(peers)
 
 
-def main(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parser():
+  # No --preset: the peer's side is its script's recipe whatever ours would be.
+  ap = run_settings.Parser(PRESET, ("batch_size", "queue_size"), preset_option=False,
+                           description=__doc__.splitlines()[0])
   ap.add_argument("--peer_python", default="/tmp/peerenv/bin/python",
                   help="Python of the peer's environment (torch, torchvision, lightly)")
   ap.add_argument("--peer_dir", default=DEFAULT_PEER_DIR)
   ap.add_argument("--rounds", type=int, default=2)
   ap.add_argument("--steps", type=int, default=10, help="timed steps per run")
   ap.add_argument("--warmup", type=int, default=2, help="untimed steps per run")
-  ap.add_argument("--batch_size", type=int, default=256)
-  ap.add_argument("--queue_size", type=int, default=65536)
   ap.add_argument("--peer_flags", default="--malloc_tune --aug_images 512 --aug_workers=",
                   help="extra flags for the peer (default: its best setting, --malloc_tune; the "
                        "augmentation timing cut short, it is not compared here)")
   ap.add_argument("--ours_flags", default="", help="extra flags for benchmarks/throughput.py")
   ap.add_argument("--timeout", type=float, default=3600)
-  args = ap.parse_args(argv)
+  return ap
+
+
+def main(argv=None):
+  ap = parser()
+  args, exp = ap.parse(argv)
+  # Given to the peer's script and to ours alike.
+  args.batch_size, args.queue_size = exp.train.batch_size, exp.support.queue_size
   peer_script = os.path.join(args.peer_dir, "throughput.py")
   if not os.path.isfile(peer_script):
     ap.error(f"--peer_dir={args.peer_dir} holds no throughput.py (the peer benchmark)")

@@ -73,16 +73,17 @@ _DEST = "run flag:"  # argparse dest of a run flag; no script option can be name
 class Parser(argparse.ArgumentParser):
   """argparse with the Experiment flags `flags` (names from config.FLAG_SPECS) as options.
 
-  preset: a preset name or flagfile path (the script's default; `--preset` changes it), or a
-    callable (args, {flag: value given}) -> path, for a script whose preset depends on its
-    options (budget_eval.py reads a model_dir's flags.txt); then there is no --preset.
+  preset: a preset name or flagfile path (the script's default; `--preset` changes it unless
+    `preset_option` is False), or a callable (args, {flag: value given}) -> path, for a script
+    whose preset depends on its options (budget_eval.py reads a model_dir's flags.txt).
   overrides: {flag: value} where the script deliberately differs from its preset (say why next to
     it), or a callable (args, given) -> that dict; the command line beats them.
   aliases: {flag: ["--old_name", ...]}, a script's older spellings of a run flag.
   required: run flags without which the script cannot run (no preset gives them).
   """
 
-  def __init__(self, preset, flags, overrides=None, aliases=None, required=(), **kwargs):
+  def __init__(self, preset, flags, overrides=None, aliases=None, required=(), preset_option=True,
+               **kwargs):
     kwargs.setdefault("allow_abbrev", False)  # as absl: a flag is named in full
     super().__init__(**kwargs)
     self.preset = preset
@@ -92,13 +93,11 @@ class Parser(argparse.ArgumentParser):
     unknown = sorted(set(self.run_flags) - set(config.FLAG_SPECS))
     if unknown:
       raise ValueError(f"not Experiment flags: {unknown}")
-    if callable(preset):
-      shown = None
-    else:
+    shown = None if callable(preset) else config.Experiment.from_flagfile(preset).flag_values()
+    if shown is not None and preset_option:
       self.add_argument("--preset", default=preset,
                         help="preset name or flagfile the run settings start from "
                              "(default: %(default)s)")
-      shown = config.Experiment.from_flagfile(preset).flag_values()
     group = self.add_argument_group(
         "run settings", "nnclr_tf's own flags (run.py --helpfull); each one left out keeps the "
         "preset's value" + ("" if shown else " (the run's flags.txt)"))
@@ -140,7 +139,8 @@ class Parser(argparse.ArgumentParser):
     for key in list(vars(ns)):
       if key.startswith(_DEST):
         delattr(ns, key)
-    preset = self.preset(ns, self.given) if callable(self.preset) else ns.preset
+    preset = (self.preset(ns, self.given) if callable(self.preset)
+              else getattr(ns, "preset", self.preset))
     overrides = self.overrides(ns, self.given) if callable(self.overrides) else self.overrides
     try:
       exp = config.Experiment.from_flagfile(preset, **{**overrides, **self.given})
