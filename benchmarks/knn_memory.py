@@ -3,7 +3,8 @@
   python benchmarks/knn_memory.py [--dim=512] [--classes=10]     # CIFAR scale, float32 features
   python benchmarks/knn_memory.py --mode=bank [--bank=1000000] [--dim=2048] [--classes=1000]
 
-Prints one JSON line.
+Prints one JSON line. k and the vote temperature are the kNN evaluation's of the mode's preset
+(--knn_k, --knn_temperature change them).
 
 cifar: 50,000 random train features x 10,000 queries; memory and time do not depend on the values.
 
@@ -16,7 +17,6 @@ bank was rounded from (regenerated chunk by chunk from the same seeds), gives th
 float16 kNN must reproduce; it runs after the peak is read.
 """
 
-import argparse
 import json
 import os
 import resource
@@ -28,7 +28,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
+import run_settings  # noqa: E402
 from nnclr_tf.evaluation import knn_batch_size, knn_scores, topk_accuracy  # noqa: E402
+
+# k and the vote temperature are the kNN evaluation's of the run each mode stands for.
+MODE_PRESETS = {"cifar": "cifar10_resnet18", "bank": "imagenet_resnet50"}
 
 
 def status_mb(field):
@@ -60,7 +64,7 @@ def cifar(a):
   queries = rng.normal(size=(a.queries, a.dim)).astype(np.float32)
   rss_inputs = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
   t = time.perf_counter()
-  scores = knn_scores(train, labels, queries, a.classes, k=a.k)
+  scores = knn_scores(train, labels, queries, a.classes, k=a.k, temperature=a.temperature)
   seconds = time.perf_counter() - t
   return {
       "mode": "cifar", "train": a.train, "queries": a.queries, "dim": a.dim,
@@ -98,7 +102,8 @@ def bank(a):
     feats[s:s + a.chunk] = clustered_rows(centres, labels[s:s + a.chunk], a.noise, [2, i])
   gen_seconds = time.perf_counter() - t
   t = time.perf_counter()
-  scores = knn_scores(feats, labels, queries, a.classes, k=a.k, bank_chunk=a.chunk)
+  scores = knn_scores(feats, labels, queries, a.classes, k=a.k, temperature=a.temperature,
+                      bank_chunk=a.chunk)
   knn_seconds = time.perf_counter() - t
   peak_increase = status_mb("VmHWM") - rss_before
   del feats
@@ -135,21 +140,29 @@ def bank(a):
       "ref_knn_top1": topk_accuracy(ref_scores, query_labels[:len(ref_q)], 1)}
 
 
-def main(argv=None):
-  ap = argparse.ArgumentParser()
-  ap.add_argument("--mode", choices=["cifar", "bank"], default="cifar")
+def parser():
+  ap = run_settings.Parser(lambda args, given: MODE_PRESETS[args.mode],
+                           ("knn_k", "knn_temperature"),
+                           aliases={"knn_k": ["--k"], "knn_temperature": ["--temperature"]},
+                           description=__doc__.splitlines()[0])
+  ap.add_argument("--mode", choices=sorted(MODE_PRESETS), default="cifar",
+                  help="the kNN settings are the preset's: cifar10_resnet18 (cifar) or "
+                       "imagenet_resnet50 (bank)")
   ap.add_argument("--train", type=int, default=50_000)
   ap.add_argument("--queries", type=int, default=None,
                   help="default 10,000 (cifar), 1,000 (bank)")
   ap.add_argument("--dim", type=int, default=None, help="default 512 (cifar), 2,048 (bank)")
   ap.add_argument("--classes", type=int, default=None, help="default 10 (cifar), 1,000 (bank)")
-  ap.add_argument("--k", type=int, default=200)
-  ap.add_argument("--temperature", type=float, default=0.1)
   ap.add_argument("--bank", type=int, default=1_000_000)
   ap.add_argument("--chunk", type=int, default=32_768, help="bank rows per chunk")
   ap.add_argument("--noise", type=float, default=6.0, help="per-dimension noise around centres")
   ap.add_argument("--ref_queries", type=int, default=200)
-  a = ap.parse_args(argv)
+  return ap
+
+
+def main(argv=None):
+  a, exp = parser().parse(argv)
+  a.k, a.temperature = exp.eval.knn_k, exp.eval.knn_temperature
   big = a.mode == "bank"
   a.queries = a.queries or (1_000 if big else 10_000)
   a.dim = a.dim or (2_048 if big else 512)
