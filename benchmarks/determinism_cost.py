@@ -4,10 +4,10 @@ steps after the first), child CPU seconds per run, and whether the final losses 
 
   python benchmarks/determinism_cost.py --reps=3 --epochs=4
 
+Any other nnclr_tf flag given here is passed on to every run (--preset picks another flagfile).
 Throughput on a shared machine is noisy: the load average is recorded next to the figures.
 """
 
-import argparse
 import json
 import os
 import resource
@@ -16,14 +16,25 @@ import subprocess
 import sys
 import tempfile
 
+import run_settings
+from nnclr_tf.config import SECTIONS
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PRESET = "flags/quickstart.cfg"
+# 4 of the preset's 20 epochs: enough steps after the first for a throughput median, short enough
+# to run 2 x --reps times.
+OVERRIDES = {"train_epochs": 4}
+# What each run sets itself: the mode compared, its own model_dir, and a quiet stdout whose last
+# line is the results JSON.
+FIXED = ("deterministic", "model_dir", "verbose")
 
 
-def one_run(deterministic, epochs, model_dir):
+def one_run(deterministic, preset, run_flags, model_dir):
+  """(pairs/s, child CPU seconds, final loss) of one run.py pretraining."""
   before = resource.getrusage(resource.RUSAGE_CHILDREN)
   p = subprocess.run(
-      [sys.executable, os.path.join(REPO, "run.py"), "--flagfile=flags/quickstart.cfg",
-       f"--model_dir={model_dir}", f"--train_epochs={epochs}", "--verbose=0",
+      [sys.executable, os.path.join(REPO, "run.py"), f"--flagfile={preset}",
+       f"--model_dir={model_dir}", *run_settings.as_cli(run_flags), "--verbose=0",
        "--deterministic" if deterministic else "--nodeterministic"],
       cwd=REPO, capture_output=True, text=True, check=True)
   after = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -32,18 +43,27 @@ def one_run(deterministic, epochs, model_dir):
   return r["pairs_per_sec"], cpu, r["final_loss"]
 
 
-def main():
-  ap = argparse.ArgumentParser()
+def parser():
+  ap = run_settings.Parser(PRESET, run_settings.flag_names(SECTIONS, exclude=FIXED),
+                           overrides=OVERRIDES, aliases={"train_epochs": ["--epochs"]},
+                           description=__doc__.splitlines()[0])
   ap.add_argument("--reps", type=int, default=3)
-  ap.add_argument("--epochs", type=int, default=4)
-  args = ap.parse_args()
+  return ap
+
+
+def main(argv=None):
+  ap = parser()
+  args, exp = ap.parse(argv)
+  # run.py reads the flagfile itself; it is given only what differs from it.
+  run_flags = {**OVERRIDES, **ap.given}
   load_start = os.getloadavg()[0]
   out = {False: [], True: []}
   with tempfile.TemporaryDirectory() as tmp:
     for rep in range(args.reps):
       for det in (False, True):
-        out[det].append(one_run(det, args.epochs, os.path.join(tmp, f"{det}-{rep}")))
-  res = {"reps": args.reps, "epochs": args.epochs, "load_avg_start": load_start,
+        out[det].append(one_run(det, args.preset, run_flags,
+                                os.path.join(tmp, f"{det}-{rep}")))
+  res = {"reps": args.reps, "epochs": exp.train.train_epochs, "load_avg_start": load_start,
          "load_avg_end": os.getloadavg()[0]}
   for det, name in ((False, "default"), (True, "deterministic")):
     res[f"{name}_pairs_per_sec_median"] = statistics.median(x[0] for x in out[det])
