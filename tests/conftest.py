@@ -2,6 +2,7 @@
 MirroredStrategy tests can run 1, 2 and 4 replicas in this one process."""
 
 import functools
+import importlib
 import os
 import sys
 
@@ -28,6 +29,19 @@ def mirrored(n):
   clash with the first ("Collective instance 100 expected type 2 ... but got type 0")."""
   devices = [d.name for d in tf.config.list_logical_devices("CPU")[:n]]
   return tf.distribute.MirroredStrategy(devices)
+
+
+def benchmark_parser(script):
+  """The argument parser of a benchmark script (`benchmarks/<name>.py`) that builds one with
+  `parser()` (benchmarks/run_settings.py: its run flags generated from config.FLAG_SPECS), else
+  None. The docs' checks parse a documented command with it instead of grepping the source."""
+  path = os.path.join(REPO, script)
+  if "\ndef parser(" not in open(path).read():
+    return None
+  folder = os.path.dirname(path)
+  if folder not in sys.path:
+    sys.path.insert(0, folder)
+  return importlib.import_module(os.path.basename(path)[:-3]).parser()
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ import re
 import pytest
 
 import nnclr_tf
-from conftest import REPO
+from conftest import REPO, benchmark_parser
 from nnclr_tf import cli
 
 DOCS = ("README.md", "CONTRIBUTING.md")
@@ -163,8 +163,12 @@ def check_flags(span):
     if not m:
       continue
     name, value = m.group(1), m.group(2)
-    if script:  # a benchmark's own flags (and the ones common.py gives every benchmark)
-      if not re.search(rf"""["']--{name}["']""", benchmark_source(script) + benchmark_source(
+    if script:  # its parser's options (run flags from config.FLAG_SPECS), else its source's
+      parser = benchmark_parser(script) if os.path.isfile(os.path.join(REPO, script)) else None
+      if parser is not None:
+        if f"--{name}" not in parser.option_names():
+          problems.append(f"{span}: {script} has no --{name}")
+      elif not re.search(rf"""["']--{name}["']""", benchmark_source(script) + benchmark_source(
           "benchmarks/common.py")):
         problems.append(f"{span}: {script} has no --{name}")
       continue
@@ -252,3 +256,11 @@ def test_the_checker_finds_what_a_rename_breaks():
   assert len(found) == 13, found
   assert problems("Read `nnclr_tf/data.py`, `experiment.pretrain`, then `.knn_eval`; "
                   "`--noplots`, `--strategy=tpu|mirrored`, `flags.txt`, `Experiment`.") == []
+
+
+def test_a_benchmark_flag_is_checked_against_the_script_parser():
+  """throughput.py's run flags are generated from config.FLAG_SPECS (no "--batch_size" in its
+  source): its parser, not a grep, says which exist."""
+  assert problems("Run `python benchmarks/throughput.py --batch_size=8 --nouse_nn`.") == []
+  found = problems("Run `python benchmarks/throughput.py --batch_size=8 --bogus_flag`.")
+  assert len(found) == 1 and "throughput.py has no --bogus_flag" in found[0], found

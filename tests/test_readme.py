@@ -23,8 +23,8 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO, listing_changes, repo_listing
-from nnclr_tf import cli, results
+from conftest import REPO, benchmark_parser, listing_changes, repo_listing
+from nnclr_tf import cli, config, results
 from nnclr_tf import model_dir as md
 
 README = os.path.join(REPO, "README.md")
@@ -250,14 +250,25 @@ def test_tf_config_example_is_valid_json():
 @pytest.mark.parametrize("key", [k for k, v in README_COMMANDS.items() if v == BENCHMARK])
 def test_benchmark_commands_name_real_scripts_and_flags(key):
   """The scripts take minutes (tests/test_benchmarks.py runs each with tiny sizes); here the
-  script must exist and define every flag the command passes."""
+  script must exist and accept the command. A script with a parser() parses it as it would run
+  it: each run flag is one of config.FLAG_SPECS (generated, so typed and checked by the schema)
+  and the Experiment it makes with its preset is valid; another script must name each flag."""
   argv = shlex.split(SHELL[key][0], comments=True)
   script = os.path.join(REPO, argv[1])
   assert argv[0] == "python" and os.path.isfile(script), key
   source = open(script).read() + open(os.path.join(REPO, "benchmarks", "common.py")).read()
+  ap = benchmark_parser(argv[1])
   for arg in argv[2:]:
     name = arg.split("=", 1)[0]
-    assert re.search(rf"""["']{re.escape(name)}["']""", source), (key, name)
+    if ap is not None and not re.search(rf"""["']{re.escape(name)}["']""", source):
+      flag = name[2:]
+      schema = set(config.FLAG_SPECS) | set(config.ALIASES)
+      assert flag in schema or (flag.startswith("no") and flag[2:] in schema), (key, name)
+      assert name in ap.option_names(), (key, name)
+    else:
+      assert re.search(rf"""["']{re.escape(name)}["']""", source), (key, name)
+  if ap is not None:
+    ap.parse(argv[2:])  # a usage error exits (SystemExit) with argparse's message
 
 
 CI_PREAMBLE = ("set -euo pipefail", 'cd "$(dirname "$0")/.."')
