@@ -94,13 +94,16 @@ class Parser(argparse.ArgumentParser):
     if unknown:
       raise ValueError(f"not Experiment flags: {unknown}")
     shown = None if callable(preset) else config.Experiment.from_flagfile(preset).flag_values()
+    if shown is not None and not callable(self.overrides):
+      shown.update(self.overrides)  # --help shows what the script runs with
     if shown is not None and preset_option:
       self.add_argument("--preset", default=preset,
                         help="preset name or flagfile the run settings start from "
                              "(default: %(default)s)")
     group = self.add_argument_group(
         "run settings", "nnclr_tf's own flags (run.py --helpfull); each one left out keeps the "
-        "preset's value" + ("" if shown else " (the run's flags.txt)"))
+        "preset's value" + (" or the script's override" if self.overrides else "")
+        + ("" if shown else " (the run's flags.txt)"))
     for name in self.run_flags:
       self._add_run_flag(group, config.FLAG_SPECS[name], (aliases or {}).get(name, ()),
                          name in required, shown)
@@ -109,7 +112,7 @@ class Parser(argparse.ArgumentParser):
     names = [f"--{spec.name}", *(f"--{a}" for a in spec.aliases), *aliases]
     help_text = spec.help.replace("%", "%%")
     if shown is not None:
-      help_text += f" [preset: {shown[spec.name]}]".replace("%", "%%")
+      help_text += f" [default: {shown[spec.name]}]".replace("%", "%%")
     kw = dict(dest=_DEST + spec.name, default=argparse.SUPPRESS, help=help_text)
     default = spec.flag_default
     if spec.choices is not None:
