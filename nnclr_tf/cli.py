@@ -63,6 +63,13 @@ define_flags()
 
 # --- parsing -----------------------------------------------------------------------------------
 
+def flags_text(fv=FLAGS):
+  """flags.txt: --mode and every Experiment flag, resolved, one per line. Not
+  fv.flags_into_string(), which also lists every flag any imported module defined (absl's,
+  TensorFlow's test flags), so the file would not read back as a --flagfile."""
+  return "".join(fv[name].serialize() + "\n" for name in ("mode", *config.FLAG_SPECS))
+
+
 def experiment_from_flags(fv=FLAGS):
   return config.Experiment.from_flags({name: fv[name].value for name in config.FLAG_SPECS})
 
@@ -195,7 +202,7 @@ def main(argv):
       strategy = experiment.setup(exp)
     run = experiment.MODES[FLAGS.mode]
     if FLAGS.mode == "pretrain":
-      results = run(exp, strategy, flags_text=FLAGS.flags_into_string())
+      results = run(exp, strategy, flags_text=flags_text())
     else:
       results = run(exp, strategy)
   if FLAGS.verbose:

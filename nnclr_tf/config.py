@@ -356,11 +356,12 @@ class Experiment:
     `Experiment.from_flagfile("flags/quickstart.cfg", train_steps=40, model_dir="/tmp/q")`.
 
     A preset name ("quickstart") or a path that does not exist but names a preset shipped with the
-    package ("flags/quickstart.cfg") reads the packaged file. absl parses it exactly as the
-    command line would; the CLI's own --mode is ignored."""
+    package ("flags/quickstart.cfg") reads the packaged file, and so does a run's flags.txt.
+    absl parses it exactly as the command line would; the CLI's --mode and absl's own flags
+    (--verbosity, --nohelp, ...) are ignored."""
     fv = flags.FlagValues()
     define_flags(fv)
-    flagfiles.read_flagfile(fv, path, undefok=("mode",))
+    flagfiles.read_flagfile(fv, path, undefok=("mode", *flagfiles.absl_own_flags()))
     return cls.from_flags({**{name: fv[name].value for name in FLAG_SPECS}, **overrides})
 
   def flag_values(self) -> dict[str, Any]:

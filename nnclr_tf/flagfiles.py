@@ -19,9 +19,12 @@ from __future__ import annotations
 
 import os
 
-from absl import flags
+from absl import app, flags
+from absl import logging as absl_logging  # noqa: F401  (defines absl's logging flags)
 
 from nnclr_tf import errors
+
+del app  # imported for the flags it defines (absl_own_flags)
 
 PRESETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "flags")
 
@@ -104,6 +107,15 @@ def parse(argv, fv, undefok=()):
   `undefok`: flag names to ignore (a preset's --mode, read for an Experiment, which has none)."""
   extra = [f"--undefok={','.join(undefok)}"] if undefok else []
   return fv(command_line_first([argv[0], *extra, *argv[1:]]))
+
+
+def absl_own_flags():
+  """The flags absl.app and absl.logging define for every program (help, verbosity, pdb, ...):
+  a run's flags.txt lists them beside ours, and a reader of it may ignore them."""
+  from_modules = [f.name for module in ("absl.app", "absl.logging")
+                  for f in flags.FLAGS.flags_by_module_dict().get(module, [])]
+  return tuple(from_modules) + ("help", "helpfull", "helpshort", "helpxml", "only_check_flags",
+                                "v")
 
 
 def read_flagfile(fv, path, undefok=()):

@@ -2,6 +2,7 @@
 the repository, finds the presets shipped inside the package."""
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -27,8 +28,12 @@ def test_presets_resolve_to_the_packaged_files(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_installed_wheel_runs_the_quickstart_outside_the_repo(tmp_path):
   wheels = tmp_path / "wheels"
+  # Built from a copy: setuptools writes build/ and *.egg-info into the tree it builds.
+  source = tmp_path / "source"
+  shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(
+      ".git", "runs", "build", "*.egg-info", "__pycache__", "tests", "benchmarks", "notebooks"))
   subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                  "-w", str(wheels), REPO], check=True, capture_output=True, timeout=300)
+                  "-w", str(wheels), str(source)], check=True, capture_output=True, timeout=300)
   (wheel,) = list(wheels.glob("nnclr_tf-*.whl"))
   names = zipfile.ZipFile(wheel).namelist()
   assert "nnclr_tf/flags/quickstart.cfg" in names

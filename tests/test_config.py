@@ -116,3 +116,18 @@ def test_sections_are_validated_when_made_outside_an_experiment():
     OptimConfig(optimizer="adamw", lars_clip_lr=True)
   with pytest.raises(ConfigError, match="--temperature=0"):
     LossConfig(temperature=0)
+
+
+def test_a_runs_flags_txt_is_a_flagfile(tmp_path):
+  """flags.txt (cli.flags_text) reads back as the run's Experiment; absl's own flags, which a
+  hand-made flagfile may copy (--verbosity, --nohelp), are ignored; a typo is still an error."""
+  fv = generated()
+  flagfiles.parse(["nnclr-tf", "--flagfile=quickstart", "--seed=4"], fv)
+  text = cli.flags_text(fv)
+  assert text.startswith("--mode=pretrain\n") and "--seed=4\n" in text
+  (tmp_path / "flags.txt").write_text(text + "--nohelp\n--verbosity=-1\n--noonly_check_args\n")
+  exp = Experiment.from_flagfile(str(tmp_path / "flags.txt"))
+  assert exp == Experiment.from_flagfile("quickstart", seed=4)
+  (tmp_path / "bad.txt").write_text(text + "--sed=3\n")
+  with pytest.raises(ConfigError, match="unknown flag --sed"):
+    Experiment.from_flagfile(str(tmp_path / "bad.txt"))
