@@ -5,20 +5,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from data_helpers import _take, _toy
 from nnclr_tf import finetune, pipelines, sources
 from nnclr_tf.config import AugmentConfig, DataConfig
 
 AUG = AugmentConfig(blur_prob=(0.0, 0.0))
-
-
-def _toy(n=40, size=12, classes=4):
-  rng = np.random.default_rng(0)
-  images = rng.integers(0, 255, size=(n, size, size, 3), dtype=np.uint8)
-  return sources.numpy_source(images, np.arange(n) % classes)
-
-
-def _take(ds, k):
-  return [tf.nest.map_structure(lambda t: t.numpy(), b) for b in ds.take(k)]
 
 
 def test_digits_source_is_bundled_rgb():
