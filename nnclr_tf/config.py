@@ -361,7 +361,7 @@ class Experiment:
     (--verbosity, --nohelp, ...) are ignored."""
     fv = flags.FlagValues()
     define_flags(fv)
-    flagfiles.read_flagfile(fv, path, undefok=("mode", *flagfiles.absl_own_flags()))
+    flagfiles.read_flagfile(fv, path, undefok=("mode", *flagfiles.ABSL_OWN_FLAGS))
     return cls.from_flags({**{name: fv[name].value for name in FLAG_SPECS}, **overrides})
 
   def flag_values(self) -> dict[str, Any]:

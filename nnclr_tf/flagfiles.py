@@ -19,12 +19,9 @@ from __future__ import annotations
 
 import os
 
-from absl import app, flags
-from absl import logging as absl_logging  # noqa: F401  (defines absl's logging flags)
+from absl import flags
 
 from nnclr_tf import errors
-
-del app  # imported for the flags it defines (absl_own_flags)
 
 PRESETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "flags")
 
@@ -109,13 +106,14 @@ def parse(argv, fv, undefok=()):
   return fv(command_line_first([argv[0], *extra, *argv[1:]]))
 
 
-def absl_own_flags():
-  """The flags absl.app and absl.logging define for every program (help, verbosity, pdb, ...):
-  a run's flags.txt lists them beside ours, and a reader of it may ignore them."""
-  from_modules = [f.name for module in ("absl.app", "absl.logging")
-                  for f in flags.FLAGS.flags_by_module_dict().get(module, [])]
-  return tuple(from_modules) + ("help", "helpfull", "helpshort", "helpxml", "only_check_flags",
-                                "v")
+# The flags absl itself defines for every program (absl.app, absl.logging and the help flags):
+# a hand-made flagfile may copy them from `--helpfull`, and a reader of it may ignore them.
+# Written out, not read from the global FLAGS, which only the CLI reads.
+ABSL_OWN_FLAGS = ("run_with_pdb", "pdb_post_mortem", "pdb", "run_with_profiling", "profile_file",
+                  "use_cprofile_for_profiling", "only_check_args", "logtostderr",
+                  "alsologtostderr", "log_dir", "verbosity", "v", "logger_levels",
+                  "stderrthreshold", "showprefixforinfo", "help", "helpfull", "helpshort",
+                  "helpxml", "only_check_flags")
 
 
 def read_flagfile(fv, path, undefok=()):

@@ -30,3 +30,10 @@ def test_read_flagfile_ignores_undefok_and_names_a_mistyped_flag(tmp_path):
   with pytest.raises(ConfigError, match=f"unknown flag --sed in --flagfile={bad}; did you mean "
                                         "--seed"):
     flagfiles.read_flagfile(fv, str(bad))
+
+
+def test_absl_own_flags_are_the_ones_absl_defines():
+  from absl import app, logging  # noqa: F401  (they define the flags)
+  by_module = flags.FLAGS.flags_by_module_dict()
+  defined = {f.name for m in ("absl.app", "absl.logging") for f in by_module.get(m, [])}
+  assert defined <= set(flagfiles.ABSL_OWN_FLAGS)
