@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import collections
 import json
+import math
 import os
 import re
 import shutil
@@ -33,6 +34,8 @@ import subprocess
 import sys
 import threading
 import time
+
+import numpy as np
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -53,9 +56,10 @@ PRESET = "cifar10_resnet18_lightly"
 ABLATIONS = ("use_nn", "symmetric_loss", "weight_decay_mode")
 # What our side records besides the ablations, so that --summary keeps runs of a changed preset
 # apart; LEGACY_SETTINGS is what older result lines ran with (the preset's zero-init residual
-# blocks until the preset matched lightly's gamma 1).
-RECORDED = ABLATIONS + ("zero_init_residual",)
-LEGACY_SETTINGS = {"ours": {"zero_init_residual": True}}
+# blocks until the preset matched lightly's gamma 1; the preset's support set before the size was
+# recorded).
+RECORDED = ABLATIONS + ("zero_init_residual", "queue_size")
+LEGACY_SETTINGS = {"ours": {"zero_init_residual": True, "queue_size": 4096}}
 # Our side's run flags on the command line: the ablations, and the seed and batch the peer gets
 # too (default: the preset's).
 RUN_FLAGS = ABLATIONS + ("seed", "batch_size", "verbose")
@@ -118,6 +122,9 @@ def ours_experiment(args, split, model_dir):
   protocol = dict(dataset="folder", image_dir=os.path.join(split, "train"),
                   eval_image_dir=os.path.join(split, "val"), val_images=0,
                   train_steps=args.steps, model_dir=model_dir, plots=False, online_probe=False)
+  if args.eval_at:
+    # The monitor's interval: every point asked for, and the last step, is a multiple of it.
+    protocol.update(knn_every_steps=math.gcd(args.steps, *args.eval_at), knn_monitor_bank=0)
   return Experiment.from_flagfile(args.preset, **{**OVERRIDES, **args.ours_flags, **protocol,
                                                   **parse_overrides(args.override)})
 
@@ -151,12 +158,31 @@ def run_ours(args, split):
   values = exp.flag_values()
   settings = {n: values[n] for n in RECORDED}
   return {"knn_top1": r.get("knn_top1"), "knn_top1_random_init": r.get("knn_top1_random_init"),
+          "knn_curve": curve_with_label_hit(r.get("knn_curve"), model_dir),
+          "knn_monitor_seconds": r.get("knn_monitor_seconds"),
           "pairs_per_s": r.get("pairs_per_sec"), "steps_done": r["steps"],
           "pairs_per_s_after_first_step": r.get("pairs_per_sec"),
           "final_loss": r.get("final_loss"), "seconds": seconds, "settings": settings,
           "train_images": r.get("train_examples"), "eval_images": r.get("eval_examples"),
           "model_dir": model_dir,
           "pairs_per_s_note": "steps after the first (the first traces the graph)"}
+
+
+def curve_with_label_hit(curve, model_dir, window=20):
+  """The kNN points of our run, each with the mean NN label-hit over the `window` steps up to it
+  (curves.csv), the share of positives of the same class as their query at that point."""
+  if not curve:
+    return curve
+  from nnclr_tf import model_dir as md
+  from nnclr_tf import monitors
+  rows = monitors.read_curves(md.path(model_dir, md.CURVES))
+  out = []
+  for point in curve:
+    near = (rows["step"] > point["step"] - window) & (rows["step"] <= point["step"])
+    hit = rows["nn_label_hit"][near]
+    hit = hit[np.isfinite(hit)]
+    out.append({**point, "nn_label_hit": float(hit.mean()) if len(hit) else None})
+  return out
 
 
 def peer_rate_after_first_step(lines, steps, batch_size, train_seconds):
@@ -175,6 +201,8 @@ def run_peer(args, split):
   cmd = [args.peer_python, script, "--train_dir", os.path.join(split, "train"),
          "--eval_dir", os.path.join(split, "val"), "--steps", str(args.steps),
          "--batch_size", str(args.batch_size), "--seed", str(args.seed)] + args.peer_flags.split()
+  if args.eval_at:
+    cmd += ["--eval_at", ",".join(str(s) for s in args.eval_at)]
   t0 = time.perf_counter()
   # The peer logs its progress to stderr (every 10 steps); pass it on as it comes, since a run takes
   # the better part of an hour, and keep the tail for the error message.
@@ -201,6 +229,7 @@ def run_peer(args, split):
   r = last_json_line(out[0])
   train = r.get("train", {})
   return {"knn_top1": r.get("knn_top1_after"), "knn_top1_random_init": r.get("knn_top1_before"),
+          "knn_curve": r.get("knn_curve"),
           "pairs_per_s": train.get("pairs_per_s"), "steps_done": train.get("steps"),
           "pairs_per_s_after_first_step": peer_rate_after_first_step(
               first, train.get("steps"), args.batch_size, train.get("train_seconds")),
@@ -239,6 +268,11 @@ def summarise(path):
   return out
 
 
+def steps_list(text):
+  """[150, 300] of "150,300"; argparse turns the ValueError into a usage error naming the flag."""
+  return sorted({int(s) for s in text.split(",") if s.strip()})
+
+
 def parser():
   ap = run_settings.Parser(PRESET, RUN_FLAGS, overrides=OVERRIDES,
                            description=__doc__.splitlines()[0])
@@ -256,6 +290,9 @@ def parser():
   ap.add_argument("--peer_dir", default=DEFAULT_PEER_DIR)
   ap.add_argument("--peer_flags", default="--malloc_tune",
                   help="extra flags for knn_budget.py (default: its best setting)")
+  ap.add_argument("--eval_at", type=steps_list, default=[],
+                  help="comma-separated steps before --steps at which kNN is also scored "
+                       "(a learning curve; the schedule still runs over --steps)")
   ap.add_argument("--timeout", type=float, default=4 * 3600)
   ap.add_argument("--summary", action="store_true", help="only print the summary of --results")
   return ap

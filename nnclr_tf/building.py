@@ -90,11 +90,12 @@ def build_encoder(exp: Experiment, seed=None):
 
 
 def restored_model(exp: Experiment, strategy=None):
-  """(model, checkpoint path) of the latest checkpoint in the model_dir."""
-  latest = checkpoints.require_checkpoint(exp.train.model_dir)
+  """(model, checkpoint path) of the model_dir's checkpoint --checkpoint names (default: the
+  newest)."""
+  chosen = checkpoints.resolve_checkpoint(exp.train.model_dir, exp.train.checkpoint)
   model = build_model(exp, strategy)
-  checkpoints.restore(model, latest)
-  return model, latest
+  checkpoints.restore(model, chosen)
+  return model, chosen
 
 
 def load_data(exp: Experiment):

@@ -39,6 +39,45 @@ def require_checkpoint(model_dir):
   return latest
 
 
+MILESTONES = "milestones"  # model_dir/milestones/ckpt-N: --keep_checkpoint_every_steps
+
+
+def available_checkpoints(model_dir) -> dict[int, str]:
+  """{step: checkpoint path} of the complete checkpoints in model_dir (the kept ones) and in
+  model_dir/milestones; a step in both gives the model_dir's."""
+  found = {}
+  for folder in (os.path.join(model_dir, MILESTONES), model_dir):
+    for index in tf.io.gfile.glob(os.path.join(folder, "ckpt-*.index")):
+      prefix = index[:-len(".index")]
+      if checkpoint_step(prefix):
+        found[checkpoint_step(prefix)] = prefix
+  return dict(sorted(found.items()))
+
+
+def resolve_checkpoint(model_dir, which="") -> str:
+  """The checkpoint `--checkpoint` names: "" the newest of model_dir, "N" the one of step N (kept
+  or a milestone), anything else a checkpoint path (a prefix .../ckpt-N, or a folder holding
+  checkpoints: its newest). One ModelDirError line, listing the steps there are, otherwise."""
+  which = str(which or "").strip()
+  if not which:
+    return require_checkpoint(model_dir)
+  if which.isdigit():
+    found = available_checkpoints(model_dir)
+    if int(which) in found:
+      return found[int(which)]
+    have = (f"it has steps {', '.join(str(s) for s in found)}" if found
+            else "it holds no checkpoint (run --mode=pretrain first)")
+    raise ModelDirError(f"--checkpoint={which}: --model_dir={model_dir} has no checkpoint of step "
+                        f"{which}; {have} (--keep_checkpoint_every_steps keeps milestones)")
+  if tf.io.gfile.exists(which + ".index"):
+    return which
+  if tf.io.gfile.isdir(which) and latest_checkpoint(which):
+    return latest_checkpoint(which)
+  raise ModelDirError(f"--checkpoint={which} is neither a step of --model_dir={model_dir} nor a "
+                      f"checkpoint ({which}.index does not exist); give a step or a .../ckpt-N "
+                      "path")
+
+
 def restore(model, checkpoint, strict=False):
   """Loads the model's part of `checkpoint` (the optimizer is not needed to evaluate or export);
   strict: every variable of the model must be in the checkpoint."""
@@ -113,11 +152,14 @@ def state_is_finite(model):
 class CheckpointCallback(keras.callbacks.Callback):
   """Saves (model incl. support set, optimizer incl. step) every N steps and at each epoch end."""
 
-  def __init__(self, model_dir, every_steps=0, keep=3, guard=None, stopper=None):
+  def __init__(self, model_dir, every_steps=0, keep=3, guard=None, stopper=None,
+               milestone_every_steps=0):
     super().__init__()
     self.model_dir = model_dir
     self.every_steps = every_steps
     self.keep = keep
+    self.milestone_every_steps = milestone_every_steps
+    self._milestone_interval = None
     self.manager = None
     self.guard = guard  # a NonFiniteGuard: no save once it has tripped
     self.stopper = stopper  # a StopOnSignal: save at the step it stops training
@@ -134,8 +176,11 @@ class CheckpointCallback(keras.callbacks.Callback):
                                                 max_to_keep=self.keep)
     if self.every_steps:
       self._interval = int(self.model.optimizer.iterations.numpy()) // self.every_steps
+    if self.milestone_every_steps:
+      self._milestone_interval = (int(self.model.optimizer.iterations.numpy())
+                                  // self.milestone_every_steps)
 
-  def _save(self):
+  def _save(self, milestone=False):
     if self.guard is not None:
       if self.guard.tripped:
         return
@@ -143,9 +188,11 @@ class CheckpointCallback(keras.callbacks.Callback):
         self.guard.trip("the weights or optimizer state became non-finite")
         return
     step = int(self.model.optimizer.iterations.numpy())
-    if self.manager.latest_checkpoint and self.manager.latest_checkpoint.endswith(f"-{step}"):
-      return
     try:
+      if milestone:
+        save_milestone(self.model, self.model_dir, step)
+      if self.manager.latest_checkpoint and self.manager.latest_checkpoint.endswith(f"-{step}"):
+        return
       self.manager.save(checkpoint_number=step)
     except (OSError, tf.errors.OpError) as e:
       # TensorFlow reports EFBIG as OutOfRangeError, which model.fit takes for the end of the
@@ -155,27 +202,62 @@ class CheckpointCallback(keras.callbacks.Callback):
       raise
 
   def on_train_batch_end(self, batch, logs=None):
+    step = int(self.model.optimizer.iterations.numpy())
+    milestone = False
+    if self.milestone_every_steps:
+      milestone = (self._milestone_interval is not None
+                   and step // self.milestone_every_steps > self._milestone_interval)
+      self._milestone_interval = step // self.milestone_every_steps
     if self.stopper is not None and self.stopper.stopped_at is not None:
-      self._save()
+      self._save(milestone)
       return
+    due = milestone
     if self.every_steps:
       # Compare intervals, not `step % every == 0`: with steps_per_execution > 1 this callback
       # sees every k-th step only and an exact multiple could be skipped forever.
-      step = int(self.model.optimizer.iterations.numpy())
-      if self._interval is not None and step // self.every_steps > self._interval:
-        self._save()
+      due = due or (self._interval is not None and step // self.every_steps > self._interval)
       self._interval = step // self.every_steps
+    if due:
+      self._save(milestone)
 
   def on_epoch_end(self, epoch, logs=None):
     self._save()
 
 
+def save_milestone(model, model_dir, step):
+  """model_dir/milestones/ckpt-<step>, kept for good (no CheckpointManager deletes it): written
+  into a temporary folder, then moved into place index last, so a kill leaves either a complete
+  milestone or none (a stray `.ckpt-N.partial/` is removed by the next save)."""
+  folder = os.path.join(model_dir, MILESTONES)
+  final = os.path.join(folder, f"ckpt-{int(step)}")
+  if tf.io.gfile.exists(final + ".index"):
+    return final
+  partial = os.path.join(folder, f".ckpt-{int(step)}.partial")
+  if tf.io.gfile.exists(partial):
+    tf.io.gfile.rmtree(partial)
+  tf.io.gfile.makedirs(partial)
+  ckpt = make_checkpoint(model)
+  ckpt.save_counter  # noqa: B018  (created, so it is written: a strict restore expects it)
+  ckpt.write(os.path.join(partial, f"ckpt-{int(step)}"))
+  names = sorted(tf.io.gfile.listdir(partial), key=lambda n: n.endswith(".index"))
+  for name in names:  # the data shards first: the .index is what makes a milestone exist
+    tf.io.gfile.rename(os.path.join(partial, name), os.path.join(folder, name), overwrite=True)
+  tf.io.gfile.rmtree(partial)
+  return final
+
+
 def remove_orphaned_temp_dirs(ckpt_dir):
   """Deletes ckpt-N_temp/ folders left by a process killed while writing checkpoint N (TF
-  documents them as safe to remove; the `checkpoint` state file never names them)."""
+  documents them as safe to remove; the `checkpoint` state file never names them), and
+  milestones/.ckpt-N.partial/ folders of milestones a kill interrupted."""
   if not os.path.isdir(ckpt_dir):
     return
   for name in os.listdir(ckpt_dir):
     path = os.path.join(ckpt_dir, name)
     if name.startswith("ckpt-") and name.endswith("_temp") and os.path.isdir(path):
       shutil.rmtree(path, ignore_errors=True)
+  milestones = os.path.join(ckpt_dir, MILESTONES)
+  if os.path.isdir(milestones):  # and milestones a kill interrupted (save_milestone)
+    for name in os.listdir(milestones):
+      if name.startswith(".ckpt-") and name.endswith(".partial"):
+        shutil.rmtree(os.path.join(milestones, name), ignore_errors=True)

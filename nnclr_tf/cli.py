@@ -157,6 +157,10 @@ def summary(mode, exp, results):
     lines.append(f"  final loss {_fmt(r.get('final_loss'))} (mean of the last epoch), NN "
                  f"label-hit {_fmt(r.get('nn_label_hit'))}, "
                  f"{_fmt(r.get('pairs_per_sec'), 1)} pairs/s")
+    if r.get("knn_curve"):
+      points = ", ".join(f"{p['knn_top1']:.3f} @ {p['step']}" for p in r["knn_curve"][-4:])
+      lines.append(f"  kNN while pretraining: {points}; {_fmt(r.get('knn_monitor_seconds'), 1)} "
+                   "s this run, not in pairs/s")
   if mode in ("pretrain", "knn_eval") and r.get("knn_top1") is not None:
     base = (f" (random init {_fmt(r['knn_top1_random_init'])})"
             if r.get("knn_top1_random_init") is not None else "")

@@ -191,6 +191,13 @@ class TrainConfig:
   seed: int = setting(0, "Seed for weights, data order and augmentation.")
   checkpoint_every_steps: int = setting(0, "Also checkpoint every N steps (0: epochs only).")
   keep_checkpoints: int = setting(3, "How many checkpoints to keep.")
+  keep_checkpoint_every_steps: int = setting(
+      0, "Also keep the checkpoint of every N-th step for good, in model_dir/milestones, beside "
+      "the last --keep_checkpoints (0: none), for --checkpoint=STEP later.")
+  checkpoint: str = setting(
+      "", "knn_eval, linear_eval, finetune, plots and export: read this checkpoint instead of the "
+      "newest: a step of --model_dir (kept ones and milestones) or a checkpoint path "
+      "(.../ckpt-N).")
   jit_compile: bool = setting(False, "Compile the train step with XLA.")
   steps_per_execution: int = 1
   verbose: int = setting(1, "Keras progress: 0 silent, 1 bar, 2 one line per epoch.")
@@ -203,6 +210,9 @@ class TrainConfig:
     if self.checkpoint_every_steps < 0:
       raise ConfigError(f"--checkpoint_every_steps={self.checkpoint_every_steps} must be >= 0 "
                         "(0: only at epoch ends)")
+    if self.keep_checkpoint_every_steps < 0:
+      raise ConfigError(f"--keep_checkpoint_every_steps={self.keep_checkpoint_every_steps} must "
+                        "be >= 0 (0: keep no milestones)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,10 +220,21 @@ class EvalConfig:
   knn_k: int = setting(200, "kNN neighbours.")
   knn_temperature: float = setting(0.1, "kNN vote temperature.")
   batch_size: int = setting(256, "Batch size for feature extraction.", flag="eval_batch_size")
+  knn_every_steps: int = setting(
+      0, "--mode=pretrain: also score kNN (--knn_k, --knn_temperature) of the eval split every N "
+      "steps and at the last one, into curves.csv, TensorBoard and training_curves.png (0: off).")
+  knn_monitor_bank: int = setting(
+      0, "The kNN bank of --knn_every_steps: a seeded class-balanced subset of this many training "
+      "images (0: all of them); the final kNN always uses all.")
   random_init_baseline: bool = setting(
       True, "kNN and linear_eval also score the architecture at random initialisation "
       "(knn_top1_random_init, linear_top1_random_init): one more forward pass over the train "
       "and eval splits.", aliases=("linear_random_init",))
+
+  def __post_init__(self):
+    for name in ("knn_every_steps", "knn_monitor_bank"):
+      if getattr(self, name) < 0:
+        raise ConfigError(f"--{name}={getattr(self, name)} must be >= 0 (0: off)")
 
 
 @dataclasses.dataclass(frozen=True)

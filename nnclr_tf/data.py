@@ -22,6 +22,7 @@ from nnclr_tf.sources import (
     IMAGE_EXTENSIONS,
     Source,
     StreamSource,
+    bank_subset,
     cache_decoded,
     check_decodable,
     decode_error,
@@ -36,8 +37,8 @@ from nnclr_tf.sources import (
 )
 
 __all__ = [
-    "DataConfig", "DataError", "IMAGE_EXTENSIONS", "Source", "StreamSource", "cache_decoded",
-    "check_decodable", "decode_error", "decode_image", "digits_source",
+    "DataConfig", "DataError", "IMAGE_EXTENSIONS", "Source", "StreamSource", "bank_subset",
+    "cache_decoded", "check_decodable", "decode_error", "decode_image", "digits_source",
     "distributed_pretrain_dataset", "eval_dataset", "folder_source", "knn_bank_source",
     "load_sources", "numpy_source", "pretrain_dataset", "pretraining_stream", "split_balanced",
     "steps_per_epoch", "tfds_source", "two_views_encoded",

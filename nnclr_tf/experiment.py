@@ -77,6 +77,10 @@ def pretrain(exp: Experiment, strategy=None, flags_text: str | None = None) -> P
   alone. `flags_text` goes to flags.txt (default: the experiment as JSON)."""
   strategy = strategy_for(exp, strategy)
   t = exp.train
+  if t.checkpoint:
+    raise ConfigError(f"--checkpoint={t.checkpoint} chooses the checkpoint of knn_eval, "
+                      "linear_eval, finetune, plots and export; --mode=pretrain always resumes "
+                      "from the newest: drop --checkpoint")
   # Before the data loads (minutes on a large set); training.pretrain checks again with the
   # dataset's size.
   check_batch(t.batch_size, exp.support.queue_size, strategy.num_replicas_in_sync,
@@ -94,7 +98,8 @@ def pretrain(exp: Experiment, strategy=None, flags_text: str | None = None) -> P
 
 @_locked("knn_eval")
 def knn_eval(exp: Experiment, strategy=None) -> KnnEvalResults:
-  """Weighted kNN of the latest checkpoint's backbone features, eval split against train split."""
+  """Weighted kNN of the newest checkpoint's (or --checkpoint's) backbone features, eval split
+  against train split."""
   strategy = strategy_for(exp, strategy)
   model, latest = restored_model(exp, strategy)
   train, held = eval_data(exp)
@@ -209,15 +214,16 @@ def check_export_target(exp: Experiment, explicit_base=True):
 
 @_locked("export")
 def export(exp: Experiment, strategy=None) -> ExportResults:
-  """Encoder (and, when linear_eval has written its probe, classifier) SavedModels of the latest
-  checkpoint, in TF Serving's layout."""
+  """Encoder (and, when linear_eval has written its probe, classifier) SavedModels of the newest
+  checkpoint (or the one --checkpoint names), in TF Serving's layout."""
   strategy = strategy_for(exp, strategy)
   t, e = exp.train, exp.export
-  latest = checkpoints.require_checkpoint(t.model_dir)
+  latest = checkpoints.resolve_checkpoint(t.model_dir, t.checkpoint)
   model = build_model(exp, strategy)
   md.prepare(t.model_dir, model.get_config())
   checkpoints.restore(model, latest, strict=True)  # the optimizer is not needed
-  meta = md.export_metadata(t.model_dir, checkpoints.checkpoint_step(latest), exp.data.image_size)
+  meta = md.export_metadata(t.model_dir, checkpoints.checkpoint_step(latest), exp.data.image_size,
+                            checkpoint=latest)
   crop = exp.data.eval_crop_fraction
   out = {"encoder": export_lib.export_encoder(model, e.base, e.version, e.warmup, metadata=meta,
                                               crop_fraction=crop)}
@@ -227,8 +233,8 @@ def export(exp: Experiment, strategy=None) -> ExportResults:
   if os.path.exists(probe) and fitted_on and checkpoints.checkpoint_step(fitted_on) != \
       checkpoints.checkpoint_step(latest):
     # Its probe reads the features of another checkpoint: serving it on this one would be wrong.
-    logging.warning("the linear probe %s was fitted on %s, not the latest %s: classifier not "
-                    "exported (run --mode=linear_eval again)", probe,
+    logging.warning("the linear probe %s was fitted on %s, not %s: classifier not exported "
+                    "(run --mode=linear_eval with the same --checkpoint)", probe,
                     os.path.basename(fitted_on), os.path.basename(latest))
   elif os.path.exists(probe):
     out["classifier"] = export_lib.export_classifier(

@@ -184,12 +184,13 @@ PRETRAIN_FIGURES = ("steps", "epochs", "final_loss", "nn_label_hit", "contrastiv
                     "knn_top1_random_init", "knn_k", "global_batch", "train_examples")
 
 
-def export_metadata(model_dir, step, image_size=None, results=None, **extra):
+def export_metadata(model_dir, step, image_size=None, results=None, checkpoint=None, **extra):
   """What `assets.extra/nnclr_tf.json` records of an export's origin: the checkpoint (step and
-  path), model_dir, the architecture (model_config.json), the serving preprocessing, and the
-  pretraining figures recorded for this checkpoint (`results`, or pretrain_results.json when it
-  is of the same step); `extra` is added as is (the classifier's probe figures)."""
-  ckpt = path(model_dir, f"ckpt-{int(step)}")
+  path: `checkpoint`, default model_dir/ckpt-<step>), model_dir, the architecture
+  (model_config.json), the serving preprocessing, and the pretraining figures recorded for this
+  checkpoint (`results`, or pretrain_results.json when it is of the same step); `extra` is added
+  as is (the classifier's probe figures)."""
+  ckpt = checkpoint or path(model_dir, f"ckpt-{int(step)}")
   meta = {"checkpoint_step": int(step), "model_dir": os.path.abspath(model_dir),
           "checkpoint": os.path.abspath(ckpt),
           "model_config": read_json(path(model_dir, MODEL_CONFIG))}

@@ -8,7 +8,8 @@ began, which would draw a staircase resetting every epoch; the step values are r
 consecutive running means m_a (after a batches) and m_b (after b): (b*m_b - a*m_a) / (b - a),
 in float64 (float32 rounding of the means leaves an error of about b * 1e-7 relative).
 A resumed run appends to the same file; rows of steps re-run after a crash are superseded by the
-later row of the same step (`read_curves` keeps the last).
+later row of the same step (`read_curves` keeps the last value of each column). The kNN monitor
+(knn_monitor.py) writes its points into the same file, as rows holding the step and knn_top1.
 """
 
 from __future__ import annotations
@@ -20,7 +21,31 @@ import keras
 import numpy as np
 
 COLUMNS = ("step", "epoch", "learning_rate", "loss", "nn_label_hit", "contrastive_acc",
-           "nn_similarity", "online_probe_acc", "online_probe_loss")
+           "nn_similarity", "online_probe_acc", "online_probe_loss", "knn_top1")
+
+
+def append_row(path, row):
+  """Appends `row` ({column: value}, the rest left empty) to the CSV at `path`, writing the
+  header first. A file written before a column was added gets the current header first (its
+  rows rewritten under it, atomically), so no value lands under another column's name."""
+  if os.path.exists(path):
+    with open(path, newline="") as f:
+      header = next(csv.reader(f), None)
+    if header is not None and tuple(header) != COLUMNS:
+      with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+      tmp = path + ".tmp"
+      with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        w.writerows({k: r.get(k) or "" for k in COLUMNS} for r in rows)
+      os.replace(tmp, path)
+  new = not os.path.exists(path) or os.path.getsize(path) == 0
+  with open(path, "a", newline="") as f:
+    w = csv.DictWriter(f, fieldnames=COLUMNS)
+    if new:
+      w.writeheader()
+    w.writerow({k: row.get(k, "") for k in COLUMNS})
 
 
 class CurveLogger(keras.callbacks.Callback):
@@ -59,12 +84,7 @@ class CurveLogger(keras.callbacks.Callback):
     self._last_step = step
     row.update(step=step, epoch=self._epoch,
                learning_rate=float(np.asarray(keras.ops.convert_to_numpy(opt.learning_rate))))
-    new = not os.path.exists(self.path)
-    with open(self.path, "a", newline="") as f:
-      w = csv.DictWriter(f, fieldnames=COLUMNS)
-      if new:
-        w.writeheader()
-      w.writerow({k: row.get(k, "") for k in COLUMNS})
+    append_row(self.path, row)
 
   def on_epoch_begin(self, epoch, logs=None):
     self._epoch = epoch
@@ -80,11 +100,13 @@ class CurveLogger(keras.callbacks.Callback):
 
 
 def read_curves(path):
-  """{column: float array} ordered by step, one row per step (the last written wins)."""
-  by_step = {}
+  """{column: float array} ordered by step, one row per step: of each column, the last value
+  written for the step (a training row and the kNN monitor's row of the same step merge)."""
+  by_step: dict[int, dict] = {}
   with open(path, newline="") as f:
     for row in csv.DictReader(f):
-      by_step[int(float(row["step"]))] = row
+      merged = by_step.setdefault(int(float(row["step"])), {})
+      merged.update({k: v for k, v in row.items() if k in COLUMNS and v not in (None, "")})
   steps = sorted(by_step)
   return {c: np.array([float(by_step[s][c]) if by_step[s].get(c) not in (None, "") else np.nan
                        for s in steps]) for c in COLUMNS}

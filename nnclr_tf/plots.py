@@ -133,13 +133,14 @@ CURVE_PANELS = (("loss", ("loss",), "NNCLR loss"),
                 ("learning_rate", ("learning_rate",), "learning rate"),
                 ("nn_label_hit", ("nn_label_hit", "contrastive_acc"),
                  "NN label-hit / in-batch contrastive top-1"),
-                ("online_probe", ("online_probe_acc",),
-                 "online linear probe top-1 (train batches)"))
+                ("accuracy", ("online_probe_acc", "knn_top1"),
+                 "online probe top-1 (train batches) / kNN top-1 (eval split)"))
 
 
 def training_curves(curves, path, width_px=1000, height_px=700, title=""):
   """2x2 panels of `curves` ({"step": [...], "loss": [...], ...}, e.g. monitors.read_curves)
-  against the step: loss, learning rate, NN label-hit (+ contrastive top-1), online probe."""
+  against the step: loss, learning rate, NN label-hit (+ contrastive top-1), online probe (+ the
+kNN monitor's points)."""
   fig = _figure(width_px, height_px)
   if title:
     fig.suptitle(title, fontsize=11)

@@ -12,13 +12,13 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from nnclr_tf import checkpoints, data, distributed, monitors, training
+from nnclr_tf import checkpoints, data, distributed, knn_monitor, monitors, training
 from nnclr_tf import export as export_lib
 from nnclr_tf import model_dir as md
 from nnclr_tf.building import build_model, load_data
 from nnclr_tf.config import Experiment
 from nnclr_tf.results import PretrainResults
-from nnclr_tf.scoring import knn_results, write_plots
+from nnclr_tf.scoring import knn_figures, knn_results, knn_skip_reason, write_plots
 
 
 @dataclasses.dataclass
@@ -27,6 +27,7 @@ class TrainedRun:
   model: Any
   train: Any            # the training source
   held: Any             # the held-out source, or None
+  bank: Any             # the kNN bank: --knn_train_split, else the training source
   results: PretrainResults  # this run's figures so far
   recorded: dict        # pretrain_results.json as the run found it
   chief: bool
@@ -54,14 +55,20 @@ def train(exp: Experiment, strategy, flags_text: str | None = None) -> TrainedRu
                     "jumps back up at step %d", t.model_dir, recorded["steps"], total, total,
                     recorded["steps"])
   curves = curve_logger(exp, train_src, strategy)
+  bank = data.knn_bank_source(exp.data, train_src)
+  monitor = make_knn_monitor(exp, bank, held, strategy, total)
   if chief:
     log_view_pairs(exp, train_src, os.path.join(t.model_dir, md.LOGS, "views"),
                    checkpoints.checkpoint_step(checkpoints.latest_checkpoint(t.model_dir)))
   results: PretrainResults = {
       **training.pretrain(model, strategy, train_src, exp.data, exp.augment, t, exp.optim,
-                          callbacks=[curves]),
+                          callbacks=[curves] + ([monitor] if monitor else [])),
       "online_probe_acc": curves.last_logs.get("online_probe_acc")}
-  return TrainedRun(model, train_src, held, results, recorded, chief,
+  if monitor:
+    monitor.finish(model)
+    results["knn_monitor_seconds"] = monitor.seconds
+    results["knn_curve"] = knn_monitor.curve(monitor.curves_path)
+  return TrainedRun(model, train_src, held, bank, results, recorded, chief,
                     strategy.num_replicas_in_sync)
 
 
@@ -71,7 +78,7 @@ def evaluate(exp: Experiment, run: TrainedRun):
   step, recorded, results = run.results["steps"], run.recorded, run.results
   same_step = recorded.get("steps") == step
   final = checkpoints.checkpoint_at(exp.train.model_dir, step)
-  bank = data.knn_bank_source(exp.data, run.train)  # --knn_train_split, else the training images
+  bank = run.bank
   if not (same_step and md.evaluated(recorded)):
     figures = knn_results(exp, run.model, bank, run.held, final)
     if figures:
@@ -163,6 +170,25 @@ def curve_logger(exp: Experiment, train, strategy):
   spe = max(1, data.steps_per_epoch(len(train), t.batch_size))
   return monitors.CurveLogger(os.path.join(distributed.worker_dir(t.model_dir, strategy),
                                            md.CURVES), max(1, spe // 50))
+
+
+def make_knn_monitor(exp: Experiment, bank, held, strategy, total_steps):
+  """The KnnMonitor of --knn_every_steps (None when off, or with nothing to score: one warning
+  says why)."""
+  e = exp.eval
+  if not e.knn_every_steps:
+    return None
+  reason = knn_skip_reason(bank, held)
+  if reason:
+    logging.warning("--knn_every_steps=%d: no kNN while pretraining: %s", e.knn_every_steps,
+                    reason)
+    return None
+  bank = data.bank_subset(bank, e.knn_monitor_bank, exp.train.seed)
+  out_dir = distributed.worker_dir(exp.train.model_dir, strategy)
+  return knn_monitor.KnnMonitor(
+      lambda encoder: knn_figures(exp, encoder, bank, held), e.knn_every_steps, total_steps,
+      os.path.join(out_dir, md.CURVES), os.path.join(out_dir, md.LOGS, "knn"),
+      describe=f"{len(bank):,} bank images, {len(held):,} queries, ")
 
 
 def log_view_pairs(exp: Experiment, train, logdir, step, pairs=8):

@@ -75,3 +75,14 @@ def timed(name):
   t = time.perf_counter()
   yield
   say(f"{name}: done in {time.perf_counter() - t:.1f} s")
+
+
+@contextlib.contextmanager
+def silenced():
+  """No progress inside the block (a stage run inside training, whose own line says it all)."""
+  global _VERBOSE
+  saved, _VERBOSE = _VERBOSE, 0
+  try:
+    yield
+  finally:
+    _VERBOSE = saved

@@ -48,6 +48,8 @@ class PretrainResults(KnnFigures, TrainingFigures, total=False):
   global_batch: int
   replicas: int
   export_dir: str
+  knn_curve: list[dict]  # --knn_every_steps: [{"step", "knn_top1"}] as curves.csv holds them
+  knn_monitor_seconds: float  # what this process spent on them (not in pairs_per_sec)
 
 
 class KnnEvalResults(KnnFigures, total=False):

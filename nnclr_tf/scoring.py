@@ -8,6 +8,8 @@ import dataclasses
 import logging
 import os
 
+import numpy as np
+
 from nnclr_tf import checkpoints, data, evaluation
 from nnclr_tf import export as export_lib
 from nnclr_tf import model_dir as md
@@ -23,6 +25,11 @@ def feature_cache(exp: Experiment, checkpoint):
   t = exp.train
   extra = None if checkpoint else {"random_init": dataclasses.asdict(exp.model),
                                    "seed": t.seed + 1}
+  own = {os.path.abspath(d) for d in (t.model_dir, os.path.join(t.model_dir,
+                                                                 checkpoints.MILESTONES))}
+  if checkpoint and os.path.dirname(os.path.abspath(checkpoint)) not in own:
+    # --checkpoint=<another run's ckpt-N>: its name alone would meet this run's ckpt-N features.
+    extra = {"checkpoint": os.path.abspath(checkpoint)}
   return evaluation.feature_cache_path(t.model_dir, checkpoint, exp.data, t.seed, extra)
 
 
@@ -48,29 +55,46 @@ def num_classes(train, held):
   return len(train.class_names) or int(max(train.labels.max(), held.labels.max())) + 1
 
 
+def knn_skip_reason(train, held):
+  """Why kNN cannot score `held` against the bank `train` ("" when it can)."""
+  if held is None or not held.has_labels:
+    return "no labelled eval split"
+  if not train.has_labels:
+    return (f"the kNN bank {train.name} has unlabelled images (--knn_train_split names a "
+            "labelled split)")
+  labels = getattr(train, "labels", None)  # a streamed split's labels are not in memory
+  if labels is not None and len(np.unique(labels)) < 2:
+    # One class: every vote is right, a meaningless 100%.
+    return (f"the training images have a single class "
+            f"({', '.join(train.class_names) or '0'})")
+  return ""
+
+
+def knn_figures(exp: Experiment, encoder, train, held, checkpoint=None) -> KnnFigures:
+  """{"knn_top1", "knn_top5"} of `encoder` (weighted kNN, --knn_k and --knn_temperature), held
+  against train; through the feature cache when `checkpoint` names what `encoder` holds. The one
+  scoring of knn_eval, pretraining's final kNN and the kNN monitor."""
+  e = exp.eval
+  train_f, train_l, eval_f, eval_l = eval_features(exp, encoder, checkpoint, train, held,
+                                                   use_cache=bool(checkpoint))
+  return evaluation.knn_eval_features(train_f, train_l, eval_f, eval_l, num_classes(train, held),
+                                      e.knn_k, e.knn_temperature)
+
+
 def knn_results(exp: Experiment, model, train, held, checkpoint=None) -> KnnFigures:
   """kNN of the trained encoder and of the same architecture at random initialisation ({} when
   there is no labelled eval split or a single class).
 
   With `checkpoint` (the path `model` holds), features come from and go to the cache shared with
   linear_eval and plots (model_dir/features)."""
-  if held is None or not held.has_labels:
-    logging.info("no labelled eval split: kNN skipped")
-    return {}
-  if not train.has_labels:
-    logging.info("the kNN bank %s has unlabelled images: kNN skipped (--knn_train_split names a "
-                 "labelled split)", train.name)
-    return {}
-  if len(set(train.labels.tolist())) < 2:  # one class: every vote is right, a meaningless 100%
-    logging.warning("kNN skipped: the training images have a single class (%s)",
-                    ", ".join(train.class_names) or "0")
+  reason = knn_skip_reason(train, held)
+  if reason:
+    # A single class is a warning: the run has labels, but every vote would be right.
+    (logging.warning if "single class" in reason else logging.info)("kNN skipped: %s", reason)
     return {}
   e = exp.eval
   classes = num_classes(train, held)
-  train_f, train_l, eval_f, eval_l = eval_features(exp, model.encoder, checkpoint, train, held,
-                                                   use_cache=bool(checkpoint))
-  out = evaluation.knn_eval_features(train_f, train_l, eval_f, eval_l, classes, e.knn_k,
-                                     e.knn_temperature)
+  out = knn_figures(exp, model.encoder, train, held, checkpoint)
   if e.random_init_baseline:
     train_f, train_l, eval_f, eval_l = random_init_features(exp, train, held)
     rand = evaluation.knn_eval_features(train_f, train_l, eval_f, eval_l, classes, e.knn_k,
@@ -105,7 +129,7 @@ def classifier_metadata(exp: Experiment, checkpoint, linear):
   step = checkpoints.checkpoint_step(checkpoint)
   newest, meta = export_lib.newest_export(exp.export.base)
   return md.export_metadata(
-      exp.train.model_dir, step, exp.data.image_size,
+      exp.train.model_dir, step, exp.data.image_size, checkpoint=checkpoint,
       encoder_checkpoint=os.path.abspath(checkpoint),
       encoder_export=newest if newest and meta.get("checkpoint_step") == step else None,
       linear_eval={k: linear[k] for k in LINEAR_FIGURES if linear.get(k) is not None})

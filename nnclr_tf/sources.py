@@ -211,6 +211,21 @@ def split_balanced(source, n, seed):
   return source.subset(rest), source.subset(held, name=source.name + "-val")
 
 
+def bank_subset(source, n, seed):
+  """A kNN bank of `n` of `source`'s images (all when n is 0 or not smaller): a seeded
+  class-balanced draw of an in-memory or file source; the first n examples of a streamed tfds
+  split (a tfds split slice: its labels are not in memory to balance by)."""
+  if not n or n >= len(source):
+    return source
+  if source.streamed:
+    return dataclasses.replace(source, split=f"{source.split}[:{n}]", num_examples=n,
+                               name=f"{source.name}[:{n}]")
+  idx = balanced_indices(source.labels, n, seed, too_few=lambda c, share, have: (
+      f"--knn_monitor_bank={n} asks for {share} images of class {c}, which has {have}; "
+      "lower it or use 0 (all)"))
+  return source.subset(idx, name=f"{source.name} ({n} balanced)")
+
+
 def folder_source(image_dir, flag="--image_dir"):
   """Images under `image_dir`: class sub-folders (labels from folder names) or a flat folder."""
   if not image_dir or not os.path.isdir(image_dir):

@@ -205,7 +205,8 @@ def pretrain(model, strategy, source, data_cfg, aug_cfg, train_cfg, optim_cfg,
   stopper = StopOnSignal(strategy)  # before CheckpointCallback, which saves the step it stops at
   cbs = [guard, stopper,
          checkpoints.CheckpointCallback(out_dir, train_cfg.checkpoint_every_steps,
-                                        train_cfg.keep_checkpoints, guard, stopper),
+                                        train_cfg.keep_checkpoints, guard, stopper,
+                                        train_cfg.keep_checkpoint_every_steps),
          keras.callbacks.TensorBoard(os.path.join(out_dir, "logs"), update_freq=max(1, spe // 10)),
          timing, *callbacks]
   step = start

@@ -151,7 +151,10 @@ def test_parity_carves_a_shared_split_and_scores_both_sides(tmp_path, capsys):
       "a = sys.argv[1:]\n"
       "print('step 1 ep 0 2s loss 5.7', file=sys.stderr)\n"
       "print('step 10 ep 0 1s loss 5.0', file=sys.stderr)\n"
+      "curve = ([{'step': int(a[a.index('--eval_at') + 1]), 'knn_top1': 0.3}]\n"
+      "         if '--eval_at' in a else None)\n"
       "print(json.dumps({'knn_top1_before': 0.2, 'knn_top1_after': 0.5, 'argv': a,\n"
+      "  'knn_curve': curve,\n"
       "  'train': {'steps': int(a[a.index('--steps') + 1]), 'pairs_per_s': 30.0,\n"
       "            'train_seconds': 10.0},\n"
       "  'config': {'train_images': 28, 'test_images': 8}}))\n")
@@ -161,7 +164,7 @@ def test_parity_carves_a_shared_split_and_scores_both_sides(tmp_path, capsys):
   common = [f"--source={source}", f"--split_dir={split}", "--val_images=8", "--steps=2",
             "--batch_size=8", f"--work_dir={tmp_path / 'runs'}", f"--results={results}",
             f"--peer_python={sys.executable}", f"--peer_dir={peer_dir}"]
-  parity.main([*common, "--side=both", *[f"--override={o}" for o in tiny]])
+  parity.main([*common, "--side=both", "--eval_at=1", *[f"--override={o}" for o in tiny]])
   out, err = capsys.readouterr()
   peer, ours = [json.loads(line) for line in out.splitlines()]
   assert "peer: step 10 ep 0 1s loss 5.0" in err.splitlines()  # its progress, passed on
@@ -179,7 +182,15 @@ def test_parity_carves_a_shared_split_and_scores_both_sides(tmp_path, capsys):
   assert ours["train_images"] == 28 and ours["eval_images"] == 8 and ours["pairs_per_s"] > 0
   assert ours["pairs_per_s_after_first_step"] == ours["pairs_per_s"]
   assert ours["settings"] == {"use_nn": True, "symmetric_loss": True,  # the lightly preset's
-                              "weight_decay_mode": "coupled", "zero_init_residual": False}
+                              "weight_decay_mode": "coupled", "zero_init_residual": False,
+                              "queue_size": 64}
+  # --eval_at: the peer is asked for its curve; ours scores kNN at every multiple of the gcd of
+  # the points and the last step, each point with the NN label-hit of the steps up to it.
+  assert peer["knn_curve"] == [{"step": 1, "knn_top1": 0.3}]
+  assert peer["peer_cmd"][-2:] == ["--eval_at", "1"]
+  assert [p["step"] for p in ours["knn_curve"]] == [1, 2] and ours["knn_monitor_seconds"] > 0
+  assert ours["knn_curve"][-1]["knn_top1"] == pytest.approx(ours["knn_top1"], abs=1e-9)
+  assert all(0 <= p["nn_label_hit"] <= 1 for p in ours["knn_curve"])
   # A later part of the protocol reuses the split and appends; the summary groups by setting.
   parity.main([*common, "--side=peer", "--seed=1"])
   with pytest.raises(SystemExit, match="another --split_dir"):
@@ -218,3 +229,34 @@ def test_peer_and_data_defaults_are_the_shared_folder_beside_the_repository():
     assert default == os.path.join(shared, "peers", "lightly")
   if os.path.isdir(shared):
     assert os.path.isfile(os.path.join(parity.DEFAULT_PEER_DIR, "knn_budget.py"))
+
+
+def test_curves_report_tables_and_plots_each_run_with_a_curve(tmp_path, capsys):
+  import curves
+  results, png = tmp_path / "curves.jsonl", tmp_path / "curves.png"
+  lines = [
+      {"side": "peer", "seed": 0, "steps": 600, "seconds": 3000.0, "pairs_per_s": 30.0,
+       "knn_curve": [{"step": 150, "knn_top1": 0.31}, {"step": 600, "knn_top1": 0.45}]},
+      {"side": "ours", "seed": 0, "steps": 600, "seconds": 2400.0, "pairs_per_s": 35.0,
+       "settings": {"use_nn": True, "queue_size": 4096},
+       "knn_curve": [{"step": 150, "knn_top1": 0.32, "nn_label_hit": 0.12},
+                     {"step": 600, "knn_top1": 0.46, "nn_label_hit": 0.2}]},
+      {"side": "ours", "seed": 0, "steps": 600, "seconds": 2400.0, "pairs_per_s": 36.0,
+       "settings": {"use_nn": False, "queue_size": 1024},
+       "knn_curve": [{"step": 600, "knn_top1": 0.47, "nn_label_hit": 0.0}]},
+      {"side": "ours", "seed": 0, "steps": 300, "knn_top1": 0.4},  # no curve: not a run here
+  ]
+  results.write_text("".join(json.dumps(line) + "\n" for line in lines))
+  curves.main([f"--results={results}", f"--plot={png}"])
+  out = capsys.readouterr().out.splitlines()
+  assert out[0] == ("| run | seed | kNN @ 150 | kNN @ 600 | NN hit @ 150 | NN hit @ 600 | "
+                    "pairs/s | wall min |")
+  assert out[2] == "| lightly NNCLR | 0 | 0.3100 | 0.4500 |  |  | 30.0 | 50 |"
+  assert out[3] == "| ours NNCLR | 0 | 0.3200 | 0.4600 | 0.120 | 0.200 | 35.0 | 40 |"
+  assert out[4].startswith("| ours SimCLR, support set 1024 | 0 |  | 0.4700 |")
+  report = json.loads(out[-1])
+  assert report["benchmark"] == "curves_report" and len(report["runs"]) == 3
+  assert png.stat().st_size > 10_000
+  (tmp_path / "none.jsonl").write_text(json.dumps(lines[-1]) + "\n")
+  with pytest.raises(SystemExit, match="no run with a knn_curve"):
+    curves.main([f"--results={tmp_path / 'none.jsonl'}", "--plot="])

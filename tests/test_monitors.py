@@ -17,3 +17,28 @@ def test_read_curves_orders_by_step_and_the_last_row_of_a_step_wins(tmp_path):
   np.testing.assert_array_equal(curves["loss"], [6.0, 4.0])
   np.testing.assert_array_equal(curves["nn_label_hit"], [0.1, 0.2])
   assert np.isnan(curves["online_probe_acc"]).all()
+
+
+def test_a_knn_row_merges_with_the_training_row_of_its_step(tmp_path):
+  path = str(tmp_path / "curves.csv")
+  monitors.append_row(path, {"step": 4, "loss": 3.5, "nn_label_hit": 0.25})
+  monitors.append_row(path, {"step": 4, "knn_top1": 0.625})
+  monitors.append_row(path, {"step": 8, "loss": 3.0})
+  curves = monitors.read_curves(path)
+  np.testing.assert_array_equal(curves["step"], [4, 8])
+  np.testing.assert_array_equal(curves["loss"], [3.5, 3.0])
+  assert curves["knn_top1"][0] == 0.625 and np.isnan(curves["knn_top1"][1])
+  assert curves["nn_label_hit"][0] == 0.25
+
+
+def test_a_file_of_an_older_header_gets_the_new_column_without_shifting_values(tmp_path):
+  """curves.csv written before knn_top1 existed: appending a kNN point rewrites it under the
+  current header first, so the old rows keep their values and the point lands in its column."""
+  path = tmp_path / "curves.csv"
+  old = [c for c in monitors.COLUMNS if c != "knn_top1"]
+  path.write_text(",".join(old) + "\n" + "2,0,0.1,5.0,0.5,,,0.75,\n")
+  monitors.append_row(str(path), {"step": 2, "knn_top1": 0.4})
+  assert path.read_text().splitlines()[0] == ",".join(monitors.COLUMNS)
+  curves = monitors.read_curves(str(path))
+  assert curves["loss"][0] == 5.0 and curves["nn_label_hit"][0] == 0.5
+  assert curves["online_probe_acc"][0] == 0.75 and curves["knn_top1"][0] == 0.4

@@ -75,6 +75,10 @@ README_COMMANDS = {
     "python run.py --flagfile=flags/imagenet_resnet50.cfg --strategy=multi_worker "
     "--model_dir=gs://bucket/nnclr --data_dir=gs://bucket/tfds": PARSE,
     "python benchmarks/scaling.py": BENCHMARK,
+    # Modes: the quickstart's 10 steps keep ckpt-10 (the full run's 220 keep 198, 209, 220)
+    "python run.py --mode=knn_eval --flagfile=flags/quickstart.cfg --checkpoint=198":
+        Run(outputs=(f"{QS}/knn_results.json",), extra=("--checkpoint=10",),
+            stdout="ckpt-10"),
     # Evaluation, on the quickstart's model_dir
     "python run.py --mode=knn_eval --flagfile=flags/quickstart.cfg # knn_results.json":
         Run(outputs=(f"{QS}/knn_results.json",)),

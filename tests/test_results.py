@@ -32,6 +32,8 @@ def test_the_summary_reads_only_declared_keys(mode, tmp_path):
   sample = {k: 0.5 for k in results.declared_keys(mode)}
   sample.update({k: str(tmp_path / "x") for k in sample if k.endswith("_dir") or k in (
       "checkpoint", "probe", "feature_cache")})
+  if "knn_curve" in sample:
+    sample["knn_curve"] = [{"step": 4, "knn_top1": 0.5}]
   if "plots" in sample:
     sample["plots"] = {"retrieval_grid": str(tmp_path / "plots" / "grid.png")}
   r = Recorder(sample)
