@@ -7,9 +7,9 @@ from conftest import REPO
 from nnclr_tf import config, data, errors, pipelines, sources
 
 HOMES = {
-    sources: ["IMAGE_EXTENSIONS", "Source", "StreamSource", "cache_decoded", "check_decodable",
-              "decode_error", "decode_image", "digits_source", "folder_source", "knn_bank_source",
-              "load_sources", "numpy_source", "split_balanced", "tfds_source"],
+    sources: ["IMAGE_EXTENSIONS", "Source", "StreamSource", "bank_subset", "cache_decoded",
+              "check_decodable", "decode_error", "decode_image", "digits_source", "folder_source",
+              "knn_bank_source", "load_sources", "numpy_source", "split_balanced", "tfds_source"],
     pipelines: ["distributed_pretrain_dataset", "eval_dataset", "pretrain_dataset",
                 "pretraining_stream", "steps_per_epoch", "two_views_encoded"],
     config: ["DataConfig"],
