@@ -122,9 +122,10 @@ def ours_experiment(args, split, model_dir):
   protocol = dict(dataset="folder", image_dir=os.path.join(split, "train"),
                   eval_image_dir=os.path.join(split, "val"), val_images=0,
                   train_steps=args.steps, model_dir=model_dir, plots=False, online_probe=False)
-  if args.eval_at:
-    # The monitor's interval: every point asked for, and the last step, is a multiple of it.
-    protocol.update(knn_every_steps=math.gcd(args.steps, *args.eval_at), knn_monitor_bank=0)
+  # The monitor's interval: every point asked for, and the last step, is a multiple of it; none
+  # without --eval_at (the preset's own interval would add a pass at the last step).
+  protocol.update(knn_every_steps=math.gcd(args.steps, *args.eval_at) if args.eval_at else 0,
+                  knn_monitor_bank=0)
   return Experiment.from_flagfile(args.preset, **{**OVERRIDES, **args.ours_flags, **protocol,
                                                   **parse_overrides(args.override)})
 
@@ -158,7 +159,7 @@ def run_ours(args, split):
   values = exp.flag_values()
   settings = {n: values[n] for n in RECORDED}
   return {"knn_top1": r.get("knn_top1"), "knn_top1_random_init": r.get("knn_top1_random_init"),
-          "knn_curve": curve_with_label_hit(r.get("knn_curve"), model_dir),
+          "knn_curve": curve_with_label_hit(r.get("knn_curve"), model_dir, exp.support.use_nn),
           "knn_monitor_seconds": r.get("knn_monitor_seconds"),
           "pairs_per_s": r.get("pairs_per_sec"), "steps_done": r["steps"],
           "pairs_per_s_after_first_step": r.get("pairs_per_sec"),
@@ -168,11 +169,12 @@ def run_ours(args, split):
           "pairs_per_s_note": "steps after the first (the first traces the graph)"}
 
 
-def curve_with_label_hit(curve, model_dir, window=20):
+def curve_with_label_hit(curve, model_dir, use_nn=True, window=20):
   """The kNN points of our run, each with the mean NN label-hit over the `window` steps up to it
-  (curves.csv), the share of positives of the same class as their query at that point."""
-  if not curve:
-    return curve
+  (curves.csv), the share of positives of the same class as their query at that point (None
+  without the NN positive: SimCLR's curves.csv holds 0 there, a metric it does not compute)."""
+  if not curve or not use_nn:
+    return [{**p, "nn_label_hit": None} for p in curve or []] or curve
   from nnclr_tf import model_dir as md
   from nnclr_tf import monitors
   rows = monitors.read_curves(md.path(model_dir, md.CURVES))
