@@ -82,7 +82,7 @@ def plot(runs, path):
     hits = [(p["step"], p["nn_label_hit"]) for p in r["curve"] if p.get("nn_label_hit")]
     if hits and "SimCLR" not in r["name"]:
       hit_ax = hit_ax or ax.twinx()
-      hit_ax.plot(*zip(*hits), linestyle="--", color=line.get_color(), alpha=0.6,
+      hit_ax.plot(*zip(*hits), linestyle="--", marker="x", color=line.get_color(), alpha=0.6,
                   label=f"{r['name']}: NN label-hit")
   ax.set_xlabel("step (batch 128)")
   ax.set_ylabel("weighted kNN top-1 (k=200, T=0.1), 5,000 held-out images")

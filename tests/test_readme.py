@@ -117,6 +117,7 @@ README_COMMANDS = {
     "python benchmarks/peak.py # matmul GFLOP/s ceiling": BENCHMARK,
     "python benchmarks/peer_compare.py --rounds=2 --steps=10 # vs lightly (peer env)": BENCHMARK,
     "python benchmarks/parity.py --side=both --seed=0 --steps=300": BENCHMARK,
+    "python benchmarks/curves.py": BENCHMARK,
     # Operating a run (after linear_eval has exported the classifier)
     'python -c "import json,sys; print(json.dumps(json.load(open(sys.argv[1])), indent=2))" '
     "runs/quickstart/export/classifier/1/assets.extra/nnclr_tf.json":
