@@ -12,6 +12,7 @@ import keras
 import tensorflow as tf
 
 from nnclr_tf import checkpoints, config, data, distributed, model_config
+from nnclr_tf import model_dir as md
 from nnclr_tf.backbones import build_backbone
 from nnclr_tf.config import SECTIONS, Experiment
 from nnclr_tf.model import NNCLR
@@ -92,6 +93,7 @@ def build_encoder(exp: Experiment, seed=None):
 def restored_model(exp: Experiment, strategy=None):
   """(model, checkpoint path) of the model_dir's checkpoint --checkpoint names (default: the
   newest)."""
+  md.recorded_model_config(exp.train.model_dir)  # one error line when it is damaged
   chosen = checkpoints.resolve_checkpoint(exp.train.model_dir, exp.train.checkpoint)
   model = build_model(exp, strategy)
   checkpoints.restore(model, chosen)

@@ -7,7 +7,9 @@ step), so a restore resumes training exactly; evaluation and export read the mod
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import shutil
 
 import keras
@@ -17,7 +19,9 @@ from nnclr_tf.errors import DiskFullError, ModelDirError, disk_full_message, is_
 
 
 def latest_checkpoint(model_dir) -> str | None:
-  return tf.train.latest_checkpoint(model_dir)
+  """The newest checkpoint on disk, not verified (newest_intact verifies)."""
+  found = candidates(model_dir)
+  return found[0] if found else None
 
 
 def checkpoint_step(checkpoint) -> int:
@@ -33,10 +37,116 @@ def checkpoint_at(model_dir, step):
 
 
 def require_checkpoint(model_dir):
-  latest = latest_checkpoint(model_dir)
-  if not latest:
+  """The newest intact checkpoint of model_dir (newest_intact), or one ModelDirError line."""
+  chosen = newest_intact(model_dir)
+  if not chosen:
     raise ModelDirError(f"--model_dir={model_dir} holds no checkpoint; run --mode=pretrain first")
-  return latest
+  return chosen
+
+
+def candidates(model_dir) -> list[str]:
+  """Every checkpoint a restore may take, newest first: those the `checkpoint` state file names
+  (all files on disk when it is missing or does not parse) and the milestones.
+
+  A `ckpt-N.index` the state file does not name (a save killed before the state file was
+  rewritten) is passed over, as tf.train.latest_checkpoint does, while the state file is sound."""
+  named = state_file_paths(model_dir)
+  found = {s: p for s, p in available_checkpoints(model_dir).items()
+           if named is None or os.path.basename(os.path.dirname(p)) == MILESTONES}
+  for path in named or []:
+    if tf.io.gfile.exists(path + ".index"):
+      found[checkpoint_step(path)] = path
+  return [found[s] for s in sorted(found, reverse=True)]
+
+
+_STATE_LINE = re.compile(r'(all_)?model_checkpoint_paths?: "([^"]+)"$'
+                         r"|(all_model_checkpoint_timestamps|last_preserved_timestamp): "
+                         r"[0-9.e+-]+$")
+
+
+def state_file_paths(model_dir) -> list[str] | None:
+  """The checkpoint prefixes the `checkpoint` state file lists, oldest first; None when it is
+  missing or does not parse (read here, quietly: tf.train.get_checkpoint_state logs two
+  warnings for a garbled one and raises for an empty one)."""
+  try:
+    with tf.io.gfile.GFile(os.path.join(model_dir, "checkpoint")) as f:
+      lines = [line.strip() for line in f.read().splitlines() if line.strip()]
+  except (tf.errors.OpError, UnicodeDecodeError):
+    return None
+  matches = [_STATE_LINE.fullmatch(line) for line in lines]
+  if not lines or not all(matches) or not any(m.group(2) and not m.group(1) for m in matches):
+    return None
+  paths = [m.group(2) for m in matches if m.group(1)] or [
+      m.group(2) for m in matches if m.group(2)]
+  return [p if os.path.isabs(p) or "://" in p else os.path.join(model_dir, p) for p in paths]
+
+
+_VERIFIED: dict = {}  # (prefix, files' sizes and times) -> damage(): a file rewritten is re-read
+
+
+def damage(prefix) -> str | None:
+  """Why the checkpoint `prefix` cannot be restored, or None when every tensor reads back.
+
+  The bundle's index holds a CRC32C of every tensor, which the reader checks: reading them all
+  finds a truncated, emptied or garbled data shard or index before any variable is assigned (a
+  restore would fail half-way, or, for a short read, end the process with an IndexError)."""
+  try:
+    files = tuple(_stamp(f) for f in sorted(tf.io.gfile.glob(prefix + ".*")))
+  except (tf.errors.OpError, OSError):
+    files = ()
+  key = (prefix, files)
+  if key not in _VERIFIED:
+    try:
+      reader = tf.train.load_checkpoint(prefix)
+      for name in reader.get_variable_to_dtype_map():
+        reader.get_tensor(name)
+      reason = None
+    except Exception as e:  # noqa: BLE001  any failure to read back is damage
+      reason = " ".join(f"{type(e).__name__}: {e}".split())[:200]
+    if len(_VERIFIED) > 64:
+      _VERIFIED.clear()
+    _VERIFIED[key] = reason
+  return _VERIFIED[key]
+
+
+def _stamp(file_path):
+  """(path, size, modification time): os.stat's nanoseconds for a local file (gfile.stat
+  rounds to whole seconds, which would miss a rewrite within the second)."""
+  if "://" not in file_path:
+    st = os.stat(file_path)
+    return file_path, st.st_size, st.st_mtime_ns, st.st_ino
+  st = tf.io.gfile.stat(file_path)
+  return file_path, st.length, st.mtime_nsec, 0
+
+
+def newest_intact(model_dir, warn=True) -> str | None:
+  """The newest checkpoint of model_dir that reads back whole (None: model_dir has none).
+
+  A damaged one is left on disk as it is and named in one warning line (a resumed run writes
+  that step again when it gets there); with checkpoints on disk but none intact, one
+  ModelDirError line names them."""
+  damaged = []
+  for prefix in candidates(model_dir):
+    reason = damage(prefix)
+    if reason is not None and not tf.io.gfile.exists(prefix + ".index"):
+      continue  # deleted while it was read (the trainer keeps --keep_checkpoints): not damage
+    if reason is None:
+      if warn and damaged:
+        logging.warning("--model_dir=%s: %s; left on disk as %s, and %s, the newest intact "
+                        "checkpoint, is used", model_dir, "; ".join(
+                            f"{os.path.basename(p)} is damaged ({r})" for p, r in damaged),
+                        "it is" if len(damaged) == 1 else "they are", os.path.basename(prefix))
+      return prefix
+    damaged.append((prefix, reason))
+  if damaged:
+    raise no_intact_error(model_dir, damaged)
+  return None
+
+
+def no_intact_error(model_dir, damaged):
+  names = ", ".join(f"{os.path.relpath(p, model_dir)}.* ({r})" for p, r in damaged)
+  return ModelDirError(f"--model_dir={model_dir} holds no intact checkpoint: {names}; restore "
+                       "the files from a copy, or use a new --model_dir to start over")
 
 
 MILESTONES = "milestones"  # model_dir/milestones/ckpt-N: --keep_checkpoint_every_steps
@@ -64,18 +174,26 @@ def resolve_checkpoint(model_dir, which="") -> str:
   if which.isdigit():
     found = available_checkpoints(model_dir)
     if int(which) in found:
-      return found[int(which)]
+      return _intact(found[int(which)], f"--checkpoint={which}")
     have = (f"it has steps {', '.join(str(s) for s in found)}" if found
             else "it holds no checkpoint (run --mode=pretrain first)")
     raise ModelDirError(f"--checkpoint={which}: --model_dir={model_dir} has no checkpoint of step "
                         f"{which}; {have} (--keep_checkpoint_every_steps keeps milestones)")
   if tf.io.gfile.exists(which + ".index"):
-    return which
-  if tf.io.gfile.isdir(which) and latest_checkpoint(which):
-    return latest_checkpoint(which)
+    return _intact(which, f"--checkpoint={which}")
+  if tf.io.gfile.isdir(which) and candidates(which):
+    return newest_intact(which)
   raise ModelDirError(f"--checkpoint={which} is neither a step of --model_dir={model_dir} nor a "
                       f"checkpoint ({which}.index does not exist); give a step or a .../ckpt-N "
                       "path")
+
+
+def _intact(prefix, flag):
+  reason = damage(prefix)
+  if reason:
+    raise ModelDirError(f"{flag}: {prefix} is damaged ({reason}); give another step or path, "
+                        "or leave the flag out for the newest intact checkpoint")
+  return prefix
 
 
 def restore(model, checkpoint, strict=False):
@@ -91,7 +209,10 @@ def restore(model, checkpoint, strict=False):
 def online_probe_classes(model_dir):
   """The online probe's class count in model_dir's newest checkpoint (0: none), or None when
   there is no readable checkpoint."""
-  latest = latest_checkpoint(model_dir)
+  try:
+    latest = newest_intact(model_dir, warn=False)
+  except ModelDirError:
+    return None  # nothing readable: the restore reports it
   if not latest:
     return None
   try:
@@ -109,8 +230,9 @@ def make_checkpoint(model):
 def restore_latest(model, ckpt_dir):
   """Restores the newest checkpoint in ckpt_dir, if any. Returns its path or None.
 
-  A checkpoint of a different architecture is refused with a ConfigError (nothing is written)."""
-  latest = tf.train.latest_checkpoint(ckpt_dir)
+  The newest intact one (newest_intact: a damaged newer one is named in a warning line). A
+  checkpoint of a different architecture is refused with a ConfigError (nothing is written)."""
+  latest = newest_intact(ckpt_dir)
   if latest:
     try:
       make_checkpoint(model).restore(latest).assert_existing_objects_matched()
@@ -122,7 +244,7 @@ def restore_latest(model, ckpt_dir):
 def check_checkpoint_fits(model, ckpt_dir):
   """Raises ConfigError when ckpt_dir's newest checkpoint is not of `model`'s architecture (it
   loads the model's part of the checkpoint into `model`, which a resume does anyway)."""
-  latest = tf.train.latest_checkpoint(ckpt_dir)
+  latest = newest_intact(ckpt_dir, warn=False)
   if latest:
     try:
       tf.train.Checkpoint(model=model).read(latest).assert_existing_objects_matched() \
@@ -164,6 +286,9 @@ class CheckpointCallback(keras.callbacks.Callback):
     self.guard = guard  # a NonFiniteGuard: no save once it has tripped
     self.stopper = stopper  # a StopOnSignal: save at the step it stops training
     self._interval = None
+    # The step this process saved last: not the state file's newest, which may be a damaged
+    # checkpoint the restore passed over and which this run must write again.
+    self._saved_step = None
 
   def on_train_begin(self, logs=None):
     if self.manager is None:
@@ -172,6 +297,7 @@ class CheckpointCallback(keras.callbacks.Callback):
       # (temp file + rename), so a kill at any moment leaves the state file naming the previous
       # complete checkpoint. An orphaned ckpt-N_temp/ from such a kill is removed here.
       remove_orphaned_temp_dirs(self.model_dir)
+      repair_state_file(self.model_dir)
       self.manager = tf.train.CheckpointManager(make_checkpoint(self.model), self.model_dir,
                                                 max_to_keep=self.keep)
     if self.every_steps:
@@ -191,9 +317,10 @@ class CheckpointCallback(keras.callbacks.Callback):
     try:
       if milestone:
         save_milestone(self.model, self.model_dir, step)
-      if self.manager.latest_checkpoint and self.manager.latest_checkpoint.endswith(f"-{step}"):
+      if self._saved_step == step:
         return
       self.manager.save(checkpoint_number=step)
+      self._saved_step = step
     except (OSError, tf.errors.OpError) as e:
       # TensorFlow reports EFBIG as OutOfRangeError, which model.fit takes for the end of the
       # data and ends the epoch quietly: raise ours, which it does not catch.
@@ -244,6 +371,29 @@ def save_milestone(model, model_dir, step):
     tf.io.gfile.rename(os.path.join(partial, name), os.path.join(folder, name), overwrite=True)
   tf.io.gfile.rmtree(partial)
   return final
+
+
+def repair_state_file(model_dir):
+  """A `checkpoint` state file that does not parse is kept as `checkpoint.damaged` and written
+  anew from the checkpoints on disk (tf.train.CheckpointManager would otherwise start from an
+  empty list, or raise on an empty file; the state file only lists files, all still there)."""
+  state = os.path.join(model_dir, "checkpoint")
+  if not tf.io.gfile.exists(state) or state_file_paths(model_dir) is not None:
+    return
+  kept = [p for p in candidates(model_dir)  # not the milestones, which no manager deletes
+          if os.path.basename(os.path.dirname(p)) != MILESTONES]
+  tf.io.gfile.rename(state, state + ".damaged", overwrite=True)
+  if kept:
+    # As CheckpointManager writes it: paths relative to model_dir, oldest first, then the newest.
+    names = [os.path.basename(p) for p in kept[::-1]]
+    text = f'model_checkpoint_path: "{names[-1]}"\n' + "".join(
+        f'all_model_checkpoint_paths: "{n}"\n' for n in names)
+    with tf.io.gfile.GFile(state + ".tmp", "w") as f:
+      f.write(text)
+    tf.io.gfile.rename(state + ".tmp", state, overwrite=True)
+  logging.warning("--model_dir=%s: its `checkpoint` state file does not parse; it is kept as "
+                  "checkpoint.damaged and written anew from the %d checkpoint(s) on disk",
+                  model_dir, len(kept))
 
 
 def remove_orphaned_temp_dirs(ckpt_dir):

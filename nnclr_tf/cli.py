@@ -6,6 +6,7 @@
   nnclr-tf --mode=finetune --label_fraction=0.1 --flagfile=flags/quickstart.cfg
   nnclr-tf --mode=plots --flagfile=flags/quickstart.cfg
   nnclr-tf --mode=export --flagfile=flags/quickstart.cfg
+  nnclr-tf --mode=continuous_eval --flagfile=flags/quickstart.cfg   (beside a running pretrain)
 
 Flags -> `config.Experiment` -> `experiment.<mode>(exp)`; the results JSON is the last line.
 
@@ -47,7 +48,7 @@ from absl import app, flags, logging  # noqa: E402
 from nnclr_tf import config, errors, flagfiles  # noqa: E402
 from nnclr_tf import model_dir as md  # noqa: E402
 
-MODES = ("pretrain", "knn_eval", "linear_eval", "finetune", "plots", "export")
+MODES = ("pretrain", "knn_eval", "linear_eval", "finetune", "plots", "export", "continuous_eval")
 
 FLAGS = flags.FLAGS
 
@@ -173,6 +174,11 @@ def summary(mode, exp, results):
   if mode == "finetune" and r.get("finetune_top1") is not None:
     lines.append(f"fine-tuned top-1 {_fmt(r['finetune_top1'])} ({r.get('init')}, "
                  f"label fraction {exp.finetune.label_fraction:g})")
+  if mode == "continuous_eval":
+    lines.append(f"continuous_eval of {d}: {len(r.get('scored_steps', []))} checkpoint(s) scored, "
+                 f"last step {r.get('last_step')}, kNN top-1 {_fmt(r.get('knn_top1'))}"
+                 + (" (stopped by --eval_timeout)" if r.get("timed_out") else ""))
+    lines.append(f"  results: {r.get('results_file')}")
   exports = {"pretrain": ("export_dir",), "linear_eval": ("classifier_export_dir",),
              "export": ("encoder_export_dir", "classifier_export_dir")}.get(mode, ())
   for key in exports:

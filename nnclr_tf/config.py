@@ -226,6 +226,13 @@ class EvalConfig:
   knn_monitor_bank: int = setting(
       0, "The kNN bank of --knn_every_steps: a seeded class-balanced subset of this many training "
       "images (0: all of them); the final kNN always uses all.")
+  eval_timeout: int = setting(
+      3600, "--mode=continuous_eval: stop after this many seconds without a new checkpoint.")
+  eval_poll_seconds: int = setting(
+      10, "--mode=continuous_eval: how often to look for a new checkpoint.")
+  continuous_eval_linear: bool = setting(
+      False, "--mode=continuous_eval: also fit the linear probe (L-BFGS on the same features) "
+      "of each checkpoint.")
   random_init_baseline: bool = setting(
       True, "kNN and linear_eval also score the architecture at random initialisation "
       "(knn_top1_random_init, linear_top1_random_init): one more forward pass over the train "
@@ -235,6 +242,9 @@ class EvalConfig:
     for name in ("knn_every_steps", "knn_monitor_bank"):
       if getattr(self, name) < 0:
         raise ConfigError(f"--{name}={getattr(self, name)} must be >= 0 (0: off)")
+    for name in ("eval_timeout", "eval_poll_seconds"):
+      if getattr(self, name) < 1:
+        raise ConfigError(f"--{name}={getattr(self, name)} must be >= 1 (seconds)")
 
 
 @dataclasses.dataclass(frozen=True)

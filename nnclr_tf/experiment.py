@@ -1,4 +1,5 @@
-"""pretrain / knn_eval / linear_eval / finetune / plots / export as functions of one Experiment.
+"""pretrain / knn_eval / linear_eval / finetune / plots / export / continuous_eval as functions of
+one Experiment.
 
 The CLI, notebooks, benchmarks and tests call these; none reads flags. Each returns its results
 dict and (on the chief) writes it into the model_dir (`nnclr_tf.model_dir` has the layout):
@@ -19,6 +20,8 @@ import os
 import tempfile
 
 from nnclr_tf import checkpoints, distributed, linear_probe, pretraining, progress
+from nnclr_tf import continuous_eval as continuous_lib
+from nnclr_tf import data as data_lib
 from nnclr_tf import export as export_lib
 from nnclr_tf import finetune as finetune_lib
 from nnclr_tf import model_dir as md
@@ -37,6 +40,7 @@ from nnclr_tf.checks import check_batch
 from nnclr_tf.config import Experiment
 from nnclr_tf.errors import ConfigError, ModelDirError
 from nnclr_tf.results import (
+  ContinuousEvalResults,
   ExportResults,
   FinetuneResults,
   KnnEvalResults,
@@ -251,10 +255,39 @@ def export(exp: Experiment, strategy=None) -> ExportResults:
   return md.write_results(t.model_dir, "export", results)
 
 
+# --- continuous_eval ---------------------------------------------------------------------------
+
+@_locked("continuous_eval")
+def continuous_eval(exp: Experiment, strategy=None) -> ContinuousEvalResults:
+  """Follows the model_dir while pretraining writes it (another process, another host): kNN,
+  and with --continuous_eval_linear the linear probe, of each new checkpoint, one line each in
+  continuous_eval.jsonl; returns when the run's last step is scored or after --eval_timeout
+  seconds without a new checkpoint (nnclr_tf/continuous_eval.py)."""
+  strategy = strategy_for(exp, strategy)
+  t = exp.train
+  train, held, classes = labelled_splits(exp, "continuous_eval")
+  model = build_model(exp, strategy)
+  # The bank is the training split (or its labelled part): the run's last step, or near it;
+  # a finished run's recorded step ends the loop anyway (continuous_eval.run_finished).
+  target = t.train_steps or t.train_epochs * data_lib.steps_per_epoch(len(train), t.batch_size)
+  scored, timed_out = continuous_lib.follow(exp, model, train, held, classes, target)
+  records = continuous_lib.records(t.model_dir)
+  last = max(records, key=lambda r: r["step"]) if records else {}
+  results: ContinuousEvalResults = {"scored_steps": scored, "last_step": last.get("step", 0),
+                                    "timed_out": timed_out,
+                                    "results_file": md.path(t.model_dir, continuous_lib.FILE)}
+  for key in ("checkpoint", "knn_top1", "linear_top1"):
+    if key in last:
+      results[key] = last[key]
+  return results
+
+
 MODES = {"pretrain": pretrain, "knn_eval": knn_eval, "linear_eval": linear_eval,
-         "finetune": finetune, "plots": plots, "export": export}
+         "finetune": finetune, "plots": plots, "export": export,
+         "continuous_eval": continuous_eval}
 EXPORTING_MODES = ("pretrain", "linear_eval", "export")
 
 __all__ = ["setup", "quiet_tensorflow", "nnclr_config", "build_model", "build_encoder",
            "restored_model", "load_data", "eval_data", "pretrain", "knn_eval", "linear_eval",
-           "finetune", "plots", "export", "MODES", "EXPORTING_MODES", "ModelDirError"]
+           "finetune", "plots", "export", "continuous_eval", "MODES", "EXPORTING_MODES",
+           "ModelDirError"]

@@ -11,7 +11,7 @@
   linear_probe/probe.npz   linear_eval's probe (what the classifier export serves)
   export/<encoder|classifier>/<version>/   TF Serving exports (--export_base elsewhere)
   <mode>_results.json      each mode's figures: pretrain, knn, linear_eval, finetune, export
-  run.lock                 held while a run writes here (pid, host, start time, mode)
+  run.lock                 held while pretraining writes here (pid, host, start, mode)
 
 Every file is written by temp file + rename, so a kill leaves the previous version.
 """
@@ -135,7 +135,7 @@ def prepare(model_dir, model_config, checkpoint_checked=False):
                         "another") from None
   config_path = path(model_dir, MODEL_CONFIG)
   if os.path.exists(config_path):
-    old = architecture(read_json(config_path))
+    old = architecture(recorded_model_config(model_dir))
     # Keras numbers model names per process (nnclr, nnclr_1, ...): not part of the architecture.
     diff = sorted(k for k in set(old) | set(model_config)
                   if k != "name" and old.get(k) != model_config.get(k))
@@ -146,6 +146,32 @@ def prepare(model_dir, model_config, checkpoint_checked=False):
           "same flags")
   elif checkpoint_checked or not has_checkpoint(model_dir):
     write_json(config_path, model_config)
+
+
+def recorded_model_config(model_dir):
+  """model_config.json's architecture ({} without one); one ModelDirError line when it is there
+  but damaged (truncated, emptied, garbled): it is the record that guards the checkpoints'
+  architecture, so it is never rewritten over."""
+  config_path = path(model_dir, MODEL_CONFIG)
+  try:
+    with open(config_path) as f:
+      text = f.read()
+  except FileNotFoundError:
+    return {}
+  except (OSError, UnicodeDecodeError) as e:
+    text, reason = None, str(e)
+  if text is not None:
+    try:
+      obj = json.loads(text)
+      if isinstance(obj, dict) and obj:
+        return obj
+      reason = "not a JSON object of the model's settings"
+    except ValueError as e:
+      reason = f"not JSON: {e}"
+  raise ModelDirError(f"--model_dir={model_dir}: {MODEL_CONFIG} is damaged ({reason}); it records "
+                      "the architecture of the checkpoints there: restore it from a copy, or "
+                      "delete it and rerun --mode=pretrain, which records it anew once the "
+                      "newest checkpoint is checked to fit the flags")
 
 
 # --- a finished pretraining run ----------------------------------------------------------------
@@ -193,7 +219,7 @@ def export_metadata(model_dir, step, image_size=None, results=None, checkpoint=N
   ckpt = checkpoint or path(model_dir, f"ckpt-{int(step)}")
   meta = {"checkpoint_step": int(step), "model_dir": os.path.abspath(model_dir),
           "checkpoint": os.path.abspath(ckpt),
-          "model_config": read_json(path(model_dir, MODEL_CONFIG))}
+          "model_config": recorded_model_config(model_dir)}
   if image_size:
     meta["image_size"] = int(image_size)
     meta["preprocessing"] = {
@@ -332,11 +358,17 @@ def _remove_if_same(file_path, holder):
     os.remove(aside)
 
 
+# Modes that only read checkpoints and write their own files, each atomically (write_results,
+# probe.npz, the feature cache, exports renamed into a free version): any number of them may run
+# beside the one pretraining writer, which they never block.
+READER_MODES = ("knn_eval", "linear_eval", "finetune", "plots", "export", "continuous_eval")
+
+
 def lock(model_dir, mode, chief=None):
-  """The RunLock of `model_dir` for a process that writes there; a no-op context on non-chief
-  workers (they write into .workers/) and, for modes other than pretrain, on a model_dir that does
-  not exist (nothing is written; the mode reports the missing checkpoint)."""
+  """The RunLock of `model_dir` for the process that trains there; a no-op context for the reader
+  modes, on non-chief workers (they write into .workers/) and on a model_dir that does not exist
+  for a mode other than pretrain (nothing is written; the mode reports the missing checkpoint)."""
   chief = cluster.is_chief_process() if chief is None else chief
-  if not chief or (mode != "pretrain" and not os.path.isdir(model_dir)):
+  if not chief or mode in READER_MODES or (mode != "pretrain" and not os.path.isdir(model_dir)):
     return contextlib.nullcontext()
   return RunLock(model_dir, mode)

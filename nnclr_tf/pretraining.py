@@ -117,8 +117,9 @@ def finished_pretraining(train_cfg, plots_enabled):
   model_dir = train_cfg.model_dir
   recorded = md.read_results(model_dir, "pretrain")
   step = recorded.get("steps")
-  if not step or checkpoints.checkpoint_step(checkpoints.latest_checkpoint(model_dir)) != step:
-    return None
+  latest = checkpoints.latest_checkpoint(model_dir)
+  if not step or checkpoints.checkpoint_step(latest) != step or checkpoints.damage(latest):
+    return None  # a damaged final checkpoint: the run resumes from the newest intact one
   if md.target_steps(train_cfg, recorded) != step or not md.evaluated(recorded):
     return None
   if plots_enabled and not md.plots_exist(recorded):

@@ -119,9 +119,21 @@ class PlotsResults(TypedDict, total=False):
   checkpoint: str
 
 
+class ContinuousEvalResults(TypedDict, total=False):
+  """--mode=continuous_eval (printed; each checkpoint's line is in continuous_eval.jsonl)."""
+  scored_steps: list[int]  # scored by this process
+  last_step: int  # the newest step scored so far, by this process or an earlier one
+  checkpoint: str  # of last_step
+  knn_top1: float  # of last_step
+  linear_top1: float  # of last_step, with --continuous_eval_linear
+  timed_out: bool  # stopped by --eval_timeout before the run's last step
+  results_file: str
+
+
 RESULTS: dict[str, Any] = {
     "pretrain": PretrainResults, "knn_eval": KnnEvalResults, "linear_eval": LinearEvalResults,
-    "finetune": FinetuneResults, "export": ExportResults, "plots": PlotsResults}
+    "finetune": FinetuneResults, "export": ExportResults, "plots": PlotsResults,
+    "continuous_eval": ContinuousEvalResults}
 
 
 def declared_keys(mode: str) -> set[str]:

@@ -58,3 +58,26 @@ def test_an_older_model_config_without_later_fields_is_the_same_architecture(tmp
   md.prepare(d, now)
   with pytest.raises(ModelDirError, match="different zero_init_residual"):
     md.prepare(d, {**now, "zero_init_residual": False})
+
+
+@pytest.mark.parametrize("damage", ["truncated", "emptied", "garbled", "not an object"])
+def test_a_damaged_model_config_is_one_error_line_and_never_rewritten(tmp_path, damage):
+  from nnclr_tf.errors import ModelDirError
+  d = str(tmp_path)
+  good = json.dumps({"backbone": "small_cnn", "width": 8, "seed": 0})
+  text = {"truncated": good[:len(good) // 2], "emptied": "", "garbled": "\x00\x13{]\xff",
+          "not an object": "[1, 2]"}[damage]
+  config = os.path.join(d, md.MODEL_CONFIG)
+  with open(config, "w") as f:
+    f.write(text)
+  for call in (lambda: md.prepare(d, json.loads(good)), lambda: md.recorded_model_config(d),
+               lambda: md.export_metadata(d, 3)):
+    with pytest.raises(ModelDirError) as e:
+      call()
+    line = str(e.value)
+    assert "\n" not in line and f"{md.MODEL_CONFIG} is damaged (" in line
+    assert "restore it from a copy, or delete it" in line
+  with open(config) as f:
+    assert f.read() == text
+  os.remove(config)
+  assert md.recorded_model_config(d) == {}

@@ -90,6 +90,15 @@ def checkpoint_tensors(path):
   return {k: reader.get_tensor(k) for k in reader.get_variable_to_shape_map()}
 
 
+def assert_same_checkpoint(a_path, b_path):
+  """Every tensor of two checkpoints bit for bit (save_counter aside: it counts saves)."""
+  a, b = checkpoint_tensors(str(a_path)), checkpoint_tensors(str(b_path))
+  assert a.keys() == b.keys()
+  for k in a:
+    if "save_counter" not in k:
+      np.testing.assert_array_equal(b[k], a[k], err_msg=k)
+
+
 def checkpoint_steps(model_dir):
   return sorted(int(f[5:-6]) for f in os.listdir(model_dir)
                 if f.startswith("ckpt-") and f.endswith(".index"))
@@ -234,12 +243,64 @@ def test_resumed_run_ends_bit_identical_to_an_uninterrupted_one(tmp_path):
   assert checkpoint_steps(tmp_path / "resumed") == [3, 6]
   r = fit(build(seed=123), source, tmp_path / "resumed", steps=14, every=3)
   assert r["resumed_from_step"] == 6 and r["steps"] == r_straight["steps"] == 14
-  a = checkpoint_tensors(str(tmp_path / "straight" / "ckpt-14"))
-  b = checkpoint_tensors(str(tmp_path / "resumed" / "ckpt-14"))
-  assert a.keys() == b.keys()
-  for k in a:
-    if "save_counter" not in k:
-      np.testing.assert_array_equal(b[k], a[k], err_msg=k)
+  assert_same_checkpoint(tmp_path / "straight" / "ckpt-14", tmp_path / "resumed" / "ckpt-14")
+
+
+@pytest.mark.slow
+def test_a_damaged_newest_checkpoint_falls_back_to_the_newest_intact_one(tmp_path, caplog):
+  """ckpt-12 cut to half its size (a partial copy, a disk error): the resume warns once, leaves it
+  as it is, continues from ckpt-10 (the epoch end) as a resume from there does, writes step 12
+  again, and ends with the tensors of an uninterrupted run bit for bit."""
+  digits = data.digits_source()
+  source = data.numpy_source(digits.images[:160], digits.labels[:160])
+  r_straight = fit(build(), source, tmp_path / "straight", steps=16, every=4)
+  d = tmp_path / "damaged"
+  fit(build(), source, d, steps=12, every=4)
+  data_file = d / "ckpt-12.data-00000-of-00001"
+  half = data_file.read_bytes()[:data_file.stat().st_size // 2]
+  data_file.write_bytes(half)
+  with caplog.at_level("WARNING"):
+    r = fit(build(seed=123), source, d, steps=16, every=4)
+  warned = [m for m in caplog.messages if "damaged" in m]
+  assert len(warned) == 1, caplog.messages
+  assert "ckpt-12 is damaged (" in warned[0] and "ckpt-10, the newest intact" in warned[0]
+  assert r["resumed_from_step"] == 10 and r["steps"] == r_straight["steps"] == 16
+  assert checkpoints.damage(str(d / "ckpt-12")) is None  # written again on the way
+  assert_same_checkpoint(tmp_path / "straight" / "ckpt-16", d / "ckpt-16")
+
+
+@pytest.mark.slow
+def test_knn_eval_and_export_take_the_newest_intact_checkpoint(tmp_path, spawn):
+  """Every mode that restores falls back as pretraining does: knn_eval and export of a model_dir
+  whose ckpt-6 is damaged score and export ckpt-4, with one warning line; with no intact
+  checkpoint, one error line naming the files and exit 2."""
+  d = tmp_path / "m"
+  common = [f"--flagfile={QUICKSTART}", f"--model_dir={d}", *TINY_FLAGS, "--val_images=100",
+            "--train_steps=6", "--checkpoint_every_steps=2", "--plots=false",
+            "--random_init_baseline=false"]
+  code, _, err = finish(spawn(["--mode=pretrain", *common]))
+  assert code == 0, err[-2000:]
+  data_file = d / "ckpt-6.data-00000-of-00001"
+  data_file.write_bytes(data_file.read_bytes()[:100])
+  for mode in ("knn_eval", "export"):
+    code, out, err = finish(spawn([f"--mode={mode}", *common]))
+    assert code == 0, err[-2000:]
+    lines = [line for line in err.splitlines() if line.strip() and "no linear probe" not in line]
+    assert len(lines) == 1 and lines[0].startswith("warning: "), (mode, lines)
+    assert "ckpt-6 is damaged (" in lines[0], lines
+    assert "ckpt-4, the newest intact checkpoint, is used" in lines[0], lines
+    results = json.loads(out.strip().splitlines()[-1])
+    assert results["checkpoint"].endswith("ckpt-4"), results
+  meta = json.load(open(os.path.join(results["encoder_export_dir"], "assets.extra",
+                                     "nnclr_tf.json")))
+  assert meta["checkpoint_step"] == 4
+  for s in (2, 4):
+    f = d / f"ckpt-{s}.data-00000-of-00001"
+    f.write_bytes(b"")
+  code, _, err = finish(spawn(["--mode=knn_eval", *common]))
+  lines = [line for line in err.splitlines() if line.strip()]
+  assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), lines
+  assert "holds no intact checkpoint: ckpt-6.* (" in lines[0] and "ckpt-2.* (" in lines[0]
 
 
 def test_a_save_interrupted_at_any_point_leaves_the_previous_checkpoint(tmp_path, monkeypatch):

@@ -36,12 +36,15 @@ def test_the_summary_reads_only_declared_keys(mode, tmp_path):
     sample["knn_curve"] = [{"step": 4, "knn_top1": 0.5}]
   if "plots" in sample:
     sample["plots"] = {"retrieval_grid": str(tmp_path / "plots" / "grid.png")}
+  if "scored_steps" in sample:
+    sample["scored_steps"] = [4, 8]
   r = Recorder(sample)
   text = cli.summary(mode, Experiment(), r)
   assert r.read <= results.declared_keys(mode), r.read - results.declared_keys(mode)
   want = {"pretrain": "kNN top-1 0.500", "knn_eval": "kNN top-1 0.500",
           "linear_eval": "linear probe top-1 0.500", "finetune": "fine-tuned top-1 0.500",
-          "export": "export:", "plots": "plots:"}[mode]
+          "export": "export:", "plots": "plots:",
+          "continuous_eval": "2 checkpoint(s) scored, last step 0.5, kNN top-1 0.500"}[mode]
   assert want in text, text
 
 
