@@ -110,7 +110,7 @@ def damage(prefix) -> str | None:
 
 
 def _stamp(file_path):
-  """(path, size, modification time): os.stat's nanoseconds for a local file (gfile.stat
+  """(path, size, modification time, inode): os.stat's nanoseconds for a local file (gfile.stat
   rounds to whole seconds, which would miss a rewrite within the second)."""
   if "://" not in file_path:
     st = os.stat(file_path)

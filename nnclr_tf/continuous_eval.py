@@ -1,7 +1,7 @@
 """--mode=continuous_eval: an evaluator beside the trainer, as the TF Model Garden's continuous_eval
 mode follows a model_dir with tf.train.checkpoints_iterator.
 
-It takes no lock (model_dir.READER_MODES) and writes only its own file, one JSON line per scored
+It takes no lock (model_dir.lock) and writes only its own file, one JSON line per scored
 checkpoint appended to model_dir/continuous_eval.jsonl (a single write of one line, so a kill
 leaves whole lines), and TensorBoard scalars under logs/continuous_eval. Each time it looks, it
 scores the newest intact checkpoint newer than the last one scored (checkpoints superseded while
@@ -94,23 +94,23 @@ def score(exp, encoder, train, held, classes, linear):
   return out
 
 
-def follow(exp, model, train, held, classes, target, clock=time.monotonic, sleep=time.sleep):
+def follow(exp, model, train, held, classes, target):
   """Scores checkpoints as they appear (module docstring); returns the steps scored now and
   whether it stopped for --eval_timeout."""
   t, e = exp.train, exp.eval
   done = last_step(t.model_dir)
   scored = []
   writer = tf.summary.create_file_writer(os.path.join(t.model_dir, md.LOGS, "continuous_eval"))
-  waited_since = clock()
+  waited_since = time.monotonic()
   while not (done and run_finished(t.model_dir, done, target)):
     chosen = next_checkpoint(t.model_dir, done)
     if chosen is None:
-      if clock() - waited_since >= e.eval_timeout:
+      if time.monotonic() - waited_since >= e.eval_timeout:
         logging.warning("--mode=continuous_eval: no new checkpoint in --model_dir=%s for %ds "
                         "(--eval_timeout); stopping after step %d", t.model_dir, e.eval_timeout,
                         done)
         return scored, True
-      sleep(e.eval_poll_seconds)
+      time.sleep(e.eval_poll_seconds)
       continue
     start = time.monotonic()
     try:
@@ -132,5 +132,5 @@ def follow(exp, model, train, held, classes, target, clock=time.monotonic, sleep
     logging.info("continuous_eval: step %d knn_top1 %.4f", step, figures["knn_top1"])
     scored.append(step)
     done = step
-    waited_since = clock()
+    waited_since = time.monotonic()
   return scored, False

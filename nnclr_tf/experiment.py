@@ -60,7 +60,8 @@ from nnclr_tf.scoring import (
 
 
 def _locked(mode):
-  """Runs the mode holding model_dir/run.lock (model_dir.RunLock; re-entrant, chief only)."""
+  """Runs the mode holding model_dir/run.lock (model_dir.lock: pretraining's, on the chief; the
+  other modes are readers and take none)."""
 
   def wrap(fn):
     @functools.wraps(fn)
@@ -100,7 +101,6 @@ def pretrain(exp: Experiment, strategy=None, flags_text: str | None = None) -> P
   return pretraining.export(exp, run)
 
 
-@_locked("knn_eval")
 def knn_eval(exp: Experiment, strategy=None) -> KnnEvalResults:
   """Weighted kNN of the newest checkpoint's (or --checkpoint's) backbone features, eval split
   against train split."""
@@ -117,7 +117,6 @@ def knn_eval(exp: Experiment, strategy=None) -> KnnEvalResults:
 # --- linear_eval, finetune, plots --------------------------------------------------------------
 
 
-@_locked("linear_eval")
 def linear_eval(exp: Experiment, strategy=None) -> LinearEvalResults:
   """Linear probe on frozen features of the latest checkpoint (and of the random-init
   architecture), then the classifier export of the probe."""
@@ -153,7 +152,6 @@ def linear_eval(exp: Experiment, strategy=None) -> LinearEvalResults:
   return md.write_results(t.model_dir, "linear_eval", results)
 
 
-@_locked("finetune")
 def finetune(exp: Experiment, strategy=None) -> FinetuneResults:
   """Semi-supervised fine-tune of the whole network on a class-balanced labelled fraction (or
   from scratch with finetune.init="random"); every (fraction, init) run is kept in the results."""
@@ -180,7 +178,6 @@ def finetune(exp: Experiment, strategy=None) -> FinetuneResults:
   return results
 
 
-@_locked("plots")
 def plots(exp: Experiment, strategy=None) -> PlotsResults:
   """Retrieval grid, embedding map and training curves of the latest checkpoint."""
   strategy = strategy_for(exp, strategy)
@@ -216,7 +213,6 @@ def check_export_target(exp: Experiment, explicit_base=True):
                         "or choose another --export_base")
 
 
-@_locked("export")
 def export(exp: Experiment, strategy=None) -> ExportResults:
   """Encoder (and, when linear_eval has written its probe, classifier) SavedModels of the newest
   checkpoint (or the one --checkpoint names), in TF Serving's layout."""
@@ -257,7 +253,6 @@ def export(exp: Experiment, strategy=None) -> ExportResults:
 
 # --- continuous_eval ---------------------------------------------------------------------------
 
-@_locked("continuous_eval")
 def continuous_eval(exp: Experiment, strategy=None) -> ContinuousEvalResults:
   """Follows the model_dir while pretraining writes it (another process, another host): kNN,
   and with --continuous_eval_linear the linear probe, of each new checkpoint, one line each in
@@ -265,6 +260,7 @@ def continuous_eval(exp: Experiment, strategy=None) -> ContinuousEvalResults:
   seconds without a new checkpoint (nnclr_tf/continuous_eval.py)."""
   strategy = strategy_for(exp, strategy)
   t = exp.train
+  md.recorded_model_config(t.model_dir)  # one error line when it is damaged, as restored_model
   train, held, classes = labelled_splits(exp, "continuous_eval")
   model = build_model(exp, strategy)
   # The bank is the training split (or its labelled part): the run's last step, or near it;

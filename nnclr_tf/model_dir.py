@@ -358,17 +358,13 @@ def _remove_if_same(file_path, holder):
     os.remove(aside)
 
 
-# Modes that only read checkpoints and write their own files, each atomically (write_results,
-# probe.npz, the feature cache, exports renamed into a free version): any number of them may run
-# beside the one pretraining writer, which they never block.
-READER_MODES = ("knn_eval", "linear_eval", "finetune", "plots", "export", "continuous_eval")
-
-
 def lock(model_dir, mode, chief=None):
-  """The RunLock of `model_dir` for the process that trains there; a no-op context for the reader
-  modes, on non-chief workers (they write into .workers/) and on a model_dir that does not exist
-  for a mode other than pretrain (nothing is written; the mode reports the missing checkpoint)."""
+  """The RunLock of `model_dir` for the chief's pretraining, its one writer; a no-op context for
+  every other mode, which only reads checkpoints and writes its own files, each atomically
+  (write_results, probe.npz, the feature cache, exports renamed into a free version), so any
+  number of them run beside the trainer and never block it; and on non-chief workers (they write
+  into .workers/)."""
   chief = cluster.is_chief_process() if chief is None else chief
-  if not chief or mode in READER_MODES or (mode != "pretrain" and not os.path.isdir(model_dir)):
+  if not chief or mode != "pretrain":
     return contextlib.nullcontext()
   return RunLock(model_dir, mode)

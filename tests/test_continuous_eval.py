@@ -12,7 +12,7 @@ import pytest
 from test_reliability import finish, spawn  # noqa: F401  (a fixture)
 
 from conftest import REPO
-from nnclr_tf import continuous_eval, experiment
+from nnclr_tf import checkpoints, continuous_eval, experiment
 from nnclr_tf import model_dir as md
 from nnclr_tf.config import Experiment
 
@@ -47,7 +47,8 @@ def test_an_evaluator_follows_the_trainer_and_readers_get_in(tmp_path, spawn):  
   finally:
     os.kill(trainer.pid, signal.SIGCONT)
   assert code == 0, err[-3000:]
-  assert "in use by" not in err and last_json(out)["checkpoint"].endswith("0")
+  assert "in use by" not in err
+  assert checkpoints.checkpoint_step(last_json(out)["checkpoint"]) >= 10  # one of the trainer's
   code, _, err = finish(trainer)
   assert code == 0, err[-3000:]
   code, out, err = finish(evaluator, timeout=300)

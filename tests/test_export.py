@@ -434,3 +434,21 @@ def test_export_bakes_in_the_eval_crop_fraction(tmp_path):
                     (export.BYTES_SIGNATURE, {"image_bytes": pngs})):
     np.testing.assert_allclose(loaded.signatures[name](**arg)["probabilities"].numpy(),
                                e / e.sum(axis=1, keepdims=True), rtol=1e-5, atol=1e-5)
+
+
+def test_two_exports_at_once_take_different_versions(tmp_path, monkeypatch):
+  """Both exporters list the versions before either renames (the race): the second finds its
+  version taken and moves on to the next free one; neither replaces the other."""
+  base = tmp_path / "encoder"
+  (base / "1").mkdir(parents=True)
+  first, second = tmp_path / "a", tmp_path / "b"
+  for d, name in ((first, "a"), (second, "b")):
+    d.mkdir()
+    (d / name).write_text(name)
+  real = export.next_version
+  stale = iter([2])  # what the second exporter listed before the first one landed
+  assert export._move_into_place(str(first), str(base), 0) == str(base / "2")
+  monkeypatch.setattr(export, "next_version", lambda b: next(stale, None) or real(b))
+  assert export._move_into_place(str(second), str(base), 0) == str(base / "3")
+  assert next(stale, None) is None  # the stale listing was used
+  assert (base / "2" / "a").read_text() == "a" and (base / "3" / "b").read_text() == "b"
