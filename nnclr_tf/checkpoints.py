@@ -15,6 +15,7 @@ import shutil
 import keras
 import tensorflow as tf
 
+from nnclr_tf import model_dir as md
 from nnclr_tf.errors import DiskFullError, ModelDirError, disk_full_message, is_disk_full
 
 
@@ -51,6 +52,11 @@ def candidates(model_dir) -> list[str]:
   A `ckpt-N.index` the state file does not name (a save killed before the state file was
   rewritten) is passed over, as tf.train.latest_checkpoint does, while the state file is sound."""
   named = state_file_paths(model_dir)
+  if named is None and tf.io.gfile.exists(os.path.join(model_dir, "checkpoint")):
+    md.warn_once(os.path.join(model_dir, "checkpoint"),
+                 f"--model_dir={model_dir}: its `checkpoint` state file does not parse; the "
+                 "checkpoints on disk are read instead (pretraining keeps it as "
+                 "checkpoint.damaged and writes it anew)")
   found = {s: p for s, p in available_checkpoints(model_dir).items()
            if named is None or os.path.basename(os.path.dirname(p)) == MILESTONES}
   for path in named or []:
@@ -391,9 +397,9 @@ def repair_state_file(model_dir):
     with tf.io.gfile.GFile(state + ".tmp", "w") as f:
       f.write(text)
     tf.io.gfile.rename(state + ".tmp", state, overwrite=True)
-  logging.warning("--model_dir=%s: its `checkpoint` state file does not parse; it is kept as "
-                  "checkpoint.damaged and written anew from the %d checkpoint(s) on disk",
-                  model_dir, len(kept))
+  # candidates() above named the damage in a warning line.
+  logging.info("--model_dir=%s: the `checkpoint` state file is kept as checkpoint.damaged and "
+               "written anew from the %d checkpoint(s) on disk", model_dir, len(kept))
 
 
 def remove_orphaned_temp_dirs(ckpt_dir):

@@ -68,7 +68,8 @@ def flags_text(fv=FLAGS):
   """flags.txt: --mode and every Experiment flag, resolved, one per line. Not
   fv.flags_into_string(), which also lists every flag any imported module defined (absl's,
   TensorFlow's test flags), so the file would not read back as a --flagfile."""
-  return "".join(fv[name].serialize() + "\n" for name in ("mode", *config.FLAG_SPECS))
+  lines = [fv[name].serialize() for name in ("mode", *config.FLAG_SPECS)]
+  return "\n".join([flagfiles.RUN_FLAGS_HEADER, *lines, flagfiles.RUN_FLAGS_END]) + "\n"
 
 
 def experiment_from_flags(fv=FLAGS):
@@ -80,6 +81,11 @@ def parse_flags(argv):
   flag (on the command line or in a --flagfile) is one line and exit code 2 instead of absl's
   usage text and exit code 1."""
   reordered = flagfiles.command_line_first(argv)
+  try:
+    flagfiles.check_flagfiles(reordered)
+  except errors.ConfigError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(errors.EXIT_USAGE)
   try:
     return FLAGS(reordered)
   except flags.Error as e:

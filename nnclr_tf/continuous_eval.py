@@ -27,18 +27,33 @@ FILE = "continuous_eval.jsonl"
 
 
 def records(model_dir) -> list[dict]:
-  """The lines written so far (a torn last line, from a kill mid-write, is left out)."""
-  out = []
+  """The lines written so far. A torn last line (a kill mid-write) is left out; so are damaged
+  lines, with one warning line (their checkpoints are scored again if still on disk)."""
+  file_path = md.path(model_dir, FILE)
   try:
-    with open(md.path(model_dir, FILE)) as f:
-      for line in f:
-        try:
-          out.append(json.loads(line))
-        except ValueError:
-          continue
+    with open(file_path, "rb") as f:
+      lines = f.read().decode("utf-8", "replace").splitlines(keepends=True)
   except OSError:
-    pass
-  return [r for r in out if isinstance(r, dict) and isinstance(r.get("step"), int)]
+    return []
+  out, bad = [], 0
+  if lines and not lines[-1].endswith("\n"):
+    lines.pop()  # torn: one write() per line, so only damage or a kill mid-write leaves one
+    bad += 1
+  if not lines and not bad:
+    md.warn_once(file_path, f"{file_path} is empty (damaged?); its checkpoints are scored again")
+  for line in lines:
+    try:
+      r = json.loads(line)
+      if not (isinstance(r, dict) and isinstance(r.get("step"), int)):
+        raise ValueError
+      out.append(r)
+    except ValueError:
+      bad += bool(line.strip())
+  if bad:
+    lines_text = f"{bad} line{'s' * (bad > 1)} that do{'es' * (bad == 1)} not parse"
+    md.warn_once(file_path, f"{file_path} is damaged ({lines_text}); left out, their "
+                            "checkpoints scored again")
+  return out
 
 
 def last_step(model_dir) -> int:
@@ -75,7 +90,10 @@ def run_finished(model_dir, step, target):
   pretraining recorded."""
   if target and step >= target:
     return True
-  return md.read_results(model_dir, "pretrain").get("steps") == step
+  recorded = md.read_results(model_dir, "pretrain", damaged="warn",
+                             consequence="the run's last step is not known from it, so the "
+                             "evaluator stops at --eval_timeout or the step the flags give")
+  return recorded.get("steps") == step
 
 
 def score(exp, encoder, train, held, classes, linear):

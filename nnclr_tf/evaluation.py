@@ -191,6 +191,28 @@ def feature_cache_path(model_dir, checkpoint, data_cfg, seed, extra=None):
   return os.path.join(model_dir, "features", f"{name}-{digest}.npz")
 
 
+FEATURE_ARRAYS = ("train_features", "train_labels", "eval_features", "eval_labels")
+
+
+def read_feature_cache(path, totals=(None, None)):
+  """The four arrays of the feature cache at `path`, or None, with one warning line, when it is
+  damaged (truncated, emptied, garbled: the zip's CRC-32 catches changed bytes) or holds other
+  counts than `totals`: a cache is rebuilt, never trusted or fatal."""
+  try:
+    with np.load(path, allow_pickle=False) as z:
+      arrays = tuple(z[k] for k in FEATURE_ARRAYS)
+    counts = (len(arrays[0]), len(arrays[2]))
+    if len(arrays[1]) != counts[0] or len(arrays[3]) != counts[1]:
+      raise ValueError("features and labels of different lengths")
+    if any(t is not None and t != c for t, c in zip(totals, counts)):
+      raise ValueError(f"{counts[0]:,} + {counts[1]:,} images, not {totals[0]:,} + {totals[1]:,}")
+  except Exception as e:  # noqa: BLE001 -- zipfile, pickle and numpy raise a dozen kinds
+    md.warn_once(path, f"feature cache {path} is damaged ({type(e).__name__}: "
+                       f"{' '.join(str(e).split())[:120]}); extracting the features again")
+    return None
+  return arrays
+
+
 def cached_features(path, encoder, train_ds, eval_ds, name="encoder", totals=(None, None),
                     train_dtype=np.float32):
   """(train_features, train_labels, eval_features, eval_labels), read from `path` when it exists,
@@ -198,10 +220,11 @@ def cached_features(path, encoder, train_ds, eval_ds, name="encoder", totals=(No
   of the two datasets) label the progress and size the preallocated arrays; `train_dtype`
   float16 halves the kNN bank (a cache of another dtype is converted on reading)."""
   if path and os.path.exists(path):
-    progress.say(f"features of the {name}: read from {path}")
-    with np.load(path) as z:
-      return (z["train_features"].astype(train_dtype, copy=False), z["train_labels"],
-              z["eval_features"], z["eval_labels"])
+    cached = read_feature_cache(path, totals)
+    if cached is not None:
+      progress.say(f"features of the {name}: read from {path}")
+      train_f, train_l, eval_f, eval_l = cached
+      return train_f.astype(train_dtype, copy=False), train_l, eval_f, eval_l
   train_f, train_l = extract_features(encoder, train_ds, f"features of the {name}, training split",
                                       totals[0], train_dtype)
   eval_f, eval_l = extract_features(encoder, eval_ds, f"features of the {name}, eval split",

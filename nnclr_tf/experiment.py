@@ -38,7 +38,7 @@ from nnclr_tf.building import (  # the public API: experiment.build_model and fr
 )
 from nnclr_tf.checks import check_batch
 from nnclr_tf.config import Experiment
-from nnclr_tf.errors import ConfigError, ModelDirError
+from nnclr_tf.errors import ConfigError, ExportError, ModelDirError
 from nnclr_tf.results import (
   ContinuousEvalResults,
   ExportResults,
@@ -157,6 +157,8 @@ def finetune(exp: Experiment, strategy=None) -> FinetuneResults:
   from scratch with finetune.init="random"); every (fraction, init) run is kept in the results."""
   strategy = strategy_for(exp, strategy)
   t, f = exp.train, exp.finetune
+  # Before the run: a damaged record of earlier runs is one error line, not lost work.
+  recorded: FinetuneResults = md.read_results(t.model_dir, "finetune")
   train, held, classes = labelled_splits(exp, "finetune")
   if f.init == "random":
     model, latest = build_model(exp, strategy), None
@@ -170,7 +172,6 @@ def finetune(exp: Experiment, strategy=None) -> FinetuneResults:
       eval_crop_fraction=exp.data.eval_crop_fraction)
   results.update(init=f.init, checkpoint=latest)
   # The latest run at the top level; every (fraction, init) run kept under by_label_fraction.
-  recorded: FinetuneResults = md.read_results(t.model_dir, "finetune")
   runs = recorded.get("by_label_fraction", {})
   key = f"{f.label_fraction:g}" + ("" if f.init == "pretrained" else "_random_init")
   runs[key] = results.copy()
@@ -213,6 +214,36 @@ def check_export_target(exp: Experiment, explicit_base=True):
                         "or choose another --export_base")
 
 
+def classifier_probe(model_dir, checkpoint):
+  """(probe, linear_eval results) for the classifier export of `checkpoint`, or (None, {}) with
+  one warning line saying why there is no classifier: no probe, a probe of another checkpoint,
+  or a damaged probe.npz or linear_eval_results.json (then which checkpoint it fits is unknown).
+  The encoder is exported either way."""
+  path = md.path(model_dir, md.PROBE_FILE)
+  if not os.path.exists(path):
+    logging.warning("no linear probe at %s: classifier not exported (run --mode=linear_eval)",
+                    path)
+    return None, {}
+  linear = md.read_results(model_dir, "linear_eval", damaged="warn",
+                           consequence="which checkpoint the linear probe was fitted on is not "
+                           "known, so the classifier is not exported (run --mode=linear_eval)")
+  if not linear and os.path.exists(md.results_path(model_dir, "linear_eval")):
+    return None, {}  # damaged (warned); a probe without results is an older or hand-made one
+  fitted_on = linear.get("checkpoint")
+  step = checkpoints.checkpoint_step(checkpoint)
+  if fitted_on and checkpoints.checkpoint_step(fitted_on) != step:
+    # Its probe reads the features of another checkpoint: serving it on this one would be wrong.
+    logging.warning("the linear probe %s was fitted on %s, not %s: classifier not exported "
+                    "(run --mode=linear_eval with the same --checkpoint)", path,
+                    os.path.basename(fitted_on), os.path.basename(checkpoint))
+    return None, {}
+  try:
+    return export_lib.load_probe(path), linear
+  except ExportError as err:
+    logging.warning("%s; classifier not exported", err)
+    return None, {}
+
+
 def export(exp: Experiment, strategy=None) -> ExportResults:
   """Encoder (and, when linear_eval has written its probe, classifier) SavedModels of the newest
   checkpoint (or the one --checkpoint names), in TF Serving's layout."""
@@ -225,24 +256,13 @@ def export(exp: Experiment, strategy=None) -> ExportResults:
   meta = md.export_metadata(t.model_dir, checkpoints.checkpoint_step(latest), exp.data.image_size,
                             checkpoint=latest)
   crop = exp.data.eval_crop_fraction
+  probe, linear = classifier_probe(t.model_dir, latest)
   out = {"encoder": export_lib.export_encoder(model, e.base, e.version, e.warmup, metadata=meta,
                                               crop_fraction=crop)}
-  probe = md.path(t.model_dir, md.PROBE_FILE)
-  linear = md.read_results(t.model_dir, "linear_eval")
-  fitted_on = linear.get("checkpoint")
-  if os.path.exists(probe) and fitted_on and checkpoints.checkpoint_step(fitted_on) != \
-      checkpoints.checkpoint_step(latest):
-    # Its probe reads the features of another checkpoint: serving it on this one would be wrong.
-    logging.warning("the linear probe %s was fitted on %s, not %s: classifier not exported "
-                    "(run --mode=linear_eval with the same --checkpoint)", probe,
-                    os.path.basename(fitted_on), os.path.basename(latest))
-  elif os.path.exists(probe):
+  if probe is not None:
     out["classifier"] = export_lib.export_classifier(
         model, probe, e.base, e.version, e.warmup,
         metadata=classifier_metadata(exp, latest, linear), crop_fraction=crop)
-  else:
-    logging.warning("no linear probe at %s: classifier not exported (run --mode=linear_eval)",
-                    probe)
   results: ExportResults = {"checkpoint": latest, "encoder_export_dir": out["encoder"],
                             "encoder_export_bytes": export_lib.dir_size(out["encoder"])}
   if "classifier" in out:

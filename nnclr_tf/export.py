@@ -26,6 +26,7 @@ import json
 import os
 import shutil
 import tempfile
+import zipfile
 
 import numpy as np
 import tensorflow as tf
@@ -133,12 +134,16 @@ def _write_metadata(export_dir, metadata):
 
 
 def read_metadata(export_dir):
-  """The export's `assets.extra/nnclr_tf.json` ({} for an export written before it existed)."""
-  try:
-    with open(os.path.join(export_dir, METADATA_FILE)) as f:
-      return json.load(f)
-  except (OSError, ValueError):
-    return {}
+  """The export's `assets.extra/nnclr_tf.json` ({} for an export written before it existed, and,
+  with one warning line, for a damaged one: its origin is then unknown, so the pretraining run
+  that reuses an export of its final checkpoint exports a new version; the damaged one is left
+  as it is)."""
+  file_path = os.path.join(export_dir, METADATA_FILE)
+  meta, reason = model_dir_lib.json_damage(file_path)
+  if reason:
+    model_dir_lib.warn_once(file_path, f"{file_path} is damaged ({reason}); the checkpoint that "
+                                       "export was made from is unknown")
+  return meta or {}
 
 
 def newest_export(export_base, model_name=ENCODER):
@@ -168,9 +173,9 @@ def load_probe(path):
   the file); a missing, unreadable or inconsistent file is an ExportError naming the fix."""
   try:
     return linear_probe.load_probe(path)
-  except (OSError, ValueError) as e:
-    raise ExportError(f"cannot use the linear probe {path} ({e}); run --mode=linear_eval to "
-                      "write it") from None
+  except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # missing, damaged, garbled
+    raise ExportError(f"cannot use the linear probe {path} ({' '.join(str(e).split())}); run "
+                      "--mode=linear_eval to write it") from None
 
 
 # ----------------------------------------------------------------------------------------------

@@ -75,6 +75,41 @@ def command_line_first(argv):
   return [argv[0], *files, *rest]
 
 
+# flags.txt (a run's resolved flags, cli.flags_text) begins and ends with these lines, so a
+# truncated one is told from a complete one when it is read back as a --flagfile.
+RUN_FLAGS_HEADER = ("# flags.txt: the resolved flags of the run that wrote this model_dir; "
+                    "`--flagfile=<this file>` runs the same experiment")
+RUN_FLAGS_END = "# end of flags.txt"
+
+
+def check_flagfiles(argv):
+  """ConfigError (one line) for a --flagfile on the command line that is damaged: not UTF-8 text
+  (absl would raise a bare UnicodeDecodeError), empty (the run would silently take every
+  default), or a run's flags.txt without its end line (truncated: the flags after the cut would
+  silently take their defaults)."""
+  for arg in argv[1:]:
+    if not arg.startswith("--flagfile="):
+      continue
+    path = arg.split("=", 1)[1]
+    try:
+      with open(path, "rb") as f:
+        raw = f.read()
+    except OSError:
+      continue  # absl names the path it cannot open
+    fix = "restore it from a copy, or pass the flags another way"
+    try:
+      lines = raw.decode("utf-8").splitlines()
+    except UnicodeDecodeError:
+      raise errors.ConfigError(f"--flagfile={path} is damaged (not UTF-8 text); {fix}") from None
+    if not raw.strip():
+      raise errors.ConfigError(f"--flagfile={path} is empty (damaged?); {fix}")
+    ours = len(lines[0]) >= 8 and RUN_FLAGS_HEADER.startswith(lines[0])  # cut inside, too
+    if ours and RUN_FLAGS_END not in lines:
+      raise errors.ConfigError(
+          f"--flagfile={path} is damaged (truncated: its last line, {RUN_FLAGS_END!r}, is "
+          f"missing, so the flags after the cut would take their defaults); {fix}")
+
+
 def flag_error(e, argv):
   """One line for absl's parse error: the flag, where it was (a --flagfile) and a suggestion."""
   message = " ".join(str(e).split())
@@ -119,6 +154,7 @@ ABSL_OWN_FLAGS = ("run_with_pdb", "pdb_post_mortem", "pdb", "run_with_profiling"
 def read_flagfile(fv, path, undefok=()):
   """Parses the flagfile `path` (a preset name or a file) into `fv`; ConfigError on a mistake."""
   argv = ["nnclr-tf", f"--flagfile={path}"]
+  check_flagfiles(command_line_first(argv))
   try:
     parse(argv, fv, undefok)
   except flags.Error as e:

@@ -93,13 +93,61 @@ def read_json(file_path):
     return {}
 
 
+def json_damage(file_path):
+  """(object, reason): the JSON object at `file_path` and "" when it is one; None and "" when
+  the file is missing; None and why when it is there but damaged (truncated, emptied, garbled)."""
+  try:
+    with open(file_path, "rb") as f:
+      raw = f.read()
+  except FileNotFoundError:
+    return None, ""
+  except OSError as e:
+    return None, e.strerror or str(e)
+  if not raw.strip():
+    return None, "empty"
+  try:
+    obj = json.loads(raw.decode("utf-8"))
+  except UnicodeDecodeError:
+    return None, "not UTF-8 text"
+  except ValueError as e:
+    return None, f"not JSON: {e}"
+  if not isinstance(obj, dict):
+    return None, "not a JSON object"
+  return obj, ""
+
+
 def results_path(model_dir, mode):
   return path(model_dir, RESULTS[mode])
 
 
-def read_results(model_dir, mode) -> Any:
-  """`<mode>_results.json` ({} when missing or unreadable): the mode's results.RESULTS dict."""
-  return read_json(results_path(model_dir, mode))
+_WARNED: set = set()  # (path, text) of the damage warnings given
+
+
+def read_results(model_dir, mode, damaged="error", consequence="") -> Any:
+  """`<mode>_results.json` ({} when missing): the mode's results.RESULTS dict. A damaged one is
+  never taken for "no results" silently: damaged="error" (the caller would write over it, or
+  needs what it records) raises one ModelDirError line; "warn" logs one warning line (once),
+  with `consequence`, what the caller does without it, and gives {}."""
+  file_path = results_path(model_dir, mode)
+  obj, reason = json_damage(file_path)
+  if obj is not None or not reason:
+    return obj or {}
+  if damaged == "error":
+    raise ModelDirError(f"{file_path} is damaged ({reason}); it holds the figures of earlier "
+                        f"--mode={mode} runs, which this run would write over: restore it from a "
+                        "copy, or delete it to start the record anew")
+  warn_once(file_path, f"{file_path} is damaged ({reason}); {consequence} (it is left as it is; "
+                       f"--mode={mode} writes it anew)")
+  return {}
+
+
+def warn_once(file_path, text):
+  """logging.warning(text), once per process for this file and text: a poller (the continuous
+  evaluator) or a loop of readers names a damaged file once, not on every look."""
+  key = (os.path.abspath(file_path), text)
+  if key not in _WARNED:
+    _WARNED.add(key)
+    logging.warning("%s", text)
 
 
 def write_results(model_dir, mode, results):
@@ -152,22 +200,12 @@ def recorded_model_config(model_dir):
   """model_config.json's architecture ({} without one); one ModelDirError line when it is there
   but damaged (truncated, emptied, garbled): it is the record that guards the checkpoints'
   architecture, so it is never rewritten over."""
-  config_path = path(model_dir, MODEL_CONFIG)
-  try:
-    with open(config_path) as f:
-      text = f.read()
-  except FileNotFoundError:
+  obj, reason = json_damage(path(model_dir, MODEL_CONFIG))
+  if obj:
+    return obj
+  if obj is None and not reason:
     return {}
-  except (OSError, UnicodeDecodeError) as e:
-    text, reason = None, str(e)
-  if text is not None:
-    try:
-      obj = json.loads(text)
-      if isinstance(obj, dict) and obj:
-        return obj
-      reason = "not a JSON object of the model's settings"
-    except ValueError as e:
-      reason = f"not JSON: {e}"
+  reason = reason or "not a JSON object of the model's settings"
   raise ModelDirError(f"--model_dir={model_dir}: {MODEL_CONFIG} is damaged ({reason}); it records "
                       "the architecture of the checkpoints there: restore it from a copy, or "
                       "delete it and rerun --mode=pretrain, which records it anew once the "
@@ -230,7 +268,8 @@ def export_metadata(model_dir, step, image_size=None, results=None, checkpoint=N
                   "aspect ratio not kept",
         "normalisation": "inside the backbone (per-channel standardisation)"}
   if results is None:
-    recorded = read_results(model_dir, "pretrain")
+    recorded = read_results(model_dir, "pretrain", damaged="warn",
+                            consequence="the export's metadata carries no pretraining figures")
     results = recorded if recorded.get("steps") == int(step) else {}
   meta["pretraining"] = {k: results[k] for k in PRETRAIN_FIGURES if results.get(k) is not None}
   meta.update(extra)
@@ -292,7 +331,8 @@ class RunLock:
           if attempt < 10 or time.time() - _mtime(self.path) < 5:
             time.sleep(0.1)
             continue
-          logging.warning("%s is empty; taking it over", self.path)
+          logging.warning("%s is empty or damaged (no holder can be read from it); taking it "
+                          "over", self.path)
           _remove_if_same(self.path, holder)
           continue
         if holder.get("host") == me["host"] and not pid_alive(int(holder.get("pid", -1))):

@@ -124,7 +124,8 @@ def test_a_runs_flags_txt_is_a_flagfile(tmp_path):
   fv = generated()
   flagfiles.parse(["nnclr-tf", "--flagfile=quickstart", "--seed=4"], fv)
   text = cli.flags_text(fv)
-  assert text.startswith("--mode=pretrain\n") and "--seed=4\n" in text
+  assert text.startswith(flagfiles.RUN_FLAGS_HEADER + "\n--mode=pretrain\n")
+  assert "--seed=4\n" in text and text.endswith(flagfiles.RUN_FLAGS_END + "\n")
   (tmp_path / "flags.txt").write_text(text + "--nohelp\n--verbosity=-1\n--noonly_check_args\n")
   exp = Experiment.from_flagfile(str(tmp_path / "flags.txt"))
   assert exp == Experiment.from_flagfile("quickstart", seed=4)

@@ -219,7 +219,10 @@ def problems(text):
       if "<" in span and not PATH.match(token):
         continue  # a placeholder (`model_dir/features/<checkpoint>-<data hash>.npz`)
       if PATH.match(token):
-        out.append(check_path(token))
+        problem = check_path(token)
+        if problem and "/" not in token and f'"{token}"' in library:
+          problem = None  # a bare name the library writes (continuous_eval.jsonl), not a source
+        out.append(problem)
       elif OUTPUT.match(token) and not token.startswith("runs/"):
         out.append(check_output_file(token, library))
     if not PATH.match(span) and not OUTPUT.match(span):

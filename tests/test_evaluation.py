@@ -175,3 +175,19 @@ def test_extract_features_fills_one_array_and_announces_large_ones(monkeypatch, 
     assert f"bank: 10 x 3 x {np.dtype(dtype).itemsize} B" in out
   else:  # capacity starts at 1,024 rows, above the threshold
     assert "bank: 1,024 x 3" in out and "total unknown" in out
+
+
+def test_a_damaged_or_mismatched_feature_cache_is_rebuilt(tmp_path, caplog):
+  from nnclr_tf.evaluation import read_feature_cache
+  path = str(tmp_path / "ckpt-3-abc.npz")
+  f, l = np.ones((4, 2), np.float32), np.arange(4)
+  np.savez(path, train_features=f, train_labels=l, eval_features=f[:2], eval_labels=l[:2])
+  assert [a.shape for a in read_feature_cache(path, (4, 2))] == [(4, 2), (4,), (2, 2), (2,)]
+  assert read_feature_cache(path, (5, 2)) is None  # another split's counts
+  assert "4 + 2 images, not 5 + 2" in caplog.records[-1].getMessage()
+  raw = open(path, "rb").read()
+  for damaged in (raw[:len(raw) // 2], b"", raw[:200] + bytes(64) + raw[264:]):
+    with open(path, "wb") as fh:
+      fh.write(damaged)
+    assert read_feature_cache(path, (4, 2)) is None
+  assert all("extracting the features again" in r.getMessage() for r in caplog.records)

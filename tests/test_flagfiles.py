@@ -37,3 +37,17 @@ def test_absl_own_flags_are_the_ones_absl_defines():
   by_module = flags.FLAGS.flags_by_module_dict()
   defined = {f.name for m in ("absl.app", "absl.logging") for f in by_module.get(m, [])}
   assert defined <= set(flagfiles.ABSL_OWN_FLAGS)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "emptied", "not text"])
+def test_a_damaged_flagfile_is_one_line(tmp_path, damage):
+  good = "\n".join([flagfiles.RUN_FLAGS_HEADER, "--mode=pretrain", "--seed=4",
+                    flagfiles.RUN_FLAGS_END]) + "\n"
+  raw = {"truncated": good[:len(good) // 2].encode(), "emptied": b"",
+         "not text": good.encode()[:20] + b"\xff\xfe" + good.encode()[22:]}[damage]
+  path = tmp_path / "flags.txt"
+  path.write_bytes(raw)
+  with pytest.raises(ConfigError, match=f"--flagfile={path} is (damaged|empty)"):
+    flagfiles.check_flagfiles(["run.py", f"--flagfile={path}"])
+  path.write_text(good + "--seed=5\n")  # a flag added after the end line is an edit, not damage
+  flagfiles.check_flagfiles(["run.py", f"--flagfile={path}"])

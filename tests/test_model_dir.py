@@ -7,6 +7,7 @@ import pytest
 
 from nnclr_tf import model_dir as md
 from nnclr_tf.config import TrainConfig
+from nnclr_tf.errors import ModelDirError
 
 
 def test_merge_never_replaces_a_figure_with_none():
@@ -40,8 +41,11 @@ def test_results_and_flags_are_written_whole(tmp_path):
   assert sorted(os.listdir(d)) == ["flags.txt", "knn_results.json"]
   with open(os.path.join(d, "pretrain_results.json"), "w") as f:
     f.write("{not json")
-  assert md.read_results(d, "pretrain") == {}
-  json.dumps(md.export_metadata(d, 3))
+  # Damaged: never read as "no results" silently (test_damaged_records has every file and mode).
+  with pytest.raises(ModelDirError, match="pretrain_results.json is damaged"):
+    md.read_results(d, "pretrain")
+  assert md.read_results(d, "pretrain", damaged="warn") == {}
+  assert json.dumps(md.export_metadata(d, 3))
 
 
 def test_an_older_model_config_without_later_fields_is_the_same_architecture(tmp_path):

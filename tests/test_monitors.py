@@ -1,6 +1,8 @@
 """curves.csv as the plots read it (the per-step values CurveLogger writes are checked against
 Keras's running means in tests/test_operations.py)."""
 
+import os
+
 import numpy as np
 
 from nnclr_tf import monitors
@@ -42,3 +44,31 @@ def test_a_file_of_an_older_header_gets_the_new_column_without_shifting_values(t
   curves = monitors.read_curves(str(path))
   assert curves["loss"][0] == 5.0 and curves["nn_label_hit"][0] == 0.5
   assert curves["online_probe_acc"][0] == 0.75 and curves["knn_top1"][0] == 0.4
+
+
+def _curves(path, rows):
+  path.write_text("\n".join([",".join(monitors.COLUMNS), *rows]) + "\n")
+
+
+def test_a_torn_last_row_is_cut_before_the_next_append(tmp_path, caplog):
+  path = tmp_path / "curves.csv"
+  _curves(path, ["1,0,0.1,5.0,,,,,,"])
+  with open(path, "a") as f:
+    f.write("2,0,0.1,4.")  # a kill mid-append
+  assert monitors.parse_rows(str(path))[2] == "a torn last row"
+  monitors.append_row(str(path), {"step": 3, "loss": 3.0})
+  np.testing.assert_array_equal(monitors.read_curves(str(path))["step"], [1, 3])
+  assert [r.getMessage() for r in caplog.records] == [
+      f"{path}: its last row was torn (by a kill while it was written); cut off"]
+
+
+def test_garbled_rows_are_left_out_and_a_garbled_header_is_set_aside(tmp_path, caplog):
+  path = tmp_path / "curves.csv"
+  _curves(path, ["1,0,0.1,5.0,,,,,,", "2,0,\x00\x17zz,4.0,,,,,,", "3,0,0.1,3.0,,,,,,,,,,"])
+  np.testing.assert_array_equal(monitors.read_curves(str(path))["step"], [1])
+  assert "2 rows that do not parse" in caplog.records[-1].getMessage()
+  path.write_bytes(b"st\xffp,epo\x00h\n1,0\n")
+  monitors.append_row(str(path), {"step": 4, "loss": 2.0})
+  aside = [p for p in os.listdir(tmp_path) if p.startswith("curves.csv.damaged-")]
+  assert len(aside) == 1 and (tmp_path / aside[0]).read_bytes() == b"st\xffp,epo\x00h\n1,0\n"
+  np.testing.assert_array_equal(monitors.read_curves(str(path))["loss"], [2.0])
