@@ -37,10 +37,16 @@ def random_apply(fn, image, seed, p):
   return tf.cond(coin < p, lambda: fn(image), lambda: image)
 
 
-def crop_window(shape, seed, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+def crop_window(shape, seed, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), sampler="inception"):
   """(begin, size), int32 [3] each: the random resized crop's box (Szegedy et al. 2015) in an image
   of `shape` [H, W, C], `scale` of the area at `ratio` aspect. It depends on the shape only, so a
-  reader can decode just this window of an encoded image and get the crop a decoded one gets."""
+  reader can decode just this window of an encoded image and get the crop a decoded one gets.
+
+  sampler "inception": tf.image.stateless_sample_distorted_bounding_box (SimCLR's and the Model
+  Garden's TF code); "torchvision": torchvision's RandomResizedCrop.get_params, which the PyTorch
+  recipes (solo-learn, lightly) use and which draws larger crops at the same (scale, ratio)."""
+  if sampler == "torchvision":
+    return torchvision_crop_window(shape, seed, scale, ratio)
   begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
       tf.cast(shape, tf.int32),
       bounding_boxes=tf.constant([0.0, 0.0, 1.0, 1.0], tf.float32, [1, 1, 4]),
@@ -53,9 +59,44 @@ def crop_window(shape, seed, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
   return begin, crop_size
 
 
-def crop_and_resize(image, seed, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+def torchvision_crop_window(shape, seed, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), attempts=10):
+  """torchvision's RandomResizedCrop box, drawn statelessly with static shapes (XLA, TPU): all
+  `attempts` tries at once (area fraction ~ U(scale), aspect ~ exp(U(log ratio)), sides
+  rounded), the first that fits is taken, its corner uniform over the positions that fit; when
+  none fits, the centre crop of the whole image clamped to `ratio`."""
+  shape = tf.cast(shape, tf.int32)
+  h_img, w_img = tf.cast(shape[0], tf.float32), tf.cast(shape[1], tf.float32)
+  s = split_seed(seed, 3)
+  area = h_img * w_img * tf.random.stateless_uniform([attempts], s[0], scale[0], scale[1])
+  aspect = tf.exp(tf.random.stateless_uniform([attempts], s[1], math.log(ratio[0]),
+                                               math.log(ratio[1])))
+  # tf.round rounds half to even, as Python's round() in torchvision does.
+  w = tf.round(tf.sqrt(area * aspect))
+  h = tf.round(tf.sqrt(area / aspect))
+  fits = (w > 0) & (w <= w_img) & (h > 0) & (h <= h_img)
+  first = tf.argmax(tf.cast(fits, tf.int32))
+  # The fallback: the whole image, cut to the nearest aspect inside `ratio`.
+  in_ratio = w_img / h_img
+  fb_w = tf.where(in_ratio > ratio[1], tf.round(h_img * ratio[1]), w_img)
+  fb_h = tf.where(in_ratio < ratio[0], tf.round(w_img / ratio[0]), h_img)
+  any_fit = tf.reduce_any(fits)
+  ch = tf.cast(tf.where(any_fit, h[first], fb_h), tf.int32)
+  cw = tf.cast(tf.where(any_fit, w[first], fb_w), tf.int32)
+  # torch.randint(0, H - h + 1): each of the H - h + 1 corners equally likely.
+  u = tf.random.stateless_uniform([2], s[2])
+  top = tf.minimum(tf.cast(tf.floor(u[0] * tf.cast(shape[0] - ch + 1, tf.float32)), tf.int32),
+                   shape[0] - ch)
+  left = tf.minimum(tf.cast(tf.floor(u[1] * tf.cast(shape[1] - cw + 1, tf.float32)), tf.int32),
+                    shape[1] - cw)
+  top = tf.where(any_fit, top, (shape[0] - ch) // 2)
+  left = tf.where(any_fit, left, (shape[1] - cw) // 2)
+  return tf.stack([top, left, 0]), tf.stack([ch, cw, shape[2]])
+
+
+def crop_and_resize(image, seed, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
+                    sampler="inception"):
   """Random resized crop of `crop_window`, resized to size x size: float32 in [0, 1]."""
-  begin, crop_size = crop_window(tf.shape(image), seed, scale, ratio)
+  begin, crop_size = crop_window(tf.shape(image), seed, scale, ratio, sampler)
   return resize_window(tf.slice(image, begin, crop_size), size)
 
 
@@ -207,7 +248,7 @@ def _view(shape, read_window, seed, size, cfg, view):
   """augment_view of the image of `shape` whose pixels in a box are `read_window(begin, size)`."""
   s = split_seed(seed, 6)
   if cfg.crop:
-    begin, crop_size = crop_window(shape, s[0], cfg.crop_scale, cfg.crop_ratio)
+    begin, crop_size = crop_window(shape, s[0], cfg.crop_scale, cfg.crop_ratio, cfg.crop_sampler)
   else:
     begin, crop_size = tf.zeros([3], tf.int32), tf.cast(shape, tf.int32)
   image = resize_window(read_window(begin, crop_size), size)

@@ -80,6 +80,9 @@ class DataConfig:
       raise ConfigError("--knn_train_split cannot go with --val_images; use --eval_split")
 
 
+CROP_SAMPLERS = ("inception", "torchvision")
+
+
 @dataclasses.dataclass(frozen=True)
 class AugmentConfig:
   """BYOL asymmetric augmentation (Grill et al. 2020), as used by NNCLR (paper, appendix).
@@ -91,6 +94,10 @@ class AugmentConfig:
       (0.08, 1.0), "Random resized crop: smallest area fraction.", flag="crop_min_scale",
       parse=lambda v, flag: (float(v), 1.0), render=lambda v: v[0])
   crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+  crop_sampler: str = setting(
+      "inception", "Random resized crop box: inception (tf.image's sampler, SimCLR's TF code) or "
+      "torchvision (RandomResizedCrop's, the PyTorch recipes'; larger crops at the same scale).",
+      choices=CROP_SAMPLERS)
   flip_prob: float = setting(0.5, "Horizontal flip probability.")
   jitter_prob: float = setting(0.8, "Colour jitter probability.")
   brightness: float = setting(0.4, "Colour jitter brightness strength.")

@@ -274,7 +274,8 @@ def finetune_dataset(source, image_size, batch_size, seed, aug: AugmentConfig):
     image = tf.image.convert_image_dtype(image, tf.float32)
     s = augment.split_seed(augment.example_seed(seed, epoch, example), 2)
     if aug.crop:
-      image = augment.crop_and_resize(image, s[0], image_size, aug.crop_scale, aug.crop_ratio)
+      image = augment.crop_and_resize(image, s[0], image_size, aug.crop_scale, aug.crop_ratio,
+                                      aug.crop_sampler)
     else:
       image = augment.center_resize(image, image_size)
     return augment.flip(image, s[1], aug.flip_prob), label
