@@ -60,7 +60,8 @@ class DataConfig:
   eval_crop_fraction: float = setting(
       1.0, "Evaluation and serving: resize the shorter side to image_size / f, centre-crop "
       "image_size (ImageNet: 0.875); 1.0 resizes the whole image.")
-  cache_limit_mb: int = setting(2048, "Hold decoded images in memory up to this size.")
+  cache_limit_mb: int = setting(2048, "Hold the images in memory up to this size (decoded when "
+                                "stored at --image_size, else their encoded bytes).")
   skip_bad_images: bool = setting(True, "Leave undecodable image files out (counted in the "
                                   "results as skipped_images); --noskip_bad_images makes them "
                                   "an error.")

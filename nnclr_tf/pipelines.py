@@ -246,7 +246,8 @@ def eval_dataset(source, image_size, batch_size=256, crop_fraction=1.0):
     def element(i):
       return tf.image.convert_image_dtype(tf.gather(views, i), tf.float32), tf.gather(labels, i)
   elif crop_fraction != 1.0 and source.cache_size:
-    # A squashed image has lost its aspect ratio: cropping it would silently give other pixels.
+    # Cached without the views of this fraction: cutting them from the cached copy (made for
+    # another fraction) would silently give other pixels.
     raise DataError(f"{source.name!r} is cached at {source.cache_size}x{source.cache_size} "
                     f"without evaluation views for crop fraction {crop_fraction}; load it with "
                     f"DataConfig(eval_crop_fraction={crop_fraction})")

@@ -29,17 +29,20 @@ AUTOTUNE = tf.data.AUTOTUNE
 
 @dataclasses.dataclass
 class Source:
-  """Training examples: `images` (uint8 [N, H, W, 3] in memory) or `paths` (decoded lazily)."""
+  """Training examples: `images` (uint8 [N, H, W, 3] in memory), `paths` (decoded lazily) or
+  `encoded_images` (the files' bytes in memory, decoded lazily)."""
   labels: np.ndarray
   images: np.ndarray | None = None
   paths: np.ndarray | None = None
+  encoded_images: np.ndarray | None = None
   class_names: list[str] = dataclasses.field(default_factory=list)
   name: str = ""
   skipped: int = 0  # unreadable files left out
-  # Set by the in-memory caches: `images` were squashed to cache_size x cache_size, so their
-  # aspect ratio is lost (0: `images` are the originals). For an evaluation crop fraction < 1 the
-  # cache also keeps each original's evaluation view (uint8 [N, S, S, 3], augment.eval_transform
-  # at `eval_crop_fraction`), which cannot be made from a squashed image.
+  # Set by the in-memory caches of images stored at the training size: `images` are those
+  # originals (cache_size x cache_size; images of any other size are held as `encoded_images`
+  # instead, so no crop is ever cut from a resized copy). For an evaluation crop fraction < 1
+  # the cache also keeps each image's evaluation view (uint8 [N, S, S, 3], augment.eval_transform
+  # at `eval_crop_fraction`).
   cache_size: int = 0
   eval_images: np.ndarray | None = None
   eval_crop_fraction: float = 1.0
@@ -68,10 +71,15 @@ class Source:
     if self.images is not None:
       images = tf.constant(self.images)
       return lambda i: (tf.gather(images, i), tf.gather(labels, i))
-    paths = tf.constant(self.paths)
+    if self.encoded_images is not None:
+      held = tf.constant(self.encoded_images, tf.string)
+      fetch = lambda i: tf.gather(held, i)
+    else:
+      paths = tf.constant(self.paths)
+      fetch = lambda i: tf.io.read_file(tf.gather(paths, i))
 
     def read(i):
-      data = tf.io.read_file(tf.gather(paths, i))
+      data = fetch(i)
       return decode_image(data) if decode else data, tf.gather(labels, i)
 
     return read
@@ -80,7 +88,8 @@ class Source:
     idx = np.asarray(idx)
     take = lambda a: None if a is None else a[idx]
     return Source(labels=self.labels[idx], images=take(self.images), paths=take(self.paths),
-                  class_names=self.class_names, name=name or self.name, skipped=self.skipped,
+                  encoded_images=take(self.encoded_images), class_names=self.class_names,
+                  name=name or self.name, skipped=self.skipped,
                   cache_size=self.cache_size, eval_images=take(self.eval_images),
                   eval_crop_fraction=self.eval_crop_fraction)
 
@@ -325,30 +334,46 @@ def _set_cached(source, images, size, eval_crop_fraction):
 
 
 def cache_decoded(source, size, limit_mb, skip_bad=True, eval_crop_fraction=1.0):
-  """Decodes a file source into memory at size x size when it fits `limit_mb`, with the
-  evaluation views for `eval_crop_fraction` < 1 (twice the memory); unreadable files are left out
-  and counted in `skipped` (or raise a DataError when `skip_bad` is False). Returns the source
-  unchanged when it does not fit."""
-  if (source.images is not None
+  """Holds a file source in memory when it fits `limit_mb`: decoded at size x size (with the
+  evaluation views for `eval_crop_fraction` < 1, twice the memory) when every image is that
+  size, else as the files' encoded bytes, so that the random crop is cut from the original as
+  from the files (a squashed thumbnail would lose the aspect ratio and the pixels a small crop
+  needs). Unreadable files are left out and counted in `skipped` (or raise a DataError when
+  `skip_bad` is False). Returns the source unchanged when it does not fit."""
+  if (source.images is not None or source.encoded_images is not None
       or _cache_bytes(len(source), size, eval_crop_fraction) > limit_mb * 2 ** 20):
     return source
   ds = tf.data.Dataset.from_tensor_slices((np.arange(len(source)), source.paths))
 
   def load(i, path):
     image = decode_image(tf.io.read_file(path))
-    return i, _cached_views(image, size, eval_crop_fraction)
+    return i, tf.shape(image)[:2], _cached_views(image, size, eval_crop_fraction)
 
   ds = ds.map(load, num_parallel_calls=AUTOTUNE).ignore_errors().batch(1024)
-  chunks, images = [], []
-  for i, views in ds.as_numpy_iterator():
+  chunks, images, native = [], [], True
+  for i, hw, views in ds.as_numpy_iterator():
     chunks.append(i)
     images.append(views)
+    native = native and bool(np.all(hw == size))
   idx = np.concatenate(chunks) if chunks else np.zeros([0], np.int64)
   out = _drop_bad(source, idx, skip_bad)
   if out is source:
     out = source.subset(idx)
+  if not native:
+    # The decode pass above checked every file; its resized views are not what the crop needs.
+    if sum(os.path.getsize(p) for p in out.paths) > limit_mb * 2 ** 20:
+      return out  # decoded lazily from the files
+    # dtype=object: numpy's fixed-width bytes would strip a file's trailing zero bytes.
+    out.encoded_images = np.array([_file_bytes(p) for p in out.paths], dtype=object)
+    out.paths = None
+    return out
   out.paths = None
   return _set_cached(out, images, size, eval_crop_fraction)
+
+
+def _file_bytes(path):
+  with open(path, "rb") as f:
+    return f.read()
 
 
 def check_decodable(source, skip_bad=True):
@@ -388,6 +413,11 @@ def tfds_source(name, split, data_dir, size, limit_mb, eval_crop_fraction=1.0):
   if _cache_bytes(n, size, eval_crop_fraction) > limit_mb * 2 ** 20:
     return StreamSource(builder=builder, split=split, num_examples=n, class_names=names,
                         labelled=has_label, name=f"{name}:{split}")
+  shape = tuple(features["image"].shape) if "image" in features else ()
+  if shape[:2] != (size, size):
+    # Not stored at the training size (or of varying size): hold the encoded bytes, so that the
+    # random crop is cut from the original, as from the files, not from a squashed thumbnail.
+    return _tfds_encoded(builder, split, names, limit_mb, f"{name}:{split}")
   ds = builder.as_dataset(split=split, shuffle_files=False)
 
   def prep(ex):
@@ -400,6 +430,26 @@ def tfds_source(name, split, data_dir, size, limit_mb, eval_crop_fraction=1.0):
     labels.append(lb)
   out = Source(labels=np.concatenate(labels), class_names=names, name=f"{name}:{split}")
   return _set_cached(out, images, size, eval_crop_fraction)
+
+
+def _tfds_encoded(builder, split, names, limit_mb, name):
+  """A tfds split in memory as its images' encoded bytes (decoded lazily, like files), or the
+  StreamSource when those exceed `limit_mb`."""
+  ds = builder.as_dataset(split=split, shuffle_files=False,
+                          decoders={"image": tfds.decode.SkipDecoding()})
+  has_label = "label" in builder.info.features
+  encoded, labels, total = [], [], 0
+  for ex in ds.as_numpy_iterator():
+    encoded.append(ex["image"])
+    labels.append(ex["label"] if has_label else -1)
+    total += len(ex["image"])
+    if total > limit_mb * 2 ** 20:
+      return StreamSource(builder=builder, split=split,
+                          num_examples=builder.info.splits[split].num_examples,
+                          class_names=names, labelled=has_label, name=name)
+  # dtype=object: numpy's fixed-width bytes would strip trailing zero bytes.
+  return Source(labels=np.asarray(labels, np.int32), encoded_images=np.array(encoded, object),
+                class_names=names, name=name)
 
 
 def tfds_example(ex):

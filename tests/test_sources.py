@@ -69,11 +69,49 @@ def test_folder_source_labels_formats_and_cache(tmp_path):
   (tmp_path / "dog" / "broken.jpg").write_bytes(b"not a jpeg")
   s = sources.folder_source(str(tmp_path))
   assert s.class_names == ["cat", "dog"] and len(s) == 8
+  # Not all 8 x 8: held as the files' bytes (decoded and cropped from the original in the
+  # pipeline); at their own size (10 x 14 is not one), they would be held decoded.
   cached = sources.cache_decoded(s, 8, limit_mb=10)
-  assert cached.images.shape == (7, 8, 8, 3) and cached.skipped == 1
+  assert cached.images is None and cached.paths is None and cached.skipped == 1
+  assert cached.encoded_images.shape == (7,) and cached.encoded
   assert list(np.bincount(cached.labels)) == [3, 4]
   batch = _take(pipelines.pretrain_dataset(cached, AUG, 8, 4, seed=0), 1)[0]
   assert batch["view1"].shape == (4, 8, 8, 3)
+  assert sources.cache_decoded(s, 8, limit_mb=0).paths is not None  # does not fit
+  os.makedirs(tmp_path / "native" / "x")
+  for i in range(3):
+    tf.io.write_file(str(tmp_path / "native" / "x" / f"{i}.png"),
+                     tf.io.encode_png(rng.integers(0, 255, size=(8, 8, 3), dtype=np.uint8)))
+  native = sources.cache_decoded(sources.folder_source(str(tmp_path / "native")), 8, 10)
+  assert native.images.shape == (3, 8, 8, 3) and native.encoded_images is None
+
+
+def test_the_cache_crops_from_the_original_like_the_files(tmp_path):
+  """A folder of 300 x 450 JPEGs under the cache limit (held in memory) and over it (read from
+  the files): the same seed gives the same crops, pixel for pixel within 1/255, at 64 px, and
+  the same evaluation views."""
+  rng = np.random.default_rng(1)
+  for cls in ("a", "b"):
+    os.makedirs(tmp_path / cls)
+    for i in range(4):
+      yy, xx = np.mgrid[:300, :450]
+      img = np.stack([(xx * (i + 1)) % 256, (yy * 3) % 256, rng.integers(0, 256, (300, 450))],
+                     -1).astype(np.uint8)
+      tf.io.write_file(str(tmp_path / cls / f"{i}.jpg"), tf.io.encode_jpeg(img, quality=95))
+  files = sources.folder_source(str(tmp_path))
+  held = sources.cache_decoded(files, 64, limit_mb=64)
+  assert held.encoded_images is not None and held.paths is None
+  lazy = sources.cache_decoded(files, 64, limit_mb=0)
+  assert lazy.paths is not None
+  aug = AugmentConfig(blur_prob=(0.0, 0.0), jitter_prob=0.0, grayscale_prob=0.0)
+  a = _take(pipelines.pretrain_dataset(held, aug, 64, 8, seed=3), 2)
+  b = _take(pipelines.pretrain_dataset(lazy, aug, 64, 8, seed=3), 2)
+  for x, y in zip(a, b):
+    for k in ("view1", "view2"):
+      assert np.abs(x[k] - y[k]).max() <= 1 / 255 + 1e-6
+  ev_a = next(iter(pipelines.eval_dataset(held, 64, 8, crop_fraction=0.875)))[0].numpy()
+  ev_b = next(iter(pipelines.eval_dataset(lazy, 64, 8, crop_fraction=0.875)))[0].numpy()
+  np.testing.assert_allclose(ev_a, ev_b, atol=1 / 255)
 
 
 def test_folder_errors_name_the_flag(tmp_path):
@@ -143,6 +181,14 @@ def test_tfds_dataset_built_locally(tiny_stl, tmp_path):
   assert cropped.eval_images.shape == (24, 8, 8, 3) and cropped.images.shape == (24, 8, 8, 3)
   views = [next(iter(pipelines.eval_dataset(s, 8, 32, 0.5)))[0].numpy() for s in (cropped, stream)]
   np.testing.assert_allclose(views[0], views[1], atol=0.5 / 255 + 1e-6)
+  # At another training size the split is held as encoded bytes: the crop is cut from the
+  # 8 x 8 original, as the stream cuts it (same views at image_size 12).
+  encoded, _ = sources.load_sources(DataConfig(dataset="tiny_stl", data_dir=tiny_stl,
+                                               image_size=12))
+  assert encoded.images is None and encoded.encoded_images.shape == (24,)
+  np.testing.assert_array_equal(encoded.labels, train.labels)  # the same tfds order
+  views = [next(iter(pipelines.eval_dataset(s, 12, 32)))[0].numpy() for s in (encoded, stream)]
+  np.testing.assert_allclose(views[0], views[1], atol=1 / 255)
   with pytest.raises(sources.DataError, match="not prepared"):
     sources.load_sources(DataConfig(dataset="tiny_stl", data_dir=str(tmp_path / "empty")))
   with pytest.raises(sources.DataError, match="not a tfds dataset"):
