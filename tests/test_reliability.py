@@ -509,7 +509,8 @@ def test_bad_image_is_skipped_and_counted_or_named(tmp_path, case, cached):
                    cache_limit_mb=10 if cached else 0)
   train, _ = data.load_sources(cfg)
   assert len(train) == 6 and train.skipped == 1
-  assert (train.images is not None) == cached
+  # 12 px files at image_size 8: the cache holds the files' bytes, not 8 px thumbnails.
+  assert (train.encoded_images is not None) == cached == (train.paths is None)
   assert str(bad) not in [str(p) for p in (train.paths if train.paths is not None else [])]
   batch = next(iter(data.pretrain_dataset(train, AUG, 8, 6, seed=0)))
   assert np.all(np.isfinite(batch["view1"].numpy()))
@@ -544,7 +545,9 @@ def test_mixed_modes_and_tiny_images_decode_as_rgb(tmp_path):
     assert got.shape == expected.shape, path
     assert np.abs(got.astype(int) - expected.astype(int)).max() <= tolerance, path
   cached = data.cache_decoded(data.folder_source(str(tmp_path)), 8, 10)
-  assert cached.images.shape == (10, 8, 8, 3) and cached.skipped == 0
+  # Sizes differ from image_size: the cache holds the bytes, and every one of them decodes.
+  assert cached.encoded_images.shape == (10,) and cached.skipped == 0 and cached.paths is None
+  assert all(data.decode_image(b).shape[-1] == 3 for b in cached.encoded_images)
   for source in (lazy, cached):
     batch = next(iter(data.pretrain_dataset(source, AUG, 16, 10, seed=0)))
     v = batch["view1"].numpy()
