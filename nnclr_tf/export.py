@@ -109,7 +109,8 @@ def _save_versioned(module, signatures, export_base, model_name, version, warmup
                       "version is never overwritten")
   try:
     os.makedirs(model_base, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".tmp-{model_name}-", dir=model_base)
+    model_dir_lib.remove_orphans(model_base)  # left by a kill mid-export
+    tmp = tempfile.mkdtemp(prefix=model_dir_lib.temp_prefix(model_name), dir=model_base)
   except OSError as e:
     raise ExportError(f"cannot write exports under {export_base} ({e.strerror}); choose another "
                       "export base") from None

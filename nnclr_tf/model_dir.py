@@ -22,6 +22,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import socket
 import tempfile
 import time
@@ -58,8 +59,9 @@ def atomic_path(file_path):
   atomic writer of the project: JSON, CSV, NPZ, PNG alike. The temporary name keeps the
   extension, for writers that pick the format from it (np.savez, matplotlib)."""
   head, tail = os.path.split(file_path)
+  remove_orphans(head or ".")
   # A private name (mkstemp): several workers may write the same file at once.
-  fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=f"-{tail}", dir=head or ".")
+  fd, tmp = tempfile.mkstemp(prefix=temp_prefix(), suffix=f"-{tail}", dir=head or ".")
   os.close(fd)
   try:
     yield tmp
@@ -67,6 +69,34 @@ def atomic_path(file_path):
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)
+
+
+def temp_prefix(kind=""):
+  """`.tmp-<host>-<pid>-[<kind>-]`: a temporary file or folder names its writer, so the next
+  writer can tell one a kill left (its pid gone on this host) from one being written now."""
+  return f".tmp-{socket.gethostname()}-{os.getpid()}-" + (f"{kind}-" if kind else "")
+
+
+def remove_orphans(folder):
+  """Removes the temporary files and folders in `folder` whose writer, on this host, is no
+  longer running (a kill mid-write); those of live writers, and of other hosts, are left."""
+  mine = f".tmp-{socket.gethostname()}-"
+  try:
+    names = os.listdir(folder)
+  except OSError:
+    return
+  for name in names:
+    pid = name[len(mine):].split("-", 1)[0] if name.startswith(mine) else ""
+    if not pid.isdigit() or pid_alive(int(pid)):
+      continue
+    target = os.path.join(folder, name)
+    try:
+      if os.path.isdir(target):
+        shutil.rmtree(target, ignore_errors=True)
+      else:
+        os.remove(target)
+    except OSError:
+      pass  # another writer removed it first
 
 
 def write_text(file_path, text):

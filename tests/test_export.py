@@ -452,3 +452,18 @@ def test_two_exports_at_once_take_different_versions(tmp_path, monkeypatch):
   assert export._move_into_place(str(second), str(base), 0) == str(base / "3")
   assert next(stale, None) is None  # the stale listing was used
   assert (base / "2" / "a").read_text() == "a" and (base / "3" / "b").read_text() == "b"
+
+
+def test_a_kill_mid_export_leaves_no_temp_past_the_next_export(tmp_path):
+  """What a SIGKILL mid-export leaves (a `.tmp-<host>-<pid>-encoder-*` folder of a dead pid) is
+  removed by the next export; TF Serving never read it (not an integer), and the versions stay."""
+  import socket
+  import subprocess
+  child = subprocess.Popen([sys.executable, "-c", "pass"])
+  child.wait()
+  base = str(tmp_path / "export")
+  orphan = os.path.join(base, "encoder", f".tmp-{socket.gethostname()}-{child.pid}-encoder-x")
+  os.makedirs(os.path.join(orphan, "variables"))
+  os.makedirs(os.path.join(base, "encoder", "1"))
+  export.export_encoder(tiny_model(), base)
+  assert sorted(os.listdir(os.path.join(base, "encoder"))) == ["1", "2"]

@@ -85,3 +85,35 @@ def test_a_damaged_model_config_is_one_error_line_and_never_rewritten(tmp_path, 
     assert f.read() == text
   os.remove(config)
   assert md.recorded_model_config(d) == {}
+
+
+def _dead_pid():
+  """A pid that no process has: one of a child that has exited and been reaped."""
+  import subprocess
+  import sys
+  child = subprocess.Popen([sys.executable, "-c", "pass"])
+  child.wait()
+  return child.pid
+
+
+def test_a_kill_mid_write_leaves_no_temp_past_the_next_write(tmp_path):
+  """A SIGKILL between mkstemp and the rename leaves `.tmp-<host>-<pid>-...`; the next atomic
+  write in that folder removes it. A live writer's temp (this process) and another host's temp
+  (a worker on a shared disk, whose pid means nothing here) are left alone."""
+  import socket
+  host = socket.gethostname()
+  d = tmp_path
+  dead = d / f".tmp-{host}-{_dead_pid()}-abc-curves.csv"
+  dead.write_text("torn")
+  dead_dir = d / f".tmp-{host}-{_dead_pid()}-encoder-xyz"
+  (dead_dir / "variables").mkdir(parents=True)
+  live = d / f"{md.temp_prefix()}def-flags.txt"
+  live.write_text("being written")
+  other_host = d / f".tmp-not-{host}-1-ghi-flags.txt"
+  other_host.write_text("another worker's")
+  unrelated = d / ".tmp-notes"  # not ours: no host and pid
+  unrelated.write_text("")
+  md.write_text(str(d / "flags.txt"), "--seed=1\n")
+  assert sorted(p.name for p in d.iterdir()) == sorted(
+      ["flags.txt", live.name, other_host.name, unrelated.name])
+  assert md.temp_prefix("encoder").endswith(f"-{os.getpid()}-encoder-")
