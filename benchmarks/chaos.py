@@ -3,20 +3,23 @@ command each time, against an uninterrupted run of that command (issue 28; not a
 tests/test_chaos.py runs a 3-kill version).
 
 Each kill is one of
-  time        a random moment of the process's life (start-up, training, final kNN, export),
-              uniform over the reference run's wall time;
+  time        a seeded moment of training: a seeded delay (0-1 s) after curves.csv reaches a
+              seeded step (the first time kill: 0-4 s after the start, in start-up);
   checkpoint  while a checkpoint is being written (a ckpt-N_temp/ folder exists), N a seeded
               step at least two intervals past the step the run resumed from;
   features    while the feature cache is being written (features/.tmp-*);
   export      while an export is being written (export/encoder/.tmp-*).
-The filesystem is polled every ~2 ms; a window the run passes before the poll sees it is
-recorded as missed, and the campaign goes on. After the planned kills the command is rerun until
-it exits 0. Then: the final checkpoint must equal the uninterrupted run's tensor for tensor
-(`--deterministic`), every export version must load and serve, pretrain_results.json must be
-whole, no temporary file of a killed writer may be left, and no kill may lose more steps than
-the checkpoint interval. Lost steps of a kill = the
-newest step in curves.csv when it landed (the quickstart writes a row per step) minus the step
-the next start resumed from (its newest intact checkpoint).
+A run meets each moment once, so the kills come in the order of the run: time and checkpoint
+kills by step, then the feature-cache kills (a run killed there extracts them again when rerun),
+then the export kills. The filesystem is polled every ~2 ms (without pause once training has
+ended, for the short feature-cache write); a window the run passes before the poll sees it is
+recorded as missed, and the campaign goes on. After the planned kills the command
+is rerun until it exits 0. Then: the final checkpoint must equal the uninterrupted run's tensor
+for tensor (`--deterministic`), every export version must load and serve, pretrain_results.json
+must be whole, no temporary file of a killed writer may be left, and no kill may lose more steps
+than the checkpoint interval. Lost steps of a kill = the newest step in curves.csv when it
+landed (the quickstart writes a row per step) minus the step the next start resumed from (its
+newest intact checkpoint).
 
   python benchmarks/chaos.py --kills=20 --seed=0
 
@@ -32,6 +35,7 @@ import os
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -39,6 +43,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 KINDS = ("time", "checkpoint", "features", "export")
+HOST = socket.gethostname()  # temporary names are .tmp-<host>-<pid>-... (model_dir.temp_prefix)
 
 
 def parser():
@@ -80,19 +85,19 @@ def kill(proc):
   proc.wait(timeout=60)
 
 
-def _has(pattern):
-  return bool(glob.glob(pattern))
-
-
-def triggered(kind, model_dir, from_step=0):
+def triggered(kind, model_dir, from_step=0, pid=None):
   """Whether the window of a triggered kill is open now (for a checkpoint: that of a checkpoint
-  of step `from_step` or later)."""
+  of step `from_step` or later; for the others, a temporary file of process `pid`'s: the one a
+  killed writer left is not a window)."""
   if kind == "checkpoint":
     return any(int(os.path.basename(p)[5:-5]) >= from_step
                for p in glob.glob(os.path.join(model_dir, "ckpt-*_temp")))
-  if kind == "features":
-    return _has(os.path.join(model_dir, "features", ".tmp-*"))
-  return _has(os.path.join(model_dir, "export", "encoder", ".tmp-*"))
+  folder = os.path.join(model_dir, *(("features",) if kind == "features" else ("export",
+                                                                              "encoder")))
+  try:
+    return any(name.startswith(f".tmp-{HOST}-{pid}-") for name in os.listdir(folder))
+  except OSError:
+    return False
 
 
 def step_reached(model_dir):
@@ -151,24 +156,43 @@ def leftovers(model_dir):
                 + glob.glob(os.path.join(model_dir, "ckpt-*_temp")))
 
 
-def plan(args, reference_seconds):
-  """The seeded kills: (kind, u) with u the moment of a `time` kill in seconds, and for a
-  `checkpoint` kill where between the resumed step and the end its checkpoint lies (0-1)."""
+def plan(args, total):
+  """The seeded kills in the order the run meets them: (kind, step, delay). A run passes each
+  moment once, so the kills are placed along it: time and checkpoint kills at seeded steps of
+  training (sorted; the first time kill in start-up), then the feature-cache kills (each rerun of
+  a run killed there extracts the features again), then the export kills."""
   rng = random.Random(args.seed)
   kinds = [args.kinds[i % len(args.kinds)] for i in range(args.kills)]
-  rng.shuffle(kinds)
-  return [(k, rng.uniform(1.0, reference_seconds) if k == "time" else rng.random())
-          for k in kinds]
+  training, first_time = [], True
+  for kind in (k for k in kinds if k in ("time", "checkpoint")):
+    if kind == "time" and first_time:
+      training.append((kind, 0, rng.uniform(0.0, 4.0)))  # start-up: before the first step
+      first_time = False
+    else:
+      training.append((kind, rng.randint(1, total), rng.uniform(0.0, 1.0)))
+  training.sort(key=lambda k: k[1])
+  return training + [(k, total, 0.0) for k in ("features", "export") for j in kinds if j == k]
 
 
-def checkpoint_target(resumed, total, interval, u):
-  """The first step whose checkpoint write is killed. At least two intervals past the resumed
-  step where the run allows, so the restart resumes from a checkpoint this run wrote (a kill at
-  the first one would resume from the same step again); the final checkpoint is a target too."""
+def checkpoint_target(resumed, total, interval, step):
+  """The first step whose checkpoint write is killed: `step`, but at least two intervals past the
+  resumed step where the run allows, so the restart resumes from a checkpoint this run wrote (a
+  kill at the first one would resume from the same step again); the final checkpoint is one."""
   low = resumed + 2 * interval
   if low > total:
     return resumed + 1
-  return low + int(u * (total - low))
+  return max(step, low)
+
+
+def last_step(model_dir):
+  """The step of curves.csv's last row, from the file's tail (cheap enough to poll)."""
+  try:
+    with open(os.path.join(model_dir, "curves.csv"), "rb") as f:
+      f.seek(max(0, os.fstat(f.fileno()).st_size - 512))
+      tail = f.read().decode("utf-8", "replace").strip().splitlines()
+    return int(float(tail[-1].split(",", 1)[0])) if tail else 0
+  except (OSError, ValueError, IndexError):
+    return 0
 
 
 def campaign(args):
@@ -185,22 +209,34 @@ def campaign(args):
 
   kills, restarts, cmd, starts = [], 0, command(args, killed), []
   t0 = time.time()
-  for i, (kind, u) in enumerate(plan(args, reference_seconds)):
+  for i, (kind, step, delay) in enumerate(plan(args, total)):
     resumed = resume_step(killed)
     starts.append(resumed)
     if kills and kills[-1]["landed"]:
       kills[-1]["lost_steps"] = max(0, kills[-1]["step_reached"] - resumed)
-    target = checkpoint_target(resumed, total, args.checkpoint_every_steps, u)
+    target = checkpoint_target(resumed, total, args.checkpoint_every_steps, step)
     proc = start(cmd, os.path.join(args.workdir, f"run{i}"))
-    began, landed = time.time(), False
+    began, landed, due, armed = time.time(), False, None, False
     while proc.poll() is None:
-      if (time.time() - began >= u) if kind == "time" else triggered(kind, killed, target):
+      if kind == "time":
+        if due is None and (step == 0 or last_step(killed) >= step):
+          due = time.time() + delay
+        fire = due is not None and time.time() >= due
+      else:
+        fire = triggered(kind, killed, target, proc.pid)
+        # Writing the feature cache of a small run takes a few ms, less than a poll: once
+        # training has ended, poll without sleeping (one core, for the few seconds left).
+        armed = armed or (kind in ("features", "export") and last_step(killed) >= total)
+      if fire:
         reached = step_reached(killed)
         kill(proc)
         landed = True
         break
-      time.sleep(0.002)
+      if not armed:
+        time.sleep(0.002)
     record = {"kind": kind, "landed": landed, "resumed_from": resumed}
+    if kind == "time":
+      record["after_step"], record["delay_seconds"] = step, round(delay, 3)
     if kind == "checkpoint":
       record["checkpoint_from_step"] = target
     if landed:

@@ -17,7 +17,6 @@ SMALL = ["--width=8", "--proj_hidden_dim=64", "--pred_hidden_dim=64", "--embeddi
 
 @pytest.mark.slow
 def test_three_kills_end_bit_identical_to_an_uninterrupted_run(tmp_path, capsys):
-  # Seed 5 plans checkpoint, features, export: the order in which their windows come.
   argv = [f"--workdir={tmp_path / 'chaos'}", "--kills=3", "--seed=5",
           "--kinds=checkpoint,features,export",
           "--checkpoint_every_steps=3", *(f"--run_flag={f}" for f in SMALL)]
