@@ -7,7 +7,9 @@ Two image sets:
           `cached`, as run.py does when the decoded set fits --cache_limit_mb (decode once, then
           augment from memory), and `files` (decode every JPEG every time);
   224 px  larger JPEGs made from them (upsampled, written once to --large_dir in /tmp), decoded
-          every time, as a set too large to cache would be.
+          every time, as a set too large to cache would be; beside the full pipeline, the same
+          with decode + crop + resize + flip only (`decode_only`), and full / decode_only: how
+          close augmentation is to free on the host.
 
 Each core count c runs the pipeline on a private tf.data thread pool of c threads.
 
@@ -39,6 +41,14 @@ AUGMENT_PRESETS = {"cifar": "cifar10_resnet18", "byol": "imagenet_resnet50"}
 def augment_config(name):
   from nnclr_tf.config import Experiment
   return Experiment.from_flagfile(AUGMENT_PRESETS[name]).augment
+
+
+def decode_only(aug):
+  """`aug` with decode, crop, resize and flip only: the colour, grayscale, blur and solarize
+  stages off (a static probability 0 skips an op), the floor the full pipeline is held against."""
+  import dataclasses
+  return dataclasses.replace(aug, jitter_prob=0.0, grayscale_prob=0.0, blur_prob=(0.0, 0.0),
+                             solarize_prob=(0.0, 0.0))
 
 
 def subset_source(image_dir, images, seed=0):
@@ -226,11 +236,17 @@ def main(argv=None):
     key = f"{args.large_size}px_files"
     results[key] = {"image_size": args.large_size, "augment": args.large_augment,
                     "images": len(s), "batch_size": args.large_batch_size, "dir": large,
-                    "make_s": made, "pairs_per_sec_by_cores": {}}
+                    "make_s": made, "pairs_per_sec_by_cores": {},
+                    "decode_only_pairs_per_sec_by_cores": {}, "full_over_decode_only": {}}
+    full = augment_config(args.large_augment)
     for c in cores:
-      results[key]["pairs_per_sec_by_cores"][str(c)] = pairs_per_sec(
-          s, augment_config(args.large_augment), args.large_size, args.large_batch_size, c,
-          args.warmup_batches, args.batches, exp.train.seed)
+      # Back to back per core count, so the ratio holds even when the machine's speed drifts.
+      rates = [pairs_per_sec(s, a, args.large_size, args.large_batch_size, c,
+                             args.warmup_batches, args.batches, exp.train.seed)
+               for a in (full, decode_only(full))]
+      results[key]["pairs_per_sec_by_cores"][str(c)] = rates[0]
+      results[key]["decode_only_pairs_per_sec_by_cores"][str(c)] = rates[1]
+      results[key]["full_over_decode_only"][str(c)] = rates[0] / rates[1]
   print(json.dumps({
       "benchmark": "input_pipeline", "results": results, "cores": cores,
       "device": peak.machine(), "tf_version": tf.__version__, "settings": ap.settings(args, exp),
