@@ -34,6 +34,7 @@ TRAIN = [f"{SYNSETS[c]}_{k}.JPEG" for c in range(4) for k in range(PER_CLASS)]
 SUBSETS = {"1pct": [f"{s}_5.JPEG" for s in SYNSETS],
            "10pct": [f"{s}_{k}.JPEG" for s in SYNSETS for k in (3, 8)]}
 VALIDATION = [f"ILSVRC2012_val_{j:08d}.JPEG" for j in range(1, 9)]
+ALL = TRAIN + VALIDATION  # image i has red level red(i)
 SIZE = 16
 
 
@@ -54,8 +55,8 @@ def jpeg(index, label):
 
 def examples(names):
   for name in names:
-    index = TRAIN.index(name) if name in TRAIN else len(TRAIN) + VALIDATION.index(name)
-    yield name, {"image": jpeg(index, label_of(name)), "label": label_of(name), "file_name": name}
+    yield name, {"image": jpeg(ALL.index(name), label_of(name)), "label": label_of(name),
+                 "file_name": name}
 
 
 class LocalImagenet(imagenet2012_dataset_builder.Builder, skip_registration=True):
@@ -115,7 +116,7 @@ def identities(batches):
     for image, label in zip(images, y):
       level = image[..., 0] * 255
       assert level.max() - level.min() < 3  # one flat colour: one source image
-      names.append(TRAIN[int(round((level.mean() - red(0)) / 5))])
+      names.append(ALL[int(round((level.mean() - red(0)) / 5))])
       labels.append(int(label))
   return names, labels
 
