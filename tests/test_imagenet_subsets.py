@@ -211,12 +211,21 @@ def test_streamed_subset_by_index_gives_the_in_memory_batches(roots):
     np.testing.assert_allclose(xa, xb, atol=1e-6)
 
 
-def test_other_datasets_keep_the_class_balanced_draw(tmp_path):
+def test_other_datasets_keep_the_class_balanced_draw(tmp_path, monkeypatch):
+  made, real = [], finetune.nesterov_sgd
+
+  def spy(schedule, momentum, weight_decay, variables):
+    made.append((momentum, weight_decay))
+    return real(schedule, momentum, weight_decay, variables)
+
+  monkeypatch.setattr(finetune, "nesterov_sgd", spy)
   exp = Experiment.from_flagfile("quickstart", model_dir=str(tmp_path), width=8,
                                  proj_hidden_dim=32, pred_hidden_dim=32, embedding_dim=16,
                                  finetune_init="random", finetune_epochs=1, verbose=0,
-                                 random_init_baseline=False, label_fraction=0.05)
+                                 random_init_baseline=False, label_fraction=0.05,
+                                 finetune_momentum=0.8, finetune_weight_decay=1e-4)
   results = experiment.finetune(exp)
+  assert made == [(0.8, 1e-4)]  # the flags reach the optimizer
   assert results["subset"] == "class-balanced draw of digits, seed 0"
   assert results["labelled_per_class"] == [7, 8]  # 75 of the 1,500 training digits
 
