@@ -9,6 +9,7 @@ builder. Each image's red level is flat and encodes its index, which survives JP
 and flip, so a batch tells which files it was cut from.
 """
 
+import dataclasses
 import json
 import os
 
@@ -21,8 +22,8 @@ from tensorflow_datasets.datasets.imagenet2012_subset import imagenet2012_subset
 
 from nnclr_tf import cli as cli_lib
 from nnclr_tf import data, experiment, finetune, pipelines
-from nnclr_tf.config import AugmentConfig, Experiment
-from nnclr_tf.errors import ConfigError
+from nnclr_tf.config import AugmentConfig, Experiment, imagenet_subset
+from nnclr_tf.errors import ConfigError, DataError
 
 with open(imagenet_common.label_names_file()) as f:
   SYNSETS = f.read().split()[:4]
@@ -270,3 +271,27 @@ def test_another_fraction_of_imagenet_is_refused_when_the_config_is_made(tmp_pat
   assert "published subsets" in lines[0]
   # Any fraction in (0, 1] elsewhere: our class-balanced draw.
   assert Experiment().replace(label_fraction=0.05).finetune.label_fraction == 0.05
+
+
+def test_the_imagenet_preset_runs_simclrs_finetune():
+  exp = Experiment.from_flagfile("imagenet_resnet50")
+  f = exp.finetune
+  assert imagenet_subset(exp.data.dataset, f.label_fraction) == "imagenet2012_subset/10pct"
+  assert (f.batch_size, f.learning_rate * f.batch_size / 256, f.momentum, f.weight_decay) == (
+      4096, 0.8, 0.9, 0.0)
+  assert f.epochs == 0 and finetune.simclr_epochs(f.label_fraction) == 30
+  one = exp.replace(label_fraction=0.01)
+  assert imagenet_subset(one.data.dataset, 0.01) == "imagenet2012_subset/1pct"
+  assert finetune.simclr_epochs(0.01) == 60
+  assert (exp.augment.crop_scale, exp.augment.flip_prob, exp.data.eval_crop_fraction) == (
+      (0.08, 1.0), 0.5, 0.875)
+
+
+def test_a_subset_of_another_label_space_is_refused(roots, tmp_path, monkeypatch):
+  """Labels are class indices: a subset whose names differ from imagenet2012's would be trained
+  on wrong labels without a word."""
+  real = data.imagenet_subset_source
+  monkeypatch.setattr(data, "imagenet_subset_source", lambda *a: dataclasses.replace(
+      real(*a), class_names=list(reversed(real(*a).class_names))))
+  with pytest.raises(DataError, match="name different classes"):
+    experiment.finetune(exp_for(roots("tfrecord"), str(tmp_path)))
