@@ -121,7 +121,8 @@ def identities(batches):
     for image, label in zip(images, y):
       level = image[..., 0].mean() * 255
       index = int(round((level - red(0)) / 5))
-      assert abs(level - red(index)) < 2  # JPEG's error: the nearest level, by a margin
+      # Levels are 5 apart and JPEG moves the mean red by up to 1.8 here: the nearest level.
+      assert abs(level - red(index)) < 2.5
       names.append(ALL[index])
       labels.append(int(label))
   return names, labels
