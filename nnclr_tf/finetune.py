@@ -88,6 +88,10 @@ def finetune(encoder, train_source, eval_source, num_classes, image_size, aug: A
   strategy = strategy or tf.distribute.get_strategy()
   if subset:
     labelled, min_steps = train_source, 0
+  elif train_source.streamed:
+    raise DataError(f"--label_fraction={label_fraction:g}: {train_source.name} is streamed (over "
+                    "--cache_limit_mb), so its labels are not in memory for the class-balanced "
+                    "draw; raise --cache_limit_mb to hold it")
   else:
     labelled = train_source.subset(label_subset(train_source.labels, label_fraction, seed))
   replicas = strategy.num_replicas_in_sync

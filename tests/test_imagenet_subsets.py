@@ -296,3 +296,11 @@ def test_a_subset_of_another_label_space_is_refused(roots, tmp_path, monkeypatch
       real(*a), class_names=list(reversed(real(*a).class_names))))
   with pytest.raises(DataError, match="name different classes"):
     experiment.finetune(exp_for(roots("tfrecord"), str(tmp_path)))
+
+
+def test_a_draw_from_a_streamed_split_is_one_error_line(roots):
+  """Only ImageNet has published subsets; the draw elsewhere needs the labels in memory."""
+  streamed = data.tfds_source("imagenet2012", "train", roots("tfrecord"), SIZE, 0)
+  assert streamed.streamed
+  with pytest.raises(DataError, match="is streamed .* raise --cache_limit_mb"):
+    finetune.finetune(None, streamed, None, 1000, SIZE, AugmentConfig(), label_fraction=0.1)
