@@ -286,20 +286,58 @@ class ProbeConfig:
                         "positive numbers, e.g. 1e-4,1e-3")
 
 
+# SimCLR's published ImageNet label subsets (google-research/simclr imagenet_subsets/1percent.txt
+# and 10percent.txt), the lists behind the paper's 1% / 10% fine-tune numbers, as tfds prepares
+# them: the train split is the subset, labels are imagenet2012's.
+IMAGENET = "imagenet2012"
+IMAGENET_SUBSETS = {0.01: "imagenet2012_subset/1pct", 0.1: "imagenet2012_subset/10pct"}
+
+
+def is_imagenet(dataset: str) -> bool:
+  """Whether --dataset names tfds imagenet2012 (any version, e.g. imagenet2012:5.1.0)."""
+  return dataset.split(":")[0] == IMAGENET
+
+
+def imagenet_subset(dataset: str, label_fraction: float) -> str | None:
+  """The tfds dataset of SimCLR's published subset that --mode=finetune reads for
+  `label_fraction` of ImageNet; None for any other dataset (a class-balanced draw) or
+  fraction."""
+  if not is_imagenet(dataset):
+    return None
+  return IMAGENET_SUBSETS.get(round(label_fraction, 9))
+
+
 @dataclasses.dataclass(frozen=True)
 class FinetuneConfig:
-  label_fraction: float = setting(0.1, "--mode=finetune: class-balanced labelled fraction.")
+  label_fraction: float = setting(
+      0.1, "--mode=finetune: labelled fraction: a seeded class-balanced draw, or with "
+      "--dataset=imagenet2012 SimCLR's published subset (0.01 or 0.1 only, tfds "
+      "imagenet2012_subset/1pct or /10pct).")
   epochs: int = setting(0, "Fine-tune epochs (0: SimCLR's 60 for <=1% labels, else 30, but at "
-                        "least 300 steps).", flag="finetune_epochs")
+                        "least 300 steps; no floor on ImageNet's published subsets).",
+                        flag="finetune_epochs")
   batch_size: int = setting(256, "Fine-tune global batch (capped at the subset).",
                             flag="finetune_batch_size")
   learning_rate: float = setting(0.05, "Fine-tune base lr, x batch/256 (SimCLR: 0.05).",
                                  flag="finetune_lr")
+  momentum: float = setting(0.9, "Fine-tune SGD momentum, Nesterov (SimCLR: 0.9).",
+                            flag="finetune_momentum")
+  weight_decay: float = setting(
+      0.0, "Fine-tune decoupled weight decay, biases and BN excluded (SimCLR: none).",
+      flag="finetune_weight_decay")
   init: str = setting("pretrained", "Fine-tune the pretrained encoder, or train from scratch "
                       "(the baseline).", flag="finetune_init", choices=("pretrained", "random"))
 
   def __post_init__(self):
     _check_choices(self)
+    if not 0 < self.label_fraction <= 1:
+      raise ConfigError(f"--label_fraction={self.label_fraction} must be in (0, 1], e.g. 0.01 "
+                        "or 0.1")
+    if not 0 <= self.momentum < 1:
+      raise ConfigError(f"--finetune_momentum={self.momentum} must be in [0, 1) (SimCLR: 0.9)")
+    if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+      raise ConfigError(f"--finetune_weight_decay={self.weight_decay} must be a finite number "
+                        ">= 0 (SimCLR: 0)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -364,6 +402,14 @@ class Experiment:
       object.__setattr__(self, "export", dataclasses.replace(
           self.export, base=os.path.join(self.train.model_dir, "export")))
     check_batch(self.train.batch_size, self.support.queue_size, 1, self.support.nn_topk)
+    fraction = self.finetune.label_fraction
+    if is_imagenet(self.data.dataset) and not imagenet_subset(self.data.dataset, fraction):
+      # A draw of our own could not be compared with any published number, and drawing it
+      # class-balanced would read the labels of all 1.28M streamed training images.
+      raise ConfigError(
+          f"--label_fraction={fraction:g} with --dataset={self.data.dataset}: ImageNet "
+          "fine-tunes on SimCLR's published subsets only (tfds imagenet2012_subset/1pct, "
+          "/10pct); use --label_fraction=0.01 or 0.1")
 
   # --- by flag name ------------------------------------------------------------------------------
 

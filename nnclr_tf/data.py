@@ -29,6 +29,7 @@ from nnclr_tf.sources import (
     decode_image,
     digits_source,
     folder_source,
+    imagenet_subset_source,
     knn_bank_source,
     load_sources,
     numpy_source,
@@ -39,7 +40,7 @@ from nnclr_tf.sources import (
 __all__ = [
     "DataConfig", "DataError", "IMAGE_EXTENSIONS", "Source", "StreamSource", "bank_subset",
     "cache_decoded", "check_decodable", "decode_error", "decode_image", "digits_source",
-    "distributed_pretrain_dataset", "eval_dataset", "folder_source", "knn_bank_source",
-    "load_sources", "numpy_source", "pretrain_dataset", "pretraining_stream", "split_balanced",
-    "steps_per_epoch", "tfds_source", "two_views_encoded",
+    "distributed_pretrain_dataset", "eval_dataset", "folder_source", "imagenet_subset_source",
+    "knn_bank_source", "load_sources", "numpy_source", "pretrain_dataset", "pretraining_stream",
+    "split_balanced", "steps_per_epoch", "tfds_source", "two_views_encoded",
 ]

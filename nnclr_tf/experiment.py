@@ -37,8 +37,8 @@ from nnclr_tf.building import (  # the public API: experiment.build_model and fr
   strategy_for,
 )
 from nnclr_tf.checks import check_batch
-from nnclr_tf.config import Experiment
-from nnclr_tf.errors import ConfigError, ExportError, ModelDirError
+from nnclr_tf.config import Experiment, imagenet_subset
+from nnclr_tf.errors import ConfigError, DataError, ExportError, ModelDirError
 from nnclr_tf.results import (
   ContinuousEvalResults,
   ExportResults,
@@ -153,13 +153,23 @@ def linear_eval(exp: Experiment, strategy=None) -> LinearEvalResults:
 
 
 def finetune(exp: Experiment, strategy=None) -> FinetuneResults:
-  """Semi-supervised fine-tune of the whole network on a class-balanced labelled fraction (or
-  from scratch with finetune.init="random"); every (fraction, init) run is kept in the results."""
+  """Semi-supervised fine-tune of the whole network on a labelled fraction (or from scratch with
+  finetune.init="random"); every (fraction, init) run is kept in the results. On ImageNet the
+  labelled images are SimCLR's published subset (tfds imagenet2012_subset/1pct or /10pct,
+  streamed from --data_dir); elsewhere a class-balanced draw."""
   strategy = strategy_for(exp, strategy)
   t, f = exp.train, exp.finetune
   # Before the run: a damaged record of earlier runs is one error line, not lost work.
   recorded: FinetuneResults = md.read_results(t.model_dir, "finetune")
+  subset = imagenet_subset(exp.data.dataset, f.label_fraction)
+  # Before the model and the data: a subset missing from --data_dir is one error line.
+  labelled = data_lib.imagenet_subset_source(exp.data, f.label_fraction) if subset else None
   train, held, classes = labelled_splits(exp, "finetune")
+  if labelled is not None:
+    if labelled.class_names != train.class_names:
+      raise DataError(f"{labelled.name} and {train.name} name different classes; prepare both "
+                      f"with the same tensorflow-datasets in --data_dir={exp.data.data_dir}")
+    train = labelled
   if f.init == "random":
     model, latest = build_model(exp, strategy), None
   else:
@@ -167,9 +177,9 @@ def finetune(exp: Experiment, strategy=None) -> FinetuneResults:
   results = finetune_lib.finetune(
       model.encoder, train, held, classes, exp.data.image_size, exp.augment,
       label_fraction=f.label_fraction, epochs=f.epochs, batch_size=f.batch_size,
-      learning_rate=f.learning_rate, seed=t.seed, strategy=strategy,
-      eval_batch_size=exp.eval.batch_size, verbose=t.verbose,
-      eval_crop_fraction=exp.data.eval_crop_fraction)
+      learning_rate=f.learning_rate, momentum=f.momentum, weight_decay=f.weight_decay,
+      seed=t.seed, strategy=strategy, eval_batch_size=exp.eval.batch_size, verbose=t.verbose,
+      eval_crop_fraction=exp.data.eval_crop_fraction, subset=subset)
   results.update(init=f.init, checkpoint=latest)
   # The latest run at the top level; every (fraction, init) run kept under by_label_fraction.
   runs = recorded.get("by_label_fraction", {})

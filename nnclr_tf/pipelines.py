@@ -170,13 +170,11 @@ def _shard_order(seed, epoch, pipeline, num_shards):
                    num_shards)
 
 
-def _tfrecord_pretrain_dataset(source, aug, image_size, per_replica, local, seed, start_step,
-                               ctx):
-  """The stream of a TFRecord split (see StreamSource): blocks of shards in a per-epoch order,
-  their raw records permuted within the block, then decoded (crop windows only) and augmented
-  with seeds from (seed, pipeline, position). Resuming at a step computes which block holds its
-  first row and skips raw records within that block only."""
-  pipeline, pipelines = ctx.input_pipeline_id, ctx.num_input_pipelines
+def _tfrecord_records(source, seed, start, pipeline, pipelines):
+  """(stream position, serialized record) of one input pipeline's stream of a TFRecord split (see
+  StreamSource), from position `start`: blocks of shards in a per-epoch order, their raw records
+  permuted within the block. Starting later computes which block holds position `start` and
+  skips raw records within that block only. Pretraining and fine-tuning both read it."""
   files, skips, takes = _shard_plan(source, pipeline, pipelines)
   num_shards, per_block = len(files), max(1, source.shards_per_block)
   blocks = -(-num_shards // per_block)
@@ -200,7 +198,6 @@ def _tfrecord_pretrain_dataset(source, aug, image_size, per_replica, local, seed
     return tf.data.Dataset.from_tensor_slices(tf.gather(records, perm))
 
   # The first row this pipeline needs: which epoch, which block of that epoch's order, how far in.
-  start = start_step * local * per_replica
   epoch, within = divmod(start, epoch_len)
   order = _shard_order(seed, epoch, pipeline, num_shards).numpy()
   sizes = [takes[order[b * per_block:(b + 1) * per_block]].sum() for b in range(blocks)]
@@ -209,7 +206,16 @@ def _tfrecord_pretrain_dataset(source, aug, image_size, per_replica, local, seed
 
   ds = tf.data.Dataset.range(epoch * blocks + first, tf.int64.max).flat_map(read_block)
   ds = ds.skip(offset)
-  ds = tf.data.Dataset.zip(tf.data.Dataset.range(start, tf.int64.max), ds)
+  return tf.data.Dataset.zip(tf.data.Dataset.range(start, tf.int64.max), ds)
+
+
+def _tfrecord_pretrain_dataset(source, aug, image_size, per_replica, local, seed, start_step,
+                               ctx):
+  """The pretraining stream of a TFRecord split (`_tfrecord_records`), decoded (crop windows
+  only) and augmented with seeds from (seed, pipeline, position)."""
+  pipeline = ctx.input_pipeline_id
+  ds = _tfrecord_records(source, seed, start_step * local * per_replica, pipeline,
+                         ctx.num_input_pipelines)
   parse = source.record_parser()
 
   def element(position, record):
@@ -265,15 +271,16 @@ def eval_dataset(source, image_size, batch_size=256, crop_fraction=1.0):
 def finetune_dataset(source, image_size, batch_size, seed, aug: AugmentConfig):
   """Endless (image, label) batches for fine-tuning: the pretraining stream's shuffle with an
   epoch of every example, random resized crop (aug.crop_scale) and flip (aug.flip_prob), nothing
-  else."""
-  n = len(source)
-  read = source.reader()
+  else.
 
-  def element(pos):
-    example, epoch = _example_at(pos, seed, n, n)
-    image, label = read(example)
+  A streamed tfds split is read from its files, never held: by index as the in-memory source is
+  (ArrayRecord: the same batches as that split in memory), else in TFRecord blocks of shards
+  (`_tfrecord_records`, one input pipeline), with seeds from (seed, position)."""
+  n = len(source)
+
+  def view(image, label, s):
     image = tf.image.convert_image_dtype(image, tf.float32)
-    s = augment.split_seed(augment.example_seed(seed, epoch, example), 2)
+    s = augment.split_seed(s, 2)
     if aug.crop:
       image = augment.crop_and_resize(image, s[0], image_size, aug.crop_scale, aug.crop_ratio,
                                       aug.crop_sampler)
@@ -281,8 +288,37 @@ def finetune_dataset(source, image_size, batch_size, seed, aug: AugmentConfig):
       image = augment.center_resize(image, image_size)
     return augment.flip(image, s[1], aug.flip_prob), label
 
-  ds = tf.data.Dataset.range(tf.int64.max).map(element, num_parallel_calls=AUTOTUNE,
-                                               deterministic=True)
+  positions = tf.data.Dataset.range(tf.int64.max)
+  if source.streamed and not source.random_access:
+    parse = source.record_parser()
+
+    def record_view(position, record):
+      data, label = parse(record)
+      return view(decode_image(data), label, augment.example_seed(seed, 0, position))
+
+    ds = _tfrecord_records(source, seed, 0, 0, 1).map(record_view, num_parallel_calls=AUTOTUNE,
+                                                       deterministic=True)
+  elif source.streamed:
+    read = source.reader()  # a batch of records per call
+
+    def with_item(example, epoch):
+      return (example, epoch) + read(example)
+
+    def item_view(example, epoch, data, label):
+      return view(decode_image(data), label, augment.example_seed(seed, epoch, example))
+
+    ds = positions.map(lambda pos: _example_at(pos, seed, n, n)).batch(batch_size)
+    ds = ds.map(with_item).unbatch().map(item_view, num_parallel_calls=AUTOTUNE,
+                                         deterministic=True)
+  else:
+    read = source.reader()
+
+    def element(pos):
+      example, epoch = _example_at(pos, seed, n, n)
+      image, label = read(example)
+      return view(image, label, augment.example_seed(seed, epoch, example))
+
+    ds = positions.map(element, num_parallel_calls=AUTOTUNE, deterministic=True)
   return ds.batch(batch_size, drop_remainder=True).prefetch(AUTOTUNE)
 
 

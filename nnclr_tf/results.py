@@ -87,8 +87,9 @@ class FinetuneRun(TypedDict, total=False):
   finetune_top1: float
   finetune_top5: float
   label_fraction: float
+  subset: str  # the tfds dataset of a published subset, or which class-balanced draw
   labelled_examples: int
-  labelled_per_class: list[int]
+  labelled_per_class: list[int]  # [min, max]; not for a streamed (published) subset
   epochs: int
   steps: int
   batch_size: int

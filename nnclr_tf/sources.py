@@ -18,9 +18,10 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 from sklearn.datasets import load_digits
+from tensorflow_datasets.core import constants as tfds_constants
 
 from nnclr_tf import augment
-from nnclr_tf.config import DataConfig
+from nnclr_tf.config import DataConfig, imagenet_subset
 from nnclr_tf.errors import DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
@@ -487,6 +488,31 @@ def load_sources(cfg: DataConfig, seed=0):
       raise DataError("--val_images needs labelled training data (class sub-folders)")
     train, held = split_balanced(train, cfg.val_images, seed)
   return train, held
+
+
+def imagenet_subset_source(cfg: DataConfig, label_fraction):
+  """SimCLR's published `label_fraction` subset of ImageNet (config.imagenet_subset: tfds
+  imagenet2012_subset/1pct or /10pct, prepared in --data_dir beside imagenet2012), whole, as a
+  StreamSource whatever --cache_limit_mb: 10% is 128k images. A missing one is a DataError
+  saying how to prepare it."""
+  name = imagenet_subset(cfg.dataset, label_fraction)
+  if name is None:
+    raise DataError(f"--label_fraction={label_fraction:g} with --dataset={cfg.dataset} has no "
+                    "published subset; use --label_fraction=0.01 or 0.1 with imagenet2012")
+  where = cfg.data_dir or tfds_constants.DATA_DIR
+  builder = tfds.builder(name, data_dir=cfg.data_dir)
+  if not builder.is_prepared():
+    raise DataError(
+        f"--label_fraction={label_fraction:g} with --dataset={cfg.dataset} fine-tunes on "
+        f"SimCLR's published subset, tfds {name}, which is not prepared in --data_dir={where}; "
+        f"prepare it where there is network (it downloads SimCLR's image list) with "
+        f"`tfds build {name} --data_dir={where} --manual_dir=DIR`, DIR holding "
+        "ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar")
+  features = builder.info.features
+  return StreamSource(builder=builder, split="train",
+                      num_examples=builder.info.splits["train"].num_examples,
+                      class_names=list(features["label"].names), labelled=True,
+                      name=f"{name}:train")
 
 
 def knn_bank_source(cfg: DataConfig, train):

@@ -1,9 +1,14 @@
+import re
+
+import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from nnclr_tf import data
-from nnclr_tf.config import AugmentConfig
-from nnclr_tf.finetune import label_subset, train_dataset
+from nnclr_tf.config import AugmentConfig, Experiment
+from nnclr_tf.errors import ConfigError
+from nnclr_tf.finetune import label_subset, nesterov_sgd, train_dataset
 
 
 def imbalanced_labels(seed=0):
@@ -56,3 +61,26 @@ def test_train_dataset_draws_only_the_subset_and_is_deterministic():
   # 20 draws = two epochs of the 10-example subset: each example exactly twice, labels kept.
   assert sorted(seen) == sorted(list(sub.images[:, 0, 0, 0]) * 2)
   np.testing.assert_array_equal(labels, seen % 4)
+
+
+def test_nesterov_sgd_decays_kernels_only():
+  """Decoupled decay at lr x wd per step on rank >= 2 variables; biases and BN (rank 1) keep
+  their values when the gradient is zero."""
+  kernel = keras.Variable(np.full((2, 3), 2.0, np.float32))
+  bias = keras.Variable(np.full((3,), 2.0, np.float32))
+  opt = nesterov_sgd(0.1, 0.9, 0.5, [kernel, bias])
+  assert opt.nesterov and opt.momentum == 0.9
+  opt.apply_gradients([(tf.zeros_like(kernel), kernel), (tf.zeros_like(bias), bias)])
+  np.testing.assert_allclose(kernel.numpy(), 2.0 * (1 - 0.1 * 0.5), rtol=1e-6)
+  np.testing.assert_array_equal(bias.numpy(), 2.0)
+  assert nesterov_sgd(0.1, 0.9, 0.0, [kernel]).weight_decay is None  # SimCLR: none
+
+
+@pytest.mark.parametrize("flags,needle", [
+    ({"finetune_momentum": 1.0}, "--finetune_momentum=1.0 must be in [0, 1)"),
+    ({"finetune_weight_decay": -1e-4}, "--finetune_weight_decay=-0.0001 must be"),
+    ({"label_fraction": 0.0}, "--label_fraction=0.0 must be in (0, 1]"),
+])
+def test_finetune_settings_are_checked_when_the_config_is_made(flags, needle):
+  with pytest.raises(ConfigError, match=re.escape(needle)):
+    Experiment().replace(**flags)
