@@ -211,3 +211,19 @@ def test_exported_sgd_classifier_computes_probe_logits(both):
   np.testing.assert_allclose(np.log(got[live]), np.log(want[live]), atol=1e-3)
   assert np.all(got[~live] < 1e-29)
   np.testing.assert_array_equal(out["class_ids"].numpy(), logits.argmax(1))
+
+
+@pytest.mark.slow
+def test_peak_memory_does_not_grow_with_the_training_set():
+  """benchmarks/linear_memory.py on 2,000 and 8,000 image files, each in its own process: the
+  peak RSS of the fit stays within 10% (the set is read lazily, a few batches at a time)."""
+  peaks = {}
+  for n in (2000, 8000):
+    p = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "linear_memory.py"),
+                        f"--images={n}"], cwd=REPO, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.loads(p.stdout.strip().splitlines()[-1])
+    assert r["steps"] == n // 128
+    peaks[n] = r["peak_rss_mb"]
+  assert peaks[8000] <= 1.1 * peaks[2000], peaks
