@@ -217,7 +217,7 @@ def test_exported_sgd_classifier_computes_probe_logits(both):
 def test_peak_memory_does_not_grow_with_the_training_set():
   """benchmarks/linear_memory.py on 2,000 and 8,000 image files, each in its own process: the
   peak RSS of the fit stays within 10% (the set is read lazily, a few batches at a time)."""
-  peaks = {}
+  peaks, growth = {}, {}
   for n in (2000, 8000):
     p = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "linear_memory.py"),
                         f"--images={n}"], cwd=REPO, capture_output=True, text=True, timeout=300,
@@ -226,4 +226,11 @@ def test_peak_memory_does_not_grow_with_the_training_set():
     r = json.loads(p.stdout.strip().splitlines()[-1])
     assert r["steps"] == n // 128
     peaks[n] = r["peak_rss_mb"]
+    if r["peak_is_of_the_fit"]:
+      growth[n] = r["peak_rss_mb"] - r["rss_before_fit_mb"]
   assert peaks[8000] <= 1.1 * peaks[2000], peaks
+  # TensorFlow's ~700 MB hide growth below ~70 MB from the totals; what the fit adds shows it
+  # (measured 59 and 60 MB; with every view held as float32 it was 83 and 153 MB, which the
+  # totals above let through).
+  if len(growth) == 2:
+    assert growth[8000] <= 1.1 * growth[2000] + 5, growth
