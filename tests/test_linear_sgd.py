@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import keras
 import numpy as np
@@ -234,3 +235,35 @@ def test_peak_memory_does_not_grow_with_the_training_set():
   # totals above let through).
   if len(growth) == 2:
     assert growth[8000] <= 1.1 * growth[2000] + 5, growth
+
+
+@pytest.mark.slow
+def test_kill_mid_fit_then_the_same_command_resumes(both, tmp_path, record_property):
+  """kill -9 of run.py --mode=linear_eval once the fit has saved a checkpoint (the first epoch
+  ends at step 23, before --checkpoint_every_steps=50), then the same command: it resumes from
+  the newest checkpoint and ends where the uninterrupted fit of `both` (same encoder, data and
+  settings, another model_dir) ended."""
+  d, whole, _, _ = both
+  copy = str(tmp_path / "m")
+  shutil.copytree(d, copy, ignore=shutil.ignore_patterns("linear_probe", "export"))
+  args = [*QS, f"--model_dir={copy}", "--mode=linear_eval", *SGD, "--checkpoint_every_steps=50"]
+  proc = subprocess.Popen([sys.executable, os.path.join(REPO, "run.py"), *args], cwd=REPO,
+                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  pattern = os.path.join(copy, linear_sgd.FOLDER, "*", "ckpt-*.index")
+  try:
+    for _ in range(1200):
+      if glob.glob(pattern) or proc.poll() is not None:
+        break
+      time.sleep(0.05)
+  finally:
+    proc.kill()  # SIGKILL: no handler runs, nothing is saved on the way out
+    proc.wait()
+  assert proc.returncode == -9, "the fit ended before it could be killed"
+  r = run(args)
+  assert 0 < r["resumed_from_step"] < r["steps"] == whole["steps"]
+  a, b = tolerances.checkpoint(whole["sgd_dir"]), tolerances.checkpoint(r["sgd_dir"])
+  init = {k: np.zeros_like(v) for k, v in a.items()}
+  record_property("divergence", tolerances.divergence(init, a, b))
+  tolerances.assert_trained_close(init, a, b)
+  assert r["linear_top1"] == pytest.approx(whole["linear_top1"], abs=1 / 297)
