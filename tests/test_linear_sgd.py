@@ -128,6 +128,21 @@ def test_bad_settings_are_one_config_error_line(digits):
     linear_sgd.check_batch(127, 1500, 2)
 
 
+def test_presets_name_their_protocol():
+  """SimCLR's settings in the ImageNet preset, batch 256 on STL-10's 5,000 labelled images, the
+  in-memory default elsewhere (each preset's header says why)."""
+  got = {name: Experiment.from_flagfile(name).probe for name in (
+      "imagenet_resnet50", "stl10_resnet18", "cifar10_resnet18", "cifar10_resnet18_lightly",
+      "quickstart")}
+  p = got.pop("imagenet_resnet50")
+  assert (p.linear_protocol, p.linear_lr, p.linear_epochs, p.linear_batch_size) == (
+      "sgd", 0.1, 90, 4096)
+  p = got.pop("stl10_resnet18")
+  assert (p.linear_protocol, p.linear_lr, p.linear_epochs, p.linear_batch_size) == (
+      "sgd", 0.1, 90, 256)
+  assert {p.linear_protocol for p in got.values()} == {"lbfgs"}
+
+
 # --- through run.py ----------------------------------------------------------------------------
 
 QS = ["--flagfile=flags/quickstart.cfg", "--proj_hidden_dim=64", "--pred_hidden_dim=64",
