@@ -7,6 +7,7 @@ seed gives the same image on any machine, replica count or tf.data parallelism.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -242,6 +243,20 @@ def augment_view(image, seed, size, cfg: AugmentConfig, view: int):
   """One view of the BYOL pipeline; `view` 0 or 1 picks the asymmetric blur/solarize odds.
   `image` is uint8 or float [H, W, 3]."""
   return _view(tf.shape(image), lambda b, c: tf.slice(image, b, c), seed, size, cfg, view)
+
+
+def view_windows(shape, read_window, seed, size, cfg: AugmentConfig, view: int = 0):
+  """`augment_view` of an image not decoded yet (see `two_views_windows`)."""
+  return _view(shape, read_window, seed, size, cfg, view)
+
+
+def crop_flip(cfg: AugmentConfig) -> AugmentConfig:
+  """`cfg` with its random resized crop and flip only: the training views of the supervised
+  protocols (SimCLR appendix B: "Only random cropping (with random left-to-right flipping ...)
+  is used for preprocessing"). Crop scale, ratio, sampler and flip probability stay the
+  pretraining's, so data that must not be flipped (digits) is not."""
+  return dataclasses.replace(cfg, jitter_prob=0.0, grayscale_prob=0.0, blur_prob=(0.0, 0.0),
+                             solarize_prob=(0.0, 0.0))
 
 
 def _view(shape, read_window, seed, size, cfg, view):

@@ -233,15 +233,16 @@ def make_checkpoint(model):
   return tf.train.Checkpoint(model=model, optimizer=model.optimizer)
 
 
-def restore_latest(model, ckpt_dir):
+def restore_latest(model, ckpt_dir, make=make_checkpoint):
   """Restores the newest checkpoint in ckpt_dir, if any. Returns its path or None.
 
   The newest intact one (newest_intact: a damaged newer one is named in a warning line). A
-  checkpoint of a different architecture is refused with a ConfigError (nothing is written)."""
+  checkpoint of a different architecture is refused with a ConfigError (nothing is written).
+  `make(model)`: the tf.train.Checkpoint of what is saved (CheckpointCallback's `make`)."""
   latest = newest_intact(ckpt_dir)
   if latest:
     try:
-      make_checkpoint(model).restore(latest).assert_existing_objects_matched()
+      make(model).restore(latest).assert_existing_objects_matched()
     except (ValueError, AssertionError, tf.errors.OpError) as e:
       raise _does_not_fit(ckpt_dir, latest, e) from None
   return latest
@@ -281,9 +282,10 @@ class CheckpointCallback(keras.callbacks.Callback):
   """Saves (model incl. support set, optimizer incl. step) every N steps and at each epoch end."""
 
   def __init__(self, model_dir, every_steps=0, keep=3, guard=None, stopper=None,
-               milestone_every_steps=0):
+               milestone_every_steps=0, make=make_checkpoint):
     super().__init__()
     self.model_dir = model_dir
+    self.make = make  # model -> the tf.train.Checkpoint saved (default: model and optimizer)
     self.every_steps = every_steps
     self.keep = keep
     self.milestone_every_steps = milestone_every_steps
@@ -304,7 +306,7 @@ class CheckpointCallback(keras.callbacks.Callback):
       # complete checkpoint. An orphaned ckpt-N_temp/ from such a kill is removed here.
       remove_orphaned_temp_dirs(self.model_dir)
       repair_state_file(self.model_dir)
-      self.manager = tf.train.CheckpointManager(make_checkpoint(self.model), self.model_dir,
+      self.manager = tf.train.CheckpointManager(self.make(self.model), self.model_dir,
                                                 max_to_keep=self.keep)
     if self.every_steps:
       self._interval = int(self.model.optimizer.iterations.numpy()) // self.every_steps
@@ -322,7 +324,7 @@ class CheckpointCallback(keras.callbacks.Callback):
     step = int(self.model.optimizer.iterations.numpy())
     try:
       if milestone:
-        save_milestone(self.model, self.model_dir, step)
+        save_milestone(self.model, self.model_dir, step, self.make)
       if self._saved_step == step:
         return
       self.manager.save(checkpoint_number=step)
@@ -357,7 +359,7 @@ class CheckpointCallback(keras.callbacks.Callback):
     self._save()
 
 
-def save_milestone(model, model_dir, step):
+def save_milestone(model, model_dir, step, make=make_checkpoint):
   """model_dir/milestones/ckpt-<step>, kept for good (no CheckpointManager deletes it): written
   into a temporary folder, then moved into place index last, so a kill leaves either a complete
   milestone or none (a stray `.ckpt-N.partial/` is removed by the next save)."""
@@ -369,7 +371,7 @@ def save_milestone(model, model_dir, step):
   if tf.io.gfile.exists(partial):
     tf.io.gfile.rmtree(partial)
   tf.io.gfile.makedirs(partial)
-  ckpt = make_checkpoint(model)
+  ckpt = make(model)
   ckpt.save_counter  # noqa: B018  (created, so it is written: a strict restore expects it)
   ckpt.write(os.path.join(partial, f"ckpt-{int(step)}"))
   names = sorted(tf.io.gfile.listdir(partial), key=lambda n: n.endswith(".index"))

@@ -176,7 +176,10 @@ def summary(mode, exp, results):
   if mode == "linear_eval" and r.get("linear_top1") is not None:
     base = (f" (random init {_fmt(r['linear_top1_random_init'])})"
             if r.get("linear_top1_random_init") is not None else "")
-    lines.append(f"linear probe top-1 {_fmt(r['linear_top1'])}{base}, l2={r.get('l2')}")
+    how = (f"SGD, {r.get('epochs')} epochs" + (f", resumed from step {r['resumed_from_step']}"
+                                                 if r.get("resumed_from_step") else "")
+           if r.get("protocol") == "sgd" else f"l2={r.get('l2')}")
+    lines.append(f"linear probe top-1 {_fmt(r['linear_top1'])}{base}, {how}")
   if mode == "finetune" and r.get("finetune_top1") is not None:
     lines.append(f"fine-tuned top-1 {_fmt(r['finetune_top1'])} ({r.get('init')}, "
                  f"label fraction {exp.finetune.label_fraction:g})")

@@ -269,6 +269,9 @@ class ExportConfig:
       raise ConfigError(f"--export_version={self.version} must be >= 0 (0: the next version)")
 
 
+LINEAR_PROTOCOLS = ("lbfgs", "sgd")
+
+
 @dataclasses.dataclass(frozen=True)
 class ProbeConfig:
   """The online linear probe during pretraining and the offline one of linear_eval."""
@@ -276,14 +279,29 @@ class ProbeConfig:
                                "features during pretraining (only when the training data is "
                                "labelled).")
   online_probe_lr: float = setting(1e-2, "Adam learning rate of the online probe.")
+  linear_protocol: str = setting(
+      "lbfgs", "--mode=linear_eval: lbfgs (L2 logistic regression on standardised un-augmented "
+      "features held in memory; exact, no lr) or sgd (SimCLR's protocol: a linear layer on the "
+      "frozen encoder trained with Nesterov SGD on streamed random crop + flip views; any dataset "
+      "size; the random-init baseline is not fitted).", choices=LINEAR_PROTOCOLS)
   linear_l2: tuple[float, ...] = setting(
       (1e-5, 1e-4, 1e-3, 1e-2, 1e-1), "L2 strengths of the linear probe; several: chosen on 10% "
       "of the train features.", parse=floats)
+  linear_lr: float = setting(0.1, "--linear_protocol=sgd: base lr, x batch/256, cosine-decayed "
+                             "to 0 (SimCLR: 0.1).")
+  linear_epochs: int = setting(90, "--linear_protocol=sgd: epochs (SimCLR: 90).")
+  linear_batch_size: int = setting(256, "--linear_protocol=sgd: global batch (SimCLR: 4096).")
 
   def __post_init__(self):
+    _check_choices(self)
     if not self.linear_l2 or min(self.linear_l2) <= 0:
       raise ConfigError(f"--linear_l2={','.join(f'{v:g}' for v in self.linear_l2)}: give "
                         "positive numbers, e.g. 1e-4,1e-3")
+    if not (math.isfinite(self.linear_lr) and self.linear_lr > 0):
+      raise ConfigError(f"--linear_lr={self.linear_lr} must be a finite number > 0, e.g. 0.1")
+    for name in ("linear_epochs", "linear_batch_size"):
+      if getattr(self, name) < 1:
+        raise ConfigError(f"--{name}={getattr(self, name)} must be >= 1")
 
 
 # SimCLR's published ImageNet label subsets (google-research/simclr imagenet_subsets/1percent.txt

@@ -11,8 +11,11 @@
 from nnclr_tf.config import DataConfig
 from nnclr_tf.errors import DataError
 from nnclr_tf.pipelines import (
+    distributed_linear_dataset,
     distributed_pretrain_dataset,
     eval_dataset,
+    linear_dataset,
+    one_view_encoded,
     pretrain_dataset,
     pretraining_stream,
     steps_per_epoch,
@@ -40,7 +43,8 @@ from nnclr_tf.sources import (
 __all__ = [
     "DataConfig", "DataError", "IMAGE_EXTENSIONS", "Source", "StreamSource", "bank_subset",
     "cache_decoded", "check_decodable", "decode_error", "decode_image", "digits_source",
-    "distributed_pretrain_dataset", "eval_dataset", "folder_source", "imagenet_subset_source",
-    "knn_bank_source", "load_sources", "numpy_source", "pretrain_dataset", "pretraining_stream",
+    "distributed_linear_dataset", "distributed_pretrain_dataset", "eval_dataset",
+    "folder_source", "imagenet_subset_source", "knn_bank_source", "linear_dataset",
+    "load_sources", "numpy_source", "one_view_encoded", "pretrain_dataset", "pretraining_stream",
     "split_balanced", "steps_per_epoch", "tfds_source", "two_views_encoded",
 ]

@@ -19,7 +19,7 @@ import logging
 import os
 import tempfile
 
-from nnclr_tf import checkpoints, distributed, linear_probe, pretraining, progress
+from nnclr_tf import checkpoints, distributed, linear_probe, linear_sgd, pretraining, progress
 from nnclr_tf import continuous_eval as continuous_lib
 from nnclr_tf import data as data_lib
 from nnclr_tf import export as export_lib
@@ -118,12 +118,27 @@ def knn_eval(exp: Experiment, strategy=None) -> KnnEvalResults:
 
 
 def linear_eval(exp: Experiment, strategy=None) -> LinearEvalResults:
-  """Linear probe on frozen features of the latest checkpoint (and of the random-init
-  architecture), then the classifier export of the probe."""
+  """Linear probe of the latest checkpoint's frozen encoder, by --linear_protocol: lbfgs on
+  cached features (and of the random-init architecture), or sgd on streamed crop + flip views
+  (linear_sgd.py); then the classifier export of the probe, which reads both alike."""
   strategy = strategy_for(exp, strategy)
-  t, size = exp.train, exp.data.image_size
+  t, protocol = exp.train, exp.probe.linear_protocol
   train, held, classes = labelled_splits(exp, "linear_eval")
   model, latest = restored_model(exp, strategy)
+  fit = _sgd_probe if protocol == "sgd" else _lbfgs_probe
+  probe, results = fit(exp, strategy, model, latest, train, held, classes)
+  results.update(protocol=protocol, checkpoint=latest,
+                 probe=linear_probe.save_probe(md.path(t.model_dir, md.PROBE_FILE), probe))
+  ex = exp.export
+  results["classifier_export_dir"] = export_lib.export_classifier(
+      model, results["probe"], ex.base, ex.version, ex.warmup,
+      metadata=classifier_metadata(exp, latest, results),
+      crop_fraction=exp.data.eval_crop_fraction)
+  return md.write_results(t.model_dir, "linear_eval", results)
+
+
+def _lbfgs_probe(exp: Experiment, strategy, model, latest, train, held, classes):
+  t, size = exp.train, exp.data.image_size
   l2 = list(exp.probe.linear_l2)
   cache = feature_cache(exp, latest)
   train_f, train_l, eval_f, eval_l = eval_features(exp, model.encoder, latest, train, held)
@@ -131,11 +146,10 @@ def linear_eval(exp: Experiment, strategy=None) -> LinearEvalResults:
     probe, info = linear_probe.fit_probe(train_f, train_l, classes, train.class_names, size,
                                          l2=l2, seed=t.seed)
   scores = linear_probe.evaluate_probe(probe, eval_f, eval_l)
-  probe_path = linear_probe.save_probe(md.path(t.model_dir, md.PROBE_FILE), probe)
   results: LinearEvalResults = {
       "linear_top1": scores["top1"], "linear_top5": scores["top5"], **info,
-             "eval_examples": int(len(eval_l)), "feature_dim": int(train_f.shape[1]),
-             "probe": probe_path, "feature_cache": cache, "checkpoint": latest}
+      "eval_examples": int(len(eval_l)), "feature_dim": int(train_f.shape[1]),
+      "feature_cache": cache}
   if exp.eval.random_init_baseline:
     rf = random_init_features(exp, train, held)  # the encoder of knn_top1_random_init
     with progress.timed("linear probe on the random-init features"):
@@ -144,12 +158,27 @@ def linear_eval(exp: Experiment, strategy=None) -> LinearEvalResults:
     results.update({"linear_top1_random_init": rand_scores["top1"],
                     "linear_top5_random_init": rand_scores["top5"],
                     "l2_random_init": rand_info["l2"]})
-  ex = exp.export
-  results["classifier_export_dir"] = export_lib.export_classifier(
-      model, probe_path, ex.base, ex.version, ex.warmup,
-      metadata=classifier_metadata(exp, latest, results),
-      crop_fraction=exp.data.eval_crop_fraction)
-  return md.write_results(t.model_dir, "linear_eval", results)
+  return probe, results
+
+
+def _sgd_probe(exp: Experiment, strategy, model, latest, train, held, classes):
+  t, p, size = exp.train, exp.probe, exp.data.image_size
+  if exp.eval.random_init_baseline:
+    # A second SGD run as long as the first (90 ImageNet epochs) for a number only the
+    # comparison with random weights needs.
+    logging.info("--linear_protocol=sgd: no linear_top1_random_init (it would repeat the whole "
+                 "fit); --linear_protocol=lbfgs scores it")
+  out_dir = linear_sgd.run_dir(t.model_dir, latest, linear_sgd.settings_key(
+      exp.data, exp.augment, p.linear_lr, p.linear_epochs, p.linear_batch_size, t.seed))
+  with progress.timed(f"SGD linear head on {len(train):,} images, {p.linear_epochs} epochs"):
+    probe, info = linear_sgd.fit(
+        model.encoder, train, held, classes, size, exp.augment, out_dir,
+        learning_rate=p.linear_lr, epochs=p.linear_epochs, batch_size=p.linear_batch_size,
+        seed=t.seed, strategy=strategy, class_names=train.class_names,
+        eval_batch_size=exp.eval.batch_size, eval_crop_fraction=exp.data.eval_crop_fraction,
+        checkpoint_every_steps=t.checkpoint_every_steps, keep_checkpoints=t.keep_checkpoints,
+        verbose=t.verbose)
+  return probe, {**info, "feature_cache": None}
 
 
 def finetune(exp: Experiment, strategy=None) -> FinetuneResults:

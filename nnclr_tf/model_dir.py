@@ -9,6 +9,7 @@
   features/                feature cache of an encoder (kNN, linear_eval, plots)
   plots/                   retrieval grid, embedding map, training curves
   linear_probe/probe.npz   linear_eval's probe (what the classifier export serves)
+  linear_probe/sgd/<ckpt-N>-<hash>/   --linear_protocol=sgd: the head's checkpoints (resume)
   export/<encoder|classifier>/<version>/   TF Serving exports (--export_base elsewhere)
   <mode>_results.json      each mode's figures: pretrain, knn, linear_eval, finetune, export
   run.lock                 held while pretraining writes here (pid, host, start, mode)

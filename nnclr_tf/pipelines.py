@@ -26,10 +26,9 @@ def _is_jpeg(data):
   return tf.equal(tf.strings.substr(data, 0, 3), b"\xff\xd8\xff")
 
 
-def two_views_encoded(data, seed, size, aug, fused=None):
-  """augment.two_views of an encoded image without decoding it whole when it is a JPEG: the crop
-  boxes come from the header's shape (`tf.image.extract_jpeg_shape`) and only those windows are
-  decoded. Same boxes and pixels as decoding first; other formats are decoded in full."""
+def _encoded_views(data, whole, windows, fused):
+  """whole(decoded image), or for a JPEG with `fused`, windows(shape, read_window) decoding only
+  the crop windows (the boxes depend on the header's shape alone, so the pixels are the same)."""
   fused = FUSED_JPEG_CROP if fused is None else fused
 
   def jpeg():
@@ -41,14 +40,27 @@ def two_views_encoded(data, seed, size, aug, fused=None):
       window.set_shape([None, None, 3])
       return window
 
-    return augment.two_views_windows(shape, read, seed, size, aug)
-
-  def whole():
-    return augment.two_views(decode_image(data), seed, size, aug)
+    return windows(shape, read)
 
   if not fused:
-    return whole()
-  return tf.cond(_is_jpeg(data), jpeg, whole)
+    return whole(decode_image(data))
+  return tf.cond(_is_jpeg(data), jpeg, lambda: whole(decode_image(data)))
+
+
+def two_views_encoded(data, seed, size, aug, fused=None):
+  """augment.two_views of an encoded image without decoding it whole when it is a JPEG: the crop
+  boxes come from the header's shape (`tf.image.extract_jpeg_shape`) and only those windows are
+  decoded. Same boxes and pixels as decoding first; other formats are decoded in full."""
+  return _encoded_views(data, lambda image: augment.two_views(image, seed, size, aug),
+                        lambda shape, read: augment.two_views_windows(shape, read, seed, size,
+                                                                      aug), fused)
+
+
+def one_view_encoded(data, seed, size, aug, fused=None):
+  """augment.augment_view (view 0) of an encoded image, as two_views_encoded."""
+  return _encoded_views(data, lambda image: augment.augment_view(image, seed, size, aug, 0),
+                        lambda shape, read: augment.view_windows(shape, read, seed, size, aug),
+                        fused)
 
 
 def steps_per_epoch(num_examples, global_batch):
@@ -93,6 +105,31 @@ def pretrain_dataset(source, aug: AugmentConfig, image_size, global_batch, seed,
   s * global_batch + r * per_replica + [0, per_replica). Batches come out replica after replica,
   which is the order tf.distribute hands them to a worker's local replicas.
   """
+  def element(item, example_seed, label, encoded):
+    views = two_views_encoded if encoded else augment.two_views
+    return _pair(views(item, example_seed, image_size, aug), label)
+
+  return _positional_stream(source, global_batch, seed, start_step, input_context, element)
+
+
+def linear_dataset(source, aug: AugmentConfig, image_size, global_batch, seed, start_step=0,
+                   input_context: tf.distribute.InputContext | None = None):
+  """Per-replica batches (image [b, S, S, 3], label [b]) of the SGD linear protocol: the
+  pretraining stream's examples and order (a pure function of (seed, step), whatever the replica
+  count), one view each of `augment.crop_flip(aug)`."""
+  views = augment.crop_flip(aug)
+
+  def element(item, example_seed, label, encoded):
+    if encoded:
+      return one_view_encoded(item, example_seed, image_size, views), label
+    return augment.augment_view(item, example_seed, image_size, views, 0), label
+
+  return _positional_stream(source, global_batch, seed, start_step, input_context, element)
+
+
+def _positional_stream(source, global_batch, seed, start_step, input_context, element):
+  """The stream of pretrain_dataset with each example made by element(item, example seed, label,
+  encoded): `item` is the decoded image, or its encoded bytes when `encoded`."""
   n = len(source)
   check_examples(global_batch, n)
   spe = steps_per_epoch(n, global_batch)
@@ -102,8 +139,7 @@ def pretrain_dataset(source, aug: AugmentConfig, image_size, global_batch, seed,
   per_replica = global_batch // replicas
   local = replicas // ctx.num_input_pipelines
   if not source.random_access:
-    return _tfrecord_pretrain_dataset(source, aug, image_size, per_replica, local, seed,
-                                      start_step, ctx)
+    return _tfrecord_stream(source, element, per_replica, local, seed, start_step, ctx)
   first = ctx.input_pipeline_id * local
   epoch_len = spe * global_batch
 
@@ -115,24 +151,23 @@ def pretrain_dataset(source, aug: AugmentConfig, image_size, global_batch, seed,
   def positions(step):
     return tf.data.Dataset.from_tensor_slices(step * global_batch + offsets)
 
-  element = lambda pos: _example_at(pos, seed, epoch_len, n)
+  at = lambda pos: _example_at(pos, seed, epoch_len, n)
   read = source.reader(decode=False)
-  two_views = two_views_encoded if source.encoded else augment.two_views
+  encoded = source.encoded
 
   def with_item(example, epoch):
     return (example, epoch) + read(example)
 
   def augmented(example, epoch, item, label):
-    return _pair(two_views(item, augment.example_seed(seed, epoch, example), image_size, aug),
-                 label)
+    return element(item, augment.example_seed(seed, epoch, example), label, encoded)
 
   ds = tf.data.Dataset.range(start_step, tf.int64.max).flat_map(positions)
   if source.streamed:
     # Read by index (ArrayRecord) a batch at a time: one Python call per batch of records.
-    ds = ds.map(element).batch(per_replica).map(with_item).unbatch()
+    ds = ds.map(at).batch(per_replica).map(with_item).unbatch()
     ds = ds.map(augmented, num_parallel_calls=AUTOTUNE, deterministic=True)
   else:
-    ds = ds.map(lambda pos: augmented(*with_item(*element(pos))), num_parallel_calls=AUTOTUNE,
+    ds = ds.map(lambda pos: augmented(*with_item(*at(pos))), num_parallel_calls=AUTOTUNE,
                 deterministic=True)
   ds = _endless_batches(ds, per_replica)
   options = tf.data.Options()
@@ -209,21 +244,19 @@ def _tfrecord_records(source, seed, start, pipeline, pipelines):
   return tf.data.Dataset.zip(tf.data.Dataset.range(start, tf.int64.max), ds)
 
 
-def _tfrecord_pretrain_dataset(source, aug, image_size, per_replica, local, seed, start_step,
-                               ctx):
-  """The pretraining stream of a TFRecord split (`_tfrecord_records`), decoded (crop windows
-  only) and augmented with seeds from (seed, pipeline, position)."""
+def _tfrecord_stream(source, element, per_replica, local, seed, start_step, ctx):
+  """The stream of a TFRecord split (`_tfrecord_records`), decoded (crop windows only) and made
+  by `element` with seeds from (seed, pipeline, position)."""
   pipeline = ctx.input_pipeline_id
   ds = _tfrecord_records(source, seed, start_step * local * per_replica, pipeline,
                          ctx.num_input_pipelines)
   parse = source.record_parser()
 
-  def element(position, record):
+  def made(position, record):
     image, label = parse(record)
-    s = augment.example_seed(seed, pipeline, position)
-    return _pair(two_views_encoded(image, s, image_size, aug), label)
+    return element(image, augment.example_seed(seed, pipeline, position), label, True)
 
-  ds = ds.map(element, num_parallel_calls=AUTOTUNE, deterministic=True)
+  ds = ds.map(made, num_parallel_calls=AUTOTUNE, deterministic=True)
   return _endless_batches(ds, per_replica).prefetch(AUTOTUNE)
 
 
@@ -231,6 +264,12 @@ def distributed_pretrain_dataset(strategy, source, aug, image_size, global_batch
                                  start_step=0):
   return strategy.distribute_datasets_from_function(
       lambda ctx: pretrain_dataset(source, aug, image_size, global_batch, seed, start_step, ctx))
+
+
+def distributed_linear_dataset(strategy, source, aug, image_size, global_batch, seed,
+                               start_step=0):
+  return strategy.distribute_datasets_from_function(
+      lambda ctx: linear_dataset(source, aug, image_size, global_batch, seed, start_step, ctx))
 
 
 def eval_dataset(source, image_size, batch_size=256, crop_fraction=1.0):

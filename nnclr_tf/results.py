@@ -80,6 +80,18 @@ class LinearEvalResults(ProbeInfo, total=False):
   feature_cache: str | None
   checkpoint: str
   classifier_export_dir: str
+  protocol: str             # --linear_protocol: lbfgs or sgd
+  # --linear_protocol=sgd (linear_sgd.fit)
+  epochs: int
+  steps: int
+  steps_per_epoch: int
+  batch_size: int
+  learning_rate: float      # the peak: --linear_lr x batch / 256
+  resumed_from_step: int
+  fit_seconds: float
+  final_train_loss: float
+  train_accuracy: float     # on the augmented views of the last epoch
+  sgd_dir: str              # its checkpoints
 
 
 class FinetuneRun(TypedDict, total=False):

@@ -118,8 +118,8 @@ def labelled_splits(exp: Experiment, mode):
   return train, held, num_classes(train, held)
 
 
-LINEAR_FIGURES = ("linear_top1", "linear_top5", "l2", "linear_top1_random_init", "eval_examples",
-                  "feature_dim")
+LINEAR_FIGURES = ("protocol", "linear_top1", "linear_top5", "l2", "linear_top1_random_init",
+                  "eval_examples", "feature_dim", "epochs")
 
 
 def classifier_metadata(exp: Experiment, checkpoint, linear):

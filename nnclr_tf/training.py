@@ -212,8 +212,11 @@ def pretrain(model, strategy, source, data_cfg, aug_cfg, train_cfg, optim_cfg,
   step = start
   stopper.install()
   try:
-    _fit_to(model, strategy, source, data_cfg, aug_cfg, train_cfg, cbs, guard, stopper, out_dir,
-            step, total, spe)
+    def stream(at):
+      return data_lib.distributed_pretrain_dataset(strategy, source, aug_cfg, data_cfg.image_size,
+                                                   global_batch, train_cfg.seed, at)
+
+    fit_to(model, stream, cbs, guard, stopper, out_dir, step, total, spe, train_cfg.verbose)
   finally:
     stopper.uninstall()
   step = int(model.optimizer.iterations.numpy())
@@ -233,31 +236,29 @@ def pretrain(model, strategy, source, data_cfg, aug_cfg, train_cfg, optim_cfg,
   }
 
 
-def _fit_to(model, strategy, source, data_cfg, aug_cfg, train_cfg, cbs, guard, stopper, out_dir,
-            step, total, spe):
-  """model.fit, an epoch range at a time, from `step` to `total`; raises when the guard tripped
-  or a signal stopped training."""
-  global_batch = train_cfg.batch_size
+def fit_to(model, dataset_at, cbs, guard, stopper, out_dir, step, total, spe, verbose,
+           hint="Lower --learning_rate or raise --warmup_epochs"):
+  """model.fit, an epoch range at a time, from `step` to `total` on `dataset_at(step)` (a stream
+  starting at that step); raises when the guard tripped or a signal stopped training. `hint`:
+  what to change when the loss goes non-finite."""
   while step < total:
     epoch = step // spe
-    ds = data_lib.distributed_pretrain_dataset(strategy, source, aug_cfg, data_cfg.image_size,
-                                               global_batch, train_cfg.seed, step)
+    ds = dataset_at(step)
     if step % spe or total - step < spe:
       # A partial epoch (a run resumed mid-epoch, or --train_steps not a multiple of the epoch).
       n = min(spe - step % spe, total - step)
       model.fit(ds, epochs=epoch + 1, initial_epoch=epoch, steps_per_epoch=n,
-                verbose=train_cfg.verbose, callbacks=cbs, shuffle=False)
+                verbose=verbose, callbacks=cbs, shuffle=False)
     else:
       model.fit(ds, epochs=epoch + (total - step) // spe, initial_epoch=epoch,
-                steps_per_epoch=spe, verbose=train_cfg.verbose, callbacks=cbs, shuffle=False)
+                steps_per_epoch=spe, verbose=verbose, callbacks=cbs, shuffle=False)
     if guard.tripped:
       latest = checkpoints.latest_checkpoint(out_dir)
       kept = (f"the last checkpoint with finite weights, {os.path.basename(latest)}, is kept in "
               f"{out_dir}" if latest else f"no checkpoint was written to {out_dir}")
       raise NonFiniteLossError(
-          f"training stopped at step {guard.bad_step}: {guard.reason}; {kept}. Lower "
-          "--learning_rate or raise --warmup_epochs, or check the input data for NaN/Inf; a "
-          "rerun resumes from the last checkpoint")
+          f"training stopped at step {guard.bad_step}: {guard.reason}; {kept}. {hint}, or check "
+          "the input data for NaN/Inf; a rerun resumes from the last checkpoint")
     if stopper.stopped_at is not None:
       latest = checkpoints.latest_checkpoint(out_dir)
       raise Preempted(

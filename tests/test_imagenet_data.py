@@ -108,3 +108,33 @@ def test_resumed_stream_starts_at_the_contracts_batch(stream):
     labels = np.concatenate([b["label"] for b in full[e * spe:(e + 1) * spe]])
     assert np.bincount(labels, minlength=10).tolist() == [5] * 8 + [4] * 2
   assert not np.array_equal(full[0]["label"], full[spe]["label"])  # a new order each epoch
+
+
+def test_the_linear_protocols_view_of_a_jpeg_is_the_decoded_images():
+  """--linear_protocol=sgd's one crop + flip view, decoding only the crop window, is the view of
+  the decoded image (as the two pretraining views are)."""
+  views = augment.crop_flip(AUG)
+  for i, jpeg in enumerate(_jpegs()):
+    seed = tf.constant([5, i], tf.int64)
+    want = augment.augment_view(tf.image.convert_image_dtype(tf.io.decode_jpeg(jpeg, channels=3),
+                                                             tf.float32), seed, SIZE, views, 0)
+    np.testing.assert_allclose(data.one_view_encoded(jpeg, seed, SIZE, views).numpy(),
+                               want.numpy(), atol=2e-6)
+    got = data.one_view_encoded(jpeg, seed, SIZE, views, fused=True).numpy()
+    np.testing.assert_allclose(got, want.numpy(), atol=2 / 255)
+
+
+@pytest.mark.slow
+def test_linear_stream_follows_the_pretraining_order_and_resumes(stream):
+  """The SGD linear protocol's stream of a streamed split: the pretraining stream's examples at
+  every step (its labels), one view each, and resumed at a step it serves that step's batch."""
+  batch, step = 8, 2 * (TRAIN // 8) + 3
+  full = list(data.linear_dataset(stream, AUG, SIZE, batch, seed=4).take(step + 1))
+  pre = list(data.pretrain_dataset(stream, AUG, SIZE, batch, seed=4).take(step + 1))
+  for (images, labels), p in zip(full, pre):
+    assert images.shape == (batch, SIZE, SIZE, 3)
+    np.testing.assert_array_equal(labels.numpy(), p["label"].numpy())
+  images, labels = next(iter(data.linear_dataset(stream, AUG, SIZE, batch, seed=4,
+                                                 start_step=step)))
+  np.testing.assert_array_equal(images.numpy(), full[step][0].numpy())
+  np.testing.assert_array_equal(labels.numpy(), full[step][1].numpy())
