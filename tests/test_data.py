@@ -9,6 +9,7 @@ from nnclr_tf import config, data, errors, pipelines, sources
 HOMES = {
     sources: ["IMAGE_EXTENSIONS", "Source", "StreamSource", "bank_subset", "cache_decoded",
               "check_decodable", "decode_error", "decode_image", "digits_source", "folder_source",
+              "imagenet_subset_source",
               "knn_bank_source", "load_sources", "numpy_source", "split_balanced", "tfds_source"],
     pipelines: ["distributed_linear_dataset", "distributed_pretrain_dataset", "eval_dataset",
                 "linear_dataset", "one_view_encoded", "pretrain_dataset", "pretraining_stream",
