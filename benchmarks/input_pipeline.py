@@ -44,11 +44,11 @@ def augment_config(name):
 
 
 def decode_only(aug):
-  """`aug` with decode, crop, resize and flip only: the colour, grayscale, blur and solarize
-  stages off (a static probability 0 skips an op), the floor the full pipeline is held against."""
-  import dataclasses
-  return dataclasses.replace(aug, jitter_prob=0.0, grayscale_prob=0.0, blur_prob=(0.0, 0.0),
-                             solarize_prob=(0.0, 0.0))
+  """`aug` with decode, crop, resize and flip only (the colour, grayscale, blur and solarize
+  stages off: a static probability 0 skips an op), the floor the full pipeline is held against;
+  the views of the supervised protocols."""
+  from nnclr_tf import augment
+  return augment.crop_flip(aug)
 
 
 def subset_source(image_dir, images, seed=0):

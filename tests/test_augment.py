@@ -215,3 +215,23 @@ def test_the_torchvision_sampler_compiles_with_xla_and_falls_back_to_the_centre(
                                     "torchvision")
   np.testing.assert_array_equal(size.numpy(), [10, 10, 3])
   np.testing.assert_array_equal(begin.numpy(), [0, 45, 0])
+
+
+def test_crop_flip_keeps_the_crop_and_flip_and_turns_off_every_other_stage():
+  """The supervised protocols' views (and the input benchmark's decode-only floor): with colour,
+  grayscale, blur and solarize off, the views are the full config's with those probabilities 0
+  (the same seeds, so the same boxes and flips), and they differ from the full pipeline's."""
+  import dataclasses
+  full = AugmentConfig(crop_scale=(0.3, 1.0), flip_prob=0.5, blur_prob=(1.0, 0.1))
+  only = augment.crop_flip(full)
+  assert (only.crop, only.crop_scale, only.crop_ratio, only.crop_sampler, only.flip_prob) == (
+      full.crop, full.crop_scale, full.crop_ratio, full.crop_sampler, full.flip_prob)
+  by_hand = dataclasses.replace(full, jitter_prob=0, grayscale_prob=0, blur_prob=(0, 0),
+                                solarize_prob=(0, 0))
+  image = tf.constant(np.random.default_rng(0).integers(0, 256, (40, 50, 3)), tf.uint8)
+  seed = tf.constant([3, 4], tf.int64)
+  a = augment.two_views(image, seed, 24, only)
+  b = augment.two_views(image, seed, 24, by_hand)
+  c = augment.two_views(image, seed, 24, full)
+  assert all(np.array_equal(x.numpy(), y.numpy()) for x, y in zip(a, b))
+  assert not np.allclose(a[0].numpy(), c[0].numpy())

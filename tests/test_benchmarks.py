@@ -263,27 +263,3 @@ def test_curves_report_tables_and_plots_each_run_with_a_curve(tmp_path, capsys):
   (tmp_path / "none.jsonl").write_text(json.dumps(lines[-1]) + "\n")
   with pytest.raises(SystemExit, match="no run with a knn_curve"):
     curves.main([f"--results={tmp_path / 'none.jsonl'}", "--plot="])
-
-
-def test_decode_only_turns_off_every_stage_after_the_flip():
-  """The oracle: with the stages off, the views are the crop + resize + flip of the full
-  pipeline's seeds, so decode_only's views equal the full config's with the same probabilities
-  set to 0 by hand (and differ from the full pipeline's)."""
-  import dataclasses
-
-  import tensorflow as tf
-
-  from nnclr_tf import augment
-  full = input_pipeline.augment_config("byol")
-  only = input_pipeline.decode_only(full)
-  assert (only.crop, only.crop_scale, only.flip_prob) == (full.crop, full.crop_scale,
-                                                          full.flip_prob)
-  by_hand = dataclasses.replace(full, jitter_prob=0, grayscale_prob=0, blur_prob=(0, 0),
-                                solarize_prob=(0, 0))
-  image = tf.constant(np.random.default_rng(0).integers(0, 256, (40, 50, 3)), tf.uint8)
-  seed = tf.constant([3, 4], tf.int64)
-  a = augment.two_views(image, seed, 24, only)
-  b = augment.two_views(image, seed, 24, by_hand)
-  c = augment.two_views(image, seed, 24, full)
-  assert all(np.array_equal(x.numpy(), y.numpy()) for x, y in zip(a, b))
-  assert not np.allclose(a[0].numpy(), c[0].numpy())
