@@ -282,3 +282,28 @@ def test_kill_mid_fit_then_the_same_command_resumes(both, tmp_path, record_prope
   record_property("divergence", tolerances.divergence(init, a, b))
   tolerances.assert_trained_close(init, a, b)
   assert r["linear_top1"] == pytest.approx(whole["linear_top1"], abs=1 / 297)
+
+
+@pytest.mark.slow
+def test_the_protocols_benchmark_reports_what_the_mode_computes(both, tmp_path, capsys):
+  """benchmarks/linear_protocols.py on the fixture's model_dir: its lbfgs row and its sgd row of
+  the fixture's settings are the fixture's own linear_eval results (same checkpoint, same flags,
+  each fit deterministic), and each run has its wall time and peak memory."""
+  sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+  import linear_protocols
+  d, sgd, _, lbfgs = both
+  before = {n: os.path.getmtime(os.path.join(d, n)) for n in os.listdir(d)}
+  linear_protocols.main([f"--model_dir={d}", "--flagfile=flags/quickstart.cfg",
+                         "--linear_epochs=30", f"--workdir={tmp_path / 'w'}",
+                         *(f"--run_flag={f}" for f in QS[1:]),
+                         "--sgd_variant=" + " ".join(f for f in SGD[1:] if "epochs" not in f)])
+  out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  rows = {r["run"]: r for r in out["runs"]}
+  assert set(rows) == {"lbfgs", "sgd", "sgd_1"}
+  assert rows["lbfgs"]["linear_top1"] == lbfgs["linear_top1"]
+  assert rows["sgd_1"]["linear_top1"] == sgd["linear_top1"]
+  assert rows["sgd_1"]["steps"] == sgd["steps"] and rows["sgd"]["batch_size"] == 256
+  for r in rows.values():
+    assert r["wall_seconds"] > 0 and 200 < r["peak_rss_mb"] < 8000, r
+  # The model_dir itself is only copied: nothing in it is written.
+  assert {n: os.path.getmtime(os.path.join(d, n)) for n in os.listdir(d)} == before
