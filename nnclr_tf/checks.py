@@ -65,15 +65,15 @@ def check_batch(global_batch, queue_size, replicas=1, nn_topk=1, num_examples=No
     check_examples(global_batch, num_examples)
 
 
-def check_replicas(global_batch, replicas):
+def check_replicas(global_batch, replicas, flag="batch_size"):
   """Every replica takes an equal share of the global batch (static shapes)."""
   if global_batch % replicas:
-    raise ConfigError(f"--batch_size={global_batch} must be divisible by the {replicas} replicas; "
+    raise ConfigError(f"--{flag}={global_batch} must be divisible by the {replicas} replicas; "
                       f"use a multiple of {replicas}")
 
 
-def check_examples(global_batch, num_examples):
+def check_examples(global_batch, num_examples, flag="batch_size"):
   """An epoch holds at least one global batch."""
   if global_batch > num_examples:
-    raise ConfigError(f"--batch_size={global_batch} is larger than the {num_examples} training "
+    raise ConfigError(f"--{flag}={global_batch} is larger than the {num_examples} training "
                       "examples; lower it")

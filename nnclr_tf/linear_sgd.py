@@ -35,8 +35,8 @@ import numpy as np
 import tensorflow as tf
 
 from nnclr_tf import augment, checkpoints, distributed, training
+from nnclr_tf.checks import check_examples, check_replicas
 from nnclr_tf.config import AugmentConfig
-from nnclr_tf.errors import ConfigError
 from nnclr_tf.evaluation import extract_features, topk_accuracy
 from nnclr_tf.linear_probe import Probe
 from nnclr_tf.pipelines import distributed_linear_dataset, eval_dataset, steps_per_epoch
@@ -96,13 +96,10 @@ def settings_key(data_cfg, aug: AugmentConfig, learning_rate, epochs, batch_size
 
 
 def check_batch(batch_size, num_examples, replicas):
-  """One ConfigError line naming --linear_batch_size when it cannot make an epoch or be split."""
-  if batch_size > num_examples:
-    raise ConfigError(f"--linear_batch_size={batch_size} is larger than the {num_examples:,} "
-                      "training images; lower it")
-  if batch_size % replicas:
-    raise ConfigError(f"--linear_batch_size={batch_size} must be divisible by the {replicas} "
-                      f"replicas; use a multiple of {replicas}")
+  """One ConfigError line naming --linear_batch_size when it cannot make an epoch or be split
+  (the stream checks the same conditions, naming pretraining's flag)."""
+  check_examples(batch_size, num_examples, "linear_batch_size")
+  check_replicas(batch_size, replicas, "linear_batch_size")
 
 
 def fit(encoder, train, held, num_classes, image_size, aug: AugmentConfig, out_dir, *,

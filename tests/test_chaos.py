@@ -29,6 +29,5 @@ def test_three_kills_end_bit_identical_to_an_uninterrupted_run(tmp_path, capsys)
   # mid-epoch, where the uninterrupted run never began a dataset): the same batches from that
   # step are what makes the final checkpoint equal.
   assert out["kills_landed"]["checkpoint"] == 1 and out["resumed_mid_run"] >= 1, out["kills"]
-  assert out["kills_survived"] == sum(out["kills_landed"].values())
   assert out["lost_steps"]["max"] <= 3 and out["leftover_temp_files"] == []
   assert out["exports_loaded"] and out["pretrain_results_steps"] == 30

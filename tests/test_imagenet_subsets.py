@@ -20,10 +20,10 @@ import tensorflow_datasets as tfds
 from tensorflow_datasets.datasets.imagenet2012 import imagenet2012_dataset_builder, imagenet_common
 from tensorflow_datasets.datasets.imagenet2012_subset import imagenet2012_subset_dataset_builder
 
-from nnclr_tf import cli as cli_lib
 from nnclr_tf import data, experiment, finetune, pipelines
 from nnclr_tf.config import AugmentConfig, Experiment, imagenet_subset
 from nnclr_tf.errors import ConfigError, DataError
+from run_helpers import run_cli
 
 with open(imagenet_common.label_names_file()) as f:
   SYNSETS = f.read().split()[:4]
@@ -232,27 +232,13 @@ def test_other_datasets_keep_the_class_balanced_draw(tmp_path, monkeypatch):
   assert results["labelled_per_class"] == [7, 8]  # 75 of the 1,500 training digits
 
 
-def call(capsys, *args):
-  """(exit code, `error:` lines, stderr) of run.py's parse + run_main in this process."""
-  cli_lib.FLAGS.unparse_flags()
-  code = 0
-  try:
-    cli_lib.parse_flags(["run.py", *args])
-    cli_lib.run_main(["run.py"])
-  except SystemExit as e:
-    code = e.code or 0
-  finally:
-    cli_lib.FLAGS.unparse_flags()
-  err = capsys.readouterr().err
-  return code, [line for line in err.splitlines() if line.startswith("error:")], err
-
 
 def test_a_missing_subset_is_one_error_line(tmp_path, capsys):
   root = build(str(tmp_path / "data"), "tfrecord", subsets=("1pct",))
   flags = [f"--{k}={v}" for k, v in exp_for(root, str(tmp_path / "run")).flag_values().items()
            if k in ("dataset", "data_dir", "train_split", "eval_split", "val_images",
                     "image_size", "model_dir", "finetune_init")]
-  code, lines, err = call(capsys, "--mode=finetune", "--flagfile=flags/quickstart.cfg", *flags,
+  code, lines, err = run_cli(capsys, "--mode=finetune", "--flagfile=flags/quickstart.cfg", *flags,
                           "--label_fraction=0.1")
   assert code == 2 and len(lines) == 1 and "Traceback" not in err, err[-2000:]
   for needle in ("tfds imagenet2012_subset/10pct", f"--data_dir={root}",
@@ -266,7 +252,7 @@ def test_another_fraction_of_imagenet_is_refused_when_the_config_is_made(tmp_pat
   with pytest.raises(ConfigError, match=r"--label_fraction=0.05 with --dataset=imagenet2012.*"
                      r"use --label_fraction=0.01 or 0.1"):
     exp_for("/nowhere", str(tmp_path), label_fraction=0.05)
-  code, lines, err = call(capsys, "--mode=finetune", "--dataset=imagenet2012",
+  code, lines, err = run_cli(capsys, "--mode=finetune", "--dataset=imagenet2012",
                           "--label_fraction=0.5", f"--model_dir={tmp_path}")
   assert code == 2 and len(lines) == 1 and "Traceback" not in err, err[-2000:]
   assert "published subsets" in lines[0]

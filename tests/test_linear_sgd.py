@@ -27,6 +27,7 @@ from nnclr_tf.config import AugmentConfig, Experiment
 from nnclr_tf.errors import ConfigError
 from nnclr_tf.linear_probe import load_probe
 from nnclr_tf.model import NNCLR
+from run_helpers import CrashAfter
 
 TINY = dict(backbone="small_cnn", image_size=16, width=8, proj_hidden_dim=32, proj_layers=2,
             pred_hidden_dim=32, embedding_dim=16, queue_size=64)
@@ -58,24 +59,13 @@ def saved(out_dir):
   return {k: np.zeros_like(v) for k, v in state.items()}, state
 
 
-class CrashAt(keras.callbacks.Callback):
-  """Raises at the end of step `step`, as a kill would end the process: nothing saved on exit."""
-
-  def __init__(self, step):
-    super().__init__()
-    self.step = step
-
-  def on_train_batch_end(self, batch, logs=None):
-    if int(self.model.optimizer.iterations.numpy()) == self.step:
-      raise RuntimeError(f"crash at step {self.step}")
-
 
 def test_crashed_fit_resumes_and_ends_as_an_uninterrupted_one(digits, tmp_path, record_property):
   """22 steps (2 epochs of 11), a save every 4: crashed after step 15, the rerun restores step 12
   (mid-epoch), re-reads the stream from there and ends as the fit that was never stopped."""
   _, whole = fit(digits, tmp_path / "whole", checkpoint_every_steps=4)
   with pytest.raises(RuntimeError, match="crash at step 15"):
-    fit(digits, tmp_path / "crashed", checkpoint_every_steps=4, callbacks=[CrashAt(15)])
+    fit(digits, tmp_path / "crashed", checkpoint_every_steps=4, callbacks=[CrashAfter(15)])
   probe, resumed = fit(digits, tmp_path / "crashed", checkpoint_every_steps=4)
   assert resumed["resumed_from_step"] == 12 and whole["resumed_from_step"] == 0
   assert resumed["steps"] == whole["steps"] == 22
@@ -122,7 +112,7 @@ def test_bad_settings_are_one_config_error_line(digits):
                        ({"linear_batch_size": 0}, "--linear_batch_size=0 must be >= 1")]:
     with pytest.raises(ConfigError, match=match):
       Experiment().replace(**flags)
-  with pytest.raises(ConfigError, match="--linear_batch_size=4096 is larger than the 1,500 "):
+  with pytest.raises(ConfigError, match="--linear_batch_size=4096 is larger than the 1500 "):
     linear_sgd.check_batch(4096, 1500, 1)
   with pytest.raises(ConfigError, match="--linear_batch_size=127 must be divisible by the 2 "):
     linear_sgd.check_batch(127, 1500, 2)

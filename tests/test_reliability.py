@@ -28,7 +28,6 @@ from nnclr_tf import (
   scoring,
   training,
 )
-from nnclr_tf import cli as cli_lib  # noqa: E402  (defines the absl flags; parsed per test)
 from nnclr_tf import model_dir as model_dir_lib  # noqa: E402
 from nnclr_tf.config import (
   AugmentConfig,
@@ -38,6 +37,7 @@ from nnclr_tf.config import (
   TrainConfig,
 )
 from nnclr_tf.model import NNCLR
+from run_helpers import CrashAfter, run_cli
 
 AUG = AugmentConfig(flip_prob=0, jitter_prob=0, grayscale_prob=0, blur_prob=(0, 0),
                     solarize_prob=(0, 0), crop_scale=(0.4, 1.0))
@@ -152,27 +152,10 @@ def finish(proc, timeout=240):
     return proc.returncode, out.read(), err.read()
 
 
-def error_lines(stderr):
-  return [line for line in stderr.splitlines() if line.startswith("error:")]
-
-
 @pytest.fixture
 def cli(capsys):
   """Runs the CLI's parse + run_main in this process: returns (exit code, the `error:` lines)."""
-
-  def call(*args):
-    cli_lib.FLAGS.unparse_flags()
-    code = 0
-    try:
-      cli_lib.parse_flags(["run.py", *args])
-      cli_lib.run_main(["run.py"])
-    except SystemExit as e:
-      code = e.code
-    err = capsys.readouterr().err
-    return code, error_lines(err)
-
-  yield call
-  cli_lib.FLAGS.unparse_flags()
+  return lambda *args: run_cli(capsys, *args)[:2]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -215,17 +198,6 @@ def source_spe(source, batch=16):
   return data.steps_per_epoch(len(source), batch)
 
 
-class Crash(keras.callbacks.Callback):
-  """Raises out of model.fit after step `at` (after CheckpointCallback has run for it)."""
-
-  def __init__(self, at):
-    super().__init__()
-    self.at = at
-
-  def on_train_batch_end(self, batch, logs=None):
-    if int(self.model.optimizer.iterations.numpy()) == self.at:
-      raise KeyboardInterrupt(f"simulated crash after step {self.at}")
-
 
 @pytest.mark.slow
 def test_resumed_run_ends_bit_identical_to_an_uninterrupted_one(tmp_path):
@@ -239,7 +211,7 @@ def test_resumed_run_ends_bit_identical_to_an_uninterrupted_one(tmp_path):
   with pytest.raises(KeyboardInterrupt):
     training.pretrain(build(), tf.distribute.get_strategy(), source, DataConfig(image_size=16),
                       AUG, _train_cfg(tmp_path / "resumed", steps=14, every=3), OPTIM,
-                      callbacks=[Crash(at=7)])
+                      callbacks=[CrashAfter(7, KeyboardInterrupt)])
   assert checkpoint_steps(tmp_path / "resumed") == [3, 6]
   r = fit(build(seed=123), source, tmp_path / "resumed", steps=14, every=3)
   assert r["resumed_from_step"] == 6 and r["steps"] == r_straight["steps"] == 14
