@@ -1,18 +1,24 @@
 """Stateless image augmentations and the BYOL asymmetric pipeline.
 
-Every op is a pure function of (image, seed, parameters): `image` is float32 [H, W, 3] in [0, 1],
-`seed` an int32/int64 tensor of shape [2]. Nothing here draws from a stateful generator, so the same
-seed gives the same image on any machine, replica count or tf.data parallelism.
+Every op is a pure function of (image, seed, parameters): `seed` is an int32/int64 tensor of shape
+[2]. Nothing here draws from a stateful generator, so the same seed gives the same image on any
+machine, replica count or tf.data parallelism.
+
+A view is made in two halves: `crop_view`, per example where the image is read (crop, resize,
+rounding a uint8 image to uint8, flip, and the colour stage's coins and factors), then
+`colour.apply` to a batch of them (colour jitter, grayscale, blur, solarize), on the host after
+batching or in the train step (`--augment_on`). `augment_view` / `two_views` are both halves
+for one image.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 
 import tensorflow as tf
 
+from nnclr_tf import colour
 from nnclr_tf.config import AugmentConfig
 
 
@@ -104,10 +110,33 @@ def crop_and_resize(image, seed, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
 def resize_window(window, size):
   """uint8 or float [h, w, 3] -> float [size, size, 3] in [0, 1]. A uint8 window is resized before
   it is scaled to [0, 1]: the float copy is then of the small output, not of the decoded image."""
-  out = resize(window[tf.newaxis], size)[0]
+  out = _resize_crop(window, size)
   if window.dtype == tf.uint8:
     out = out * (1.0 / 255.0)
   return tf.ensure_shape(tf.clip_by_value(out, 0.0, 1.0), [size, size, 3])
+
+
+def resize_crop(window, size):
+  """A crop window [h, w, 3] resized to [size, size, 3], in its own dtype: uint8 rounded to the
+  nearest level, as torchvision's PIL crops are (what the colour stage starts from, a quarter of
+  float32's bytes to batch and to send to an accelerator); float as `resize_window` (not
+  quantized, and a NaN pixel stays NaN for the non-finite guard to see)."""
+  if window.dtype != tf.uint8:
+    return resize_window(window, size)
+  out = tf.round(tf.clip_by_value(_resize_crop(window, size), 0.0, 255.0))
+  return tf.ensure_shape(tf.cast(out, tf.uint8), [size, size, 3])
+
+
+def _resize_crop(window, size):
+  """`resize` of one crop window. Enlarging (both sides at most `size`: the common case for a
+  random crop), antialiasing is a no-op (scale_and_translate's triangle kernel then spans one
+  input pixel, plain bilinear's; equal within 5e-5 of a level) and plain bilinear costs a fifth
+  (benchmarks/RESULTS.md)."""
+  shape = tf.shape(window)
+  x = window[tf.newaxis]
+  return tf.cond(tf.logical_and(shape[0] <= size, shape[1] <= size),
+                 lambda: tf.image.resize(x, [size, size], method="bilinear"),
+                 lambda: resize(x, size))[0]
 
 
 def resize(images, size):
@@ -173,81 +202,15 @@ def flip(image, seed, p=0.5):
   return random_apply(tf.image.flip_left_right, image, seed, p)
 
 
-def _brightness(image, seed, strength):
-  # Multiplicative, as torchvision's ColorJitter used by BYOL/NNCLR (not tf's additive delta).
-  factor = tf.random.stateless_uniform([], seed, 1.0 - strength, 1.0 + strength)
-  return tf.clip_by_value(image * factor, 0.0, 1.0)
-
-
-def _contrast(image, seed, strength):
-  out = tf.image.stateless_random_contrast(image, 1.0 - strength, 1.0 + strength, seed)
-  return tf.clip_by_value(out, 0.0, 1.0)
-
-
-def _saturation(image, seed, strength):
-  out = tf.image.stateless_random_saturation(image, 1.0 - strength, 1.0 + strength, seed)
-  return tf.clip_by_value(out, 0.0, 1.0)
-
-
-def _hue(image, seed, strength):
-  return tf.clip_by_value(tf.image.stateless_random_hue(image, strength, seed), 0.0, 1.0)
-
-
-def color_jitter(image, seed, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1, p=0.8):
-  """Brightness, contrast, saturation and hue jitter in a random order, applied with prob. `p`."""
-  seeds = split_seed(seed, 6)
-
-  ops = [lambda x: _brightness(x, seeds[1], brightness),
-         lambda x: _contrast(x, seeds[2], contrast),
-         lambda x: _saturation(x, seeds[3], saturation),
-         lambda x: _hue(x, seeds[4], hue)]
-
-  def jitter(img):
-    order = tf.argsort(tf.random.stateless_uniform([4], seeds[5]))
-    for i in range(4):
-      img = tf.switch_case(order[i], [functools.partial(op, img) for op in ops])
-    return img
-
-  return random_apply(jitter, image, seeds[0], p)
-
-
-def grayscale(image, seed, p=0.2):
-  return random_apply(lambda x: tf.tile(tf.image.rgb_to_grayscale(x), [1, 1, 3]), image, seed, p)
-
-
-def gaussian_blur(image, seed, p=1.0, sigma=(0.1, 2.0), kernel_fraction=0.1):
-  """Gaussian blur with sigma ~ U(0.1, 2.0) and a kernel of 10% of the image side (BYOL)."""
-  size = image.shape[0] or 224
-  radius = max(1, int(size * kernel_fraction) // 2)
-  seeds = split_seed(seed, 2)
-
-  def blur(img):
-    s = tf.random.stateless_uniform([], seeds[1], sigma[0], sigma[1])
-    x = tf.range(-radius, radius + 1, dtype=tf.float32)
-    k = tf.exp(-tf.square(x) / (2.0 * tf.square(s)))
-    k = k / tf.reduce_sum(k)
-    kh = tf.tile(tf.reshape(k, [1, -1, 1, 1]), [1, 1, 3, 1])
-    kv = tf.tile(tf.reshape(k, [-1, 1, 1, 1]), [1, 1, 3, 1])
-    out = tf.nn.depthwise_conv2d(img[tf.newaxis], kh, [1, 1, 1, 1], "SAME")
-    out = tf.nn.depthwise_conv2d(out, kv, [1, 1, 1, 1], "SAME")
-    return tf.clip_by_value(out[0], 0.0, 1.0)
-
-  return random_apply(blur, image, seeds[0], p)
-
-
-def solarize(image, seed, p=0.2, threshold=0.5):
-  return random_apply(lambda x: tf.where(x < threshold, x, 1.0 - x), image, seed, p)
-
-
 def augment_view(image, seed, size, cfg: AugmentConfig, view: int):
-  """One view of the BYOL pipeline; `view` 0 or 1 picks the asymmetric blur/solarize odds.
-  `image` is uint8 or float [H, W, 3]."""
-  return _view(tf.shape(image), lambda b, c: tf.slice(image, b, c), seed, size, cfg, view)
+  """One view of the BYOL pipeline, float [size, size, 3] in [0, 1]; `view` 0 or 1 picks the
+  asymmetric blur/solarize odds. `image` is uint8 or float [H, W, 3]."""
+  return coloured(crop_view(tf.shape(image), _slicer(image), seed, size, cfg, view))
 
 
 def view_windows(shape, read_window, seed, size, cfg: AugmentConfig, view: int = 0):
   """`augment_view` of an image not decoded yet (see `two_views_windows`)."""
-  return _view(shape, read_window, seed, size, cfg, view)
+  return coloured(crop_view(shape, read_window, seed, size, cfg, view))
 
 
 def crop_flip(cfg: AugmentConfig) -> AugmentConfig:
@@ -259,34 +222,46 @@ def crop_flip(cfg: AugmentConfig) -> AugmentConfig:
                              solarize_prob=(0.0, 0.0))
 
 
-def _view(shape, read_window, seed, size, cfg, view):
-  """augment_view of the image of `shape` whose pixels in a box are `read_window(begin, size)`."""
+def crop_view(shape, read_window, seed, size, cfg: AugmentConfig, view: int):
+  """The per-example half of a view of the image of `shape` whose pixels in a box are
+  `read_window(begin, size)`: ([size, size, 3] cropped, resized (`resize_crop`: uint8 images
+  rounded to uint8) and flipped; float32 [colour.NUM_PARAMS], its colour stage's coins and
+  factors). `colour.apply` of the pair
+  is the view. Seeds: six split from `seed` (crop, flip, jitter, grayscale, blur, solarize)."""
   s = split_seed(seed, 6)
   if cfg.crop:
     begin, crop_size = crop_window(shape, s[0], cfg.crop_scale, cfg.crop_ratio, cfg.crop_sampler)
   else:
     begin, crop_size = tf.zeros([3], tf.int32), tf.cast(shape, tf.int32)
-  image = resize_window(read_window(begin, crop_size), size)
-  image = flip(image, s[1], cfg.flip_prob)
-  if cfg.jitter_prob > 0:
-    image = color_jitter(image, s[2], cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue,
-                         cfg.jitter_prob)
-  image = grayscale(image, s[3], cfg.grayscale_prob)
-  image = gaussian_blur(image, s[4], cfg.blur_prob[view])
-  image = solarize(image, s[5], cfg.solarize_prob[view])
-  return tf.ensure_shape(image, [size, size, 3])
+  image = resize_crop(read_window(begin, crop_size), size)
+  return flip(image, s[1], cfg.flip_prob), colour.draw(s, cfg, view)
+
+
+def crop_views(shape, read_window, seed, size, cfg: AugmentConfig):
+  """(crop_view of view 0, crop_view of view 1), with independent seeds split from `seed`."""
+  s = split_seed(seed, 2)
+  return (crop_view(shape, read_window, s[0], size, cfg, 0),
+          crop_view(shape, read_window, s[1], size, cfg, 1))
+
+
+def _slicer(image):
+  return lambda begin, size: tf.slice(image, begin, size)
+
+
+def coloured(half):
+  """The float view of one `crop_view` half: its colour stage applied."""
+  image, params = half
+  return colour.apply(image[tf.newaxis], params[tf.newaxis])[0]
 
 
 def two_views(image, seed, size, cfg: AugmentConfig):
   """(view1, view2) of one uint8 or float image [H, W, 3]; the two views use independent seeds
   split from `seed`."""
-  return two_views_windows(tf.shape(image), lambda b, c: tf.slice(image, b, c), seed, size, cfg)
+  return two_views_windows(tf.shape(image), _slicer(image), seed, size, cfg)
 
 
 def two_views_windows(shape, read_window, seed, size, cfg: AugmentConfig):
   """`two_views` of an image not decoded yet: `shape` is its [H, W, 3] and `read_window(begin,
   size)` returns its pixels in that box (int32 [3] each), e.g. by decoding only that window of a
   JPEG. The boxes, and so the views, are those `two_views` makes of the decoded image."""
-  s = split_seed(seed, 2)
-  return (_view(shape, read_window, s[0], size, cfg, 0),
-          _view(shape, read_window, s[1], size, cfg, 1))
+  return tuple(coloured(half) for half in crop_views(shape, read_window, seed, size, cfg))

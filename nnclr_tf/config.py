@@ -82,6 +82,7 @@ class DataConfig:
 
 
 CROP_SAMPLERS = ("inception", "torchvision")
+AUGMENT_ON = ("host", "device")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +111,11 @@ class AugmentConfig:
       (1.0, 0.1), "Gaussian blur probability for view1,view2.", parse=pair_of_floats)
   solarize_prob: tuple[float, float] = setting(
       (0.0, 0.2), "Solarize probability for view1,view2.", parse=pair_of_floats)
+  augment_on: str = setting(
+      "host", "Where the colour stage (jitter, grayscale, blur, solarize) runs: host (tf.data, "
+      "after batching) or device (in the train step, batched, under the strategy and XLA; the "
+      "host sends uint8 crops, the choice for accelerators). Same views either way.",
+      choices=AUGMENT_ON)
 
   def __post_init__(self):
     if not 0 < self.crop_scale[0] <= 1:

@@ -35,7 +35,7 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from nnclr_tf import augment, distributed
+from nnclr_tf import augment, colour, distributed
 from nnclr_tf import export as export_lib
 from nnclr_tf.backbones import build_backbone, stock_layers, wrap_backbone
 from nnclr_tf.heads import prediction_head, projection_head
@@ -189,8 +189,11 @@ class NNCLR(keras.Model):
 
   def _pair_loss(self, data, step, training):
     """The NNCLR loss of a batch of pairs against the support set as it is (nothing is written):
-    (loss, h, z1, nn1, idx1, row-term logits, targets)."""
+    (loss, h, z1, nn1, idx1, row-term logits, targets). A batch of uint8 crops with their colour
+    parameters (augment_on="device") is coloured here, on this replica's rows."""
     view1, view2 = data["view1"], data["view2"]
+    if "colour1" in data:
+      view1, view2 = colour.apply(view1, data["colour1"]), colour.apply(view2, data["colour2"])
     b = view1.shape[0]
     global_batch = b * distributed.num_replicas()
     offset = distributed.replica_id() * b

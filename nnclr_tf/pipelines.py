@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from nnclr_tf import augment
+from nnclr_tf import augment, colour
 from nnclr_tf.checks import check_examples, check_replicas
 from nnclr_tf.config import AugmentConfig
 from nnclr_tf.errors import DataError
@@ -26,10 +26,15 @@ def _is_jpeg(data):
   return tf.equal(tf.strings.substr(data, 0, 3), b"\xff\xd8\xff")
 
 
-def _encoded_views(data, whole, windows, fused):
-  """whole(decoded image), or for a JPEG with `fused`, windows(shape, read_window) decoding only
-  the crop windows (the boxes depend on the header's shape alone, so the pixels are the same)."""
+def _encoded_views(data, views, fused):
+  """views(shape, read_window) of an encoded image: decoded whole and sliced, or for a JPEG with
+  `fused`, decoding only the crop windows (the boxes depend on the header's shape alone, so the
+  pixels are the same)."""
   fused = FUSED_JPEG_CROP if fused is None else fused
+
+  def whole():
+    image = decode_image(data)
+    return views(tf.shape(image), lambda begin, crop: tf.slice(image, begin, crop))
 
   def jpeg():
     shape = tf.concat([tf.image.extract_jpeg_shape(data)[:2], [3]], 0)
@@ -40,27 +45,30 @@ def _encoded_views(data, whole, windows, fused):
       window.set_shape([None, None, 3])
       return window
 
-    return windows(shape, read)
+    return views(shape, read)
 
   if not fused:
-    return whole(decode_image(data))
-  return tf.cond(_is_jpeg(data), jpeg, lambda: whole(decode_image(data)))
+    return whole()
+  return tf.cond(_is_jpeg(data), jpeg, whole)
+
+
+def crop_views_encoded(data, seed, size, aug, fused=None):
+  """augment.crop_views of an encoded image without decoding it whole when it is a JPEG: the crop
+  boxes come from the header's shape (`tf.image.extract_jpeg_shape`) and only those windows are
+  decoded. Same boxes and pixels as decoding first; other formats are decoded in full."""
+  return _encoded_views(
+      data, lambda shape, read: augment.crop_views(shape, read, seed, size, aug), fused)
 
 
 def two_views_encoded(data, seed, size, aug, fused=None):
-  """augment.two_views of an encoded image without decoding it whole when it is a JPEG: the crop
-  boxes come from the header's shape (`tf.image.extract_jpeg_shape`) and only those windows are
-  decoded. Same boxes and pixels as decoding first; other formats are decoded in full."""
-  return _encoded_views(data, lambda image: augment.two_views(image, seed, size, aug),
-                        lambda shape, read: augment.two_views_windows(shape, read, seed, size,
-                                                                      aug), fused)
+  """augment.two_views of an encoded image (its crop_views_encoded, coloured)."""
+  return tuple(augment.coloured(half) for half in crop_views_encoded(data, seed, size, aug, fused))
 
 
 def one_view_encoded(data, seed, size, aug, fused=None):
   """augment.augment_view (view 0) of an encoded image, as two_views_encoded."""
-  return _encoded_views(data, lambda image: augment.augment_view(image, seed, size, aug, 0),
-                        lambda shape, read: augment.view_windows(shape, read, seed, size, aug),
-                        fused)
+  return augment.coloured(_encoded_views(
+      data, lambda shape, read: augment.crop_view(shape, read, seed, size, aug, 0), fused))
 
 
 def steps_per_epoch(num_examples, global_batch):
@@ -83,33 +91,60 @@ def _example_at(position, seed, epoch_len, n):
   return _permuted(position % epoch_len, tf.stack([tf.cast(seed, tf.int64), epoch]), n), epoch
 
 
-def _pair(views, label):
-  """The element NNCLR trains on, from augment.two_views' two views."""
-  view1, view2 = views
-  return {"view1": view1, "view2": view2, "label": label}
+def _halves(views, label):
+  """The per-example element of the pretraining stream, from augment.crop_views' two halves:
+  uint8 crops and their colour parameters (`_finish` applies them after batching)."""
+  (view1, colour1), (view2, colour2) = views
+  return {"view1": view1, "view2": view2, "colour1": colour1, "colour2": colour2,
+          "label": label}
 
 
-def _endless_batches(ds, batch):
+def _finish(aug: AugmentConfig):
+  """What follows batching: with augment_on="host", the colour stage of each view, leaving the
+  element NNCLR trains on ({"view1", "view2": float [b, S, S, 3], "label"}); with "device", the
+  batch as it is (uint8 crops and "colour1"/"colour2", which NNCLR's step applies)."""
+  if aug.augment_on == "device":
+    return None
+
+  stages = (colour.stages_of(aug, 0), colour.stages_of(aug, 1))
+
+  def host(batch):
+    return {"view1": colour.apply_on_host(batch["view1"], batch["colour1"], stages[0]),
+            "view2": colour.apply_on_host(batch["view2"], batch["colour2"], stages[1]),
+            "label": batch["label"]}
+
+  return host
+
+
+def _endless_batches(ds, batch, finish=None):
   # flat_map hides that the stream never ends. Declared infinite, multi-worker input keeps the
   # static batch dimension (tf.distribute relaxes it to None for finite/unknown datasets in
   # multi-worker mode, in case workers run out of data unevenly), which the train step needs.
   ds = ds.batch(batch, drop_remainder=True)
+  if finish is not None:
+    ds = ds.map(finish, num_parallel_calls=AUTOTUNE, deterministic=True)
   return ds.apply(tf.data.experimental.assert_cardinality(tf.data.INFINITE_CARDINALITY))
 
 
 def pretrain_dataset(source, aug: AugmentConfig, image_size, global_batch, seed, start_step=0,
                      input_context: tf.distribute.InputContext | None = None):
-  """Per-replica batches {"view1", "view2", "label"} for the replicas of one input pipeline.
+  """Per-replica batches {"view1", "view2", "label"} for the replicas of one input pipeline:
+  float views [b, S, S, 3] in [0, 1]; with aug.augment_on="device", uint8 crops [b, S, S, 3]
+  and their colour parameters "colour1", "colour2" [b, colour.NUM_PARAMS], whose colour stage
+  NNCLR's train step applies (`colour.apply`): the same views, made on the accelerator.
 
   For global step s and global replica r, the rows are stream positions
   s * global_batch + r * per_replica + [0, per_replica). Batches come out replica after replica,
   which is the order tf.distribute hands them to a worker's local replicas.
   """
   def element(item, example_seed, label, encoded):
-    views = two_views_encoded if encoded else augment.two_views
-    return _pair(views(item, example_seed, image_size, aug), label)
+    if encoded:
+      return _halves(crop_views_encoded(item, example_seed, image_size, aug), label)
+    return _halves(augment.crop_views(tf.shape(item), lambda b, c: tf.slice(item, b, c),
+                                      example_seed, image_size, aug), label)
 
-  return _positional_stream(source, global_batch, seed, start_step, input_context, element)
+  return _positional_stream(source, global_batch, seed, start_step, input_context, element,
+                            _finish(aug))
 
 
 def linear_dataset(source, aug: AugmentConfig, image_size, global_batch, seed, start_step=0,
@@ -127,9 +162,11 @@ def linear_dataset(source, aug: AugmentConfig, image_size, global_batch, seed, s
   return _positional_stream(source, global_batch, seed, start_step, input_context, element)
 
 
-def _positional_stream(source, global_batch, seed, start_step, input_context, element):
+def _positional_stream(source, global_batch, seed, start_step, input_context, element,
+                       finish=None):
   """The stream of pretrain_dataset with each example made by element(item, example seed, label,
-  encoded): `item` is the decoded image, or its encoded bytes when `encoded`."""
+  encoded) (`item` is the decoded image, or its encoded bytes when `encoded`) and each batch by
+  finish(batch)."""
   n = len(source)
   check_examples(global_batch, n)
   spe = steps_per_epoch(n, global_batch)
@@ -139,7 +176,7 @@ def _positional_stream(source, global_batch, seed, start_step, input_context, el
   per_replica = global_batch // replicas
   local = replicas // ctx.num_input_pipelines
   if not source.random_access:
-    return _tfrecord_stream(source, element, per_replica, local, seed, start_step, ctx)
+    return _tfrecord_stream(source, element, per_replica, local, seed, start_step, ctx, finish)
   first = ctx.input_pipeline_id * local
   epoch_len = spe * global_batch
 
@@ -169,7 +206,7 @@ def _positional_stream(source, global_batch, seed, start_step, input_context, el
   else:
     ds = ds.map(lambda pos: augmented(*with_item(*at(pos))), num_parallel_calls=AUTOTUNE,
                 deterministic=True)
-  ds = _endless_batches(ds, per_replica)
+  ds = _endless_batches(ds, per_replica, finish)
   options = tf.data.Options()
   options.experimental_optimization.map_parallelization = True
   options.autotune.enabled = True
@@ -244,7 +281,7 @@ def _tfrecord_records(source, seed, start, pipeline, pipelines):
   return tf.data.Dataset.zip(tf.data.Dataset.range(start, tf.int64.max), ds)
 
 
-def _tfrecord_stream(source, element, per_replica, local, seed, start_step, ctx):
+def _tfrecord_stream(source, element, per_replica, local, seed, start_step, ctx, finish):
   """The stream of a TFRecord split (`_tfrecord_records`), decoded (crop windows only) and made
   by `element` with seeds from (seed, pipeline, position)."""
   pipeline = ctx.input_pipeline_id
@@ -257,7 +294,7 @@ def _tfrecord_stream(source, element, per_replica, local, seed, start_step, ctx)
     return element(image, augment.example_seed(seed, pipeline, position), label, True)
 
   ds = ds.map(made, num_parallel_calls=AUTOTUNE, deterministic=True)
-  return _endless_batches(ds, per_replica).prefetch(AUTOTUNE)
+  return _endless_batches(ds, per_replica, finish).prefetch(AUTOTUNE)
 
 
 def distributed_pretrain_dataset(strategy, source, aug, image_size, global_batch, seed,
@@ -397,7 +434,9 @@ def pretraining_stream(dataset, aug: AugmentConfig | None = None, image_size=32,
   {"view1", "view2": float [B, S, S, 3] in [0, 1], "label": int32 [B], -1 when unlabelled}.
 
   Each image gives two views of the pretraining augmentation (`augment.two_views` with `aug`,
-  default AugmentConfig(), the paper's) at `image_size`. Images may be uint8 or float in [0, 1],
+  default AugmentConfig(), the paper's) at `image_size`; with aug.augment_on="device" the
+  batches hold uint8 crops and their colour parameters instead, which NNCLR's train step
+  colours (see `pretrain_dataset`). Images may be uint8 or float in [0, 1],
   grayscale or RGB, of any size. `dataset` is read in its own order (shuffle it yourself) and
   `batch_size` is the global batch (divisible by the replica count; the model's queue_size must
   be a multiple of it); a last partial batch is dropped.
@@ -420,12 +459,16 @@ def pretraining_stream(dataset, aug: AugmentConfig | None = None, image_size=32,
 
   def views(element, example_seed):
     image, label = element
-    image = tf.image.convert_image_dtype(image, tf.float32)
     if image.shape[-1] == 1:
       image = tf.image.grayscale_to_rgb(image)
-    return _pair(augment.two_views(image, example_seed, image_size, aug), tf.cast(label, tf.int32))
+    return _halves(augment.crop_views(tf.shape(image), lambda b, c: tf.slice(image, b, c),
+                                      example_seed, image_size, aug), tf.cast(label, tf.int32))
 
   stream = dataset.repeat(epochs) if epochs is not None else dataset.repeat()
   stream = tf.data.Dataset.zip(stream, seeds).map(views, num_parallel_calls=AUTOTUNE)
-  return stream.batch(batch_size, drop_remainder=True).prefetch(AUTOTUNE)
+  stream = stream.batch(batch_size, drop_remainder=True)
+  finish = _finish(aug)
+  if finish is not None:
+    stream = stream.map(finish, num_parallel_calls=AUTOTUNE)
+  return stream.prefetch(AUTOTUNE)
 

@@ -201,7 +201,9 @@ def log_view_pairs(exp: Experiment, train, logdir, step, pairs=8):
   batch = exp.train.batch_size
   pairs = min(pairs, len(train))
   small = batch % pairs == 0
-  ds = data.pretrain_dataset(train, exp.augment, exp.data.image_size, pairs if small else batch,
+  # Coloured on the host whatever --augment_on says: the same views, as images.
+  host = dataclasses.replace(exp.augment, augment_on="host")
+  ds = data.pretrain_dataset(train, host, exp.data.image_size, pairs if small else batch,
                              exp.train.seed, step * batch // pairs if small else step)
   first = next(iter(ds.take(1)))
   n = min(pairs, int(first["view1"].shape[0]))

@@ -209,7 +209,9 @@ def test_fp16_loss_scaling_unscales_gradients_on_two_replicas(tmp_path):
     d32, d16 = (a[k] - w0[k]).ravel(), (b[k] - w0[k]).ravel()
     ratio = np.linalg.norm(d16) / np.linalg.norm(d32)
     cosine = d16 @ d32 / (np.linalg.norm(d16) * np.linalg.norm(d32))
-    assert 0.9 < ratio < 1.1 and cosine > 0.99, (k, ratio, cosine)
+    # Measured: conv1 0.93 / 0.970 since views are rounded to uint8 before the colour stage
+    # (0.998 before; every other kernel >= 0.997); gradients left scaled make the ratio 2**15.
+    assert 0.8 < ratio < 1.25 and cosine > 0.95, (k, ratio, cosine)
 
 
 def test_overflow_on_one_replica_skips_the_step_on_all():

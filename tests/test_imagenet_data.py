@@ -42,11 +42,10 @@ def _jpegs(n=3):
 
 
 def test_decoding_only_the_crop_windows_gives_the_full_decode_views():
-  # The oracle is the pipeline before the fused path: decode whole, convert to float, then crop.
+  # The oracle is the pipeline before the fused path: decode whole, then crop.
   for i, jpeg in enumerate(_jpegs()):
     seed = tf.constant([7, i], tf.int64)
-    want = augment.two_views(tf.image.convert_image_dtype(tf.io.decode_jpeg(jpeg, channels=3),
-                                                          tf.float32), seed, SIZE, AUG)
+    want = augment.two_views(tf.io.decode_jpeg(jpeg, channels=3), seed, SIZE, AUG)
     got = data.two_views_encoded(jpeg, seed, SIZE, AUG, fused=True)
     whole = data.two_views_encoded(jpeg, seed, SIZE, AUG, fused=False)
     for w, g, h in zip(want, got, whole):
@@ -71,7 +70,7 @@ def test_crop_boxes_of_the_header_shape_are_the_decoded_images_boxes():
 def test_png_falls_back_to_a_full_decode():
   image = synthetic_imagenet.make_image(np.random.default_rng(1), 3, 40, 60)
   seed = tf.constant([3, 4], tf.int64)
-  want = augment.two_views(tf.image.convert_image_dtype(image, tf.float32), seed, SIZE, AUG)
+  want = augment.two_views(tf.constant(image), seed, SIZE, AUG)
   got = data.two_views_encoded(tf.io.encode_png(image), seed, SIZE, AUG)
   for w, g in zip(want, got):
     np.testing.assert_allclose(g.numpy(), w.numpy(), atol=2e-6)
@@ -97,8 +96,9 @@ def test_resumed_stream_starts_at_the_contracts_batch(stream):
       image, label = stream.record_parser()(tf.constant(raw))
       views = data.two_views_encoded(image, augment.example_seed(4, epoch, ex), SIZE, AUG)
       assert resumed["label"][r] == label.numpy() == records[ex]["label"]
-      np.testing.assert_allclose(resumed["view1"][r], views[0].numpy(), atol=1e-6)
-      np.testing.assert_allclose(resumed["view2"][r], views[1].numpy(), atol=1e-6)
+      # The stream colours the batch with XLA, the per-example views without: float rounding.
+      np.testing.assert_allclose(resumed["view1"][r], views[0].numpy(), atol=1e-5)
+      np.testing.assert_allclose(resumed["view2"][r], views[1].numpy(), atol=1e-5)
   # Either format: the resumed batch is the one an uninterrupted stream serves at that step.
   full = [_np(b) for b in data.pretrain_dataset(stream, AUG, SIZE, batch, seed=4).take(step + 1)]
   for k in resumed:
@@ -116,8 +116,7 @@ def test_the_linear_protocols_view_of_a_jpeg_is_the_decoded_images():
   views = augment.crop_flip(AUG)
   for i, jpeg in enumerate(_jpegs()):
     seed = tf.constant([5, i], tf.int64)
-    want = augment.augment_view(tf.image.convert_image_dtype(tf.io.decode_jpeg(jpeg, channels=3),
-                                                             tf.float32), seed, SIZE, views, 0)
+    want = augment.augment_view(tf.io.decode_jpeg(jpeg, channels=3), seed, SIZE, views, 0)
     np.testing.assert_allclose(data.one_view_encoded(jpeg, seed, SIZE, views).numpy(),
                                want.numpy(), atol=2e-6)
     got = data.one_view_encoded(jpeg, seed, SIZE, views, fused=True).numpy()
