@@ -11,7 +11,9 @@ Two image sets:
           with decode + crop + resize + flip only (`decode_only`), and full / decode_only: how
           close augmentation is to free on the host.
 
-Each core count c runs the pipeline on a private tf.data thread pool of c threads.
+Each core count c runs the pipeline on a private tf.data thread pool of c threads, with every
+thread of the process held to c CPUs (XLA's CPU runtime, which colours the batch, has its own
+threads). --stage_profile adds, on one core, what each colour stage of the 224 px pipeline costs.
 
   python benchmarks/input_pipeline.py --image_dir=../shared/data/cifar10/train
 """
@@ -83,25 +85,40 @@ def make_large_jpegs(source, out_dir, size, quality=90):
   return out_dir
 
 
+def pin_threads(cpus):
+  """Every thread of this process (and so every thread they start) on `cpus`: a core count then
+  bounds all the work, tf.data's pool and any other (XLA's CPU runtime has its own)."""
+  for tid in os.listdir("/proc/self/task"):
+    try:
+      os.sched_setaffinity(int(tid), cpus)
+    except OSError:  # a thread that has just ended
+      pass
+
+
 def pairs_per_sec(source, aug, image_size, batch, cores, warmup_batches, batches, seed=0,
                   make=None):
   """Pairs/s of pretrain_dataset (or of the dataset `make()` returns) on a private pool of
-  `cores` threads, after warm-up batches."""
+  `cores` threads, after warm-up batches, with the whole process held to `cores` CPUs."""
   import tensorflow as tf
 
   from nnclr_tf import data
-  ds = make() if make else data.pretrain_dataset(source, aug, image_size, batch, seed)
-  options = tf.data.Options()
-  options.threading.private_threadpool_size = cores
-  options.threading.max_intra_op_parallelism = 1
-  it = iter(ds.with_options(options))
-  for _ in range(warmup_batches):
-    next(it)
-  t = time.perf_counter()
-  for _ in range(batches):
-    b = next(it)
-  b["view1"].numpy()
-  return batch * batches / (time.perf_counter() - t)
+  allowed = sorted(os.sched_getaffinity(0))
+  pin_threads(set(allowed[:cores]))
+  try:
+    ds = make() if make else data.pretrain_dataset(source, aug, image_size, batch, seed)
+    options = tf.data.Options()
+    options.threading.private_threadpool_size = cores
+    options.threading.max_intra_op_parallelism = 1
+    it = iter(ds.with_options(options))
+    for _ in range(warmup_batches):
+      next(it)
+    t = time.perf_counter()
+    for _ in range(batches):
+      b = next(it)
+    b["view1"].numpy()
+    return batch * batches / (time.perf_counter() - t)
+  finally:
+    pin_threads(set(allowed))
 
 
 def imagenet_shaped_jpegs(out_dir, images):
@@ -164,6 +181,28 @@ def compare_224(args, cores):
   return out
 
 
+def without(aug, stage):
+  """`aug` with one colour stage off (static probability 0)."""
+  import dataclasses
+  off = {"jitter": {"jitter_prob": 0.0}, "grayscale": {"grayscale_prob": 0.0},
+         "blur": {"blur_prob": (0.0, 0.0)}, "solarize": {"solarize_prob": (0.0, 0.0)}}[stage]
+  return dataclasses.replace(aug, **off)
+
+
+def stage_profile(source, aug, args):
+  """Where the full pipeline's time goes on one core, in ms per pair: the full pipeline, the
+  decode-only one, and for each colour stage what turning it off saves (full minus without)."""
+  def ms(a):
+    return 1000.0 / pairs_per_sec(source, a, args.large_size, args.large_batch_size, 1,
+                                  args.warmup_batches, args.batches)
+
+  full = ms(aug)
+  out = {"full": full, "decode_only": ms(decode_only(aug))}
+  for stage in ("jitter", "grayscale", "blur", "solarize"):
+    out[stage] = full - ms(without(aug, stage))
+  return out
+
+
 def parser():
   # The images are a folder of class sub-folders (the preset names tfds cifar10, which is not
   # prepared here): the CIFAR-10 JPEGs beside the repository unless --image_dir says otherwise.
@@ -183,6 +222,8 @@ def parser():
   ap.add_argument("--cores", default="", help="comma-separated core counts (default 1..all)")
   ap.add_argument("--warmup_batches", type=int, default=2)
   ap.add_argument("--batches", type=int, default=4)
+  ap.add_argument("--stage_profile", action="store_true",
+                  help="also profile the large set's stages on one core (ms per pair)")
   ap.add_argument("--imagenet_images", type=int, default=0,
                   help="> 0: also compare pipelines at 224 px on this many ImageNet-shaped JPEGs")
   ap.add_argument("--imagenet_dir", default="/tmp/nnclr_bench_imagenet_shaped")
@@ -247,6 +288,8 @@ def main(argv=None):
       results[key]["pairs_per_sec_by_cores"][str(c)] = rates[0]
       results[key]["decode_only_pairs_per_sec_by_cores"][str(c)] = rates[1]
       results[key]["full_over_decode_only"][str(c)] = rates[0] / rates[1]
+    if args.stage_profile:
+      results[key]["stage_ms_per_pair"] = stage_profile(s, full, args)
   print(json.dumps({
       "benchmark": "input_pipeline", "results": results, "cores": cores,
       "device": peak.machine(), "tf_version": tf.__version__, "settings": ap.settings(args, exp),

@@ -79,9 +79,12 @@ def test_input_pipeline_on_a_small_folder(tmp_path, capsys):
                        "--modes=cached",
                        "--batch_size=4", "--large_size=24", "--large_images=8",
                        f"--large_dir={large}", "--large_batch_size=4", "--cores=1",
-                       "--warmup_batches=1", "--batches=1"])
+                       "--warmup_batches=1", "--batches=1", "--stage_profile"])
   r = json_line(capsys)["results"]
   assert set(r) == {"16px_cached", "24px_files"}  # 24 px decodes files every time
+  profile = r["24px_files"]["stage_ms_per_pair"]
+  assert set(profile) == {"full", "decode_only", "jitter", "grayscale", "blur", "solarize"}
+  assert profile["full"] > 0 and profile["decode_only"] > 0
   assert r["16px_cached"]["images"] == 12 and r["24px_files"]["images"] == 8
   for v in r.values():
     assert v["pairs_per_sec_by_cores"]["1"] > 0
