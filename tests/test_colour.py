@@ -33,7 +33,7 @@ def _jpegs(n=24):
   if len(files) == n:
     return [tf.io.read_file(f) for f in files]
   rng = np.random.default_rng(0)
-  return [tf.io.encode_jpeg(synthetic_imagenet.make_image(rng, i, 48, 40)) for i in range(n)]
+  return [tf.io.encode_jpeg(synthetic_imagenet.make_image(rng, i, 40, 48)) for i in range(n)]
 
 
 def _halves(cfg, size, n=24):
