@@ -205,12 +205,7 @@ def flip(image, seed, p=0.5):
 def augment_view(image, seed, size, cfg: AugmentConfig, view: int):
   """One view of the BYOL pipeline, float [size, size, 3] in [0, 1]; `view` 0 or 1 picks the
   asymmetric blur/solarize odds. `image` is uint8 or float [H, W, 3]."""
-  return coloured(crop_view(tf.shape(image), _slicer(image), seed, size, cfg, view))
-
-
-def view_windows(shape, read_window, seed, size, cfg: AugmentConfig, view: int = 0):
-  """`augment_view` of an image not decoded yet (see `two_views_windows`)."""
-  return coloured(crop_view(shape, read_window, seed, size, cfg, view))
+  return coloured(crop_view(tf.shape(image), slicer(image), seed, size, cfg, view))
 
 
 def crop_flip(cfg: AugmentConfig) -> AugmentConfig:
@@ -226,8 +221,9 @@ def crop_view(shape, read_window, seed, size, cfg: AugmentConfig, view: int):
   """The per-example half of a view of the image of `shape` whose pixels in a box are
   `read_window(begin, size)`: ([size, size, 3] cropped, resized (`resize_crop`: uint8 images
   rounded to uint8) and flipped; float32 [colour.NUM_PARAMS], its colour stage's coins and
-  factors). `colour.apply` of the pair
-  is the view. Seeds: six split from `seed` (crop, flip, jitter, grayscale, blur, solarize)."""
+  factors). `colour.apply` of the pair is the view. Seeds: six split from `seed` (crop, flip,
+  jitter, grayscale, blur, solarize). The boxes depend on `shape` alone, so `read_window` may
+  decode just that window of a JPEG and give the views of the decoded image."""
   s = split_seed(seed, 6)
   if cfg.crop:
     begin, crop_size = crop_window(shape, s[0], cfg.crop_scale, cfg.crop_ratio, cfg.crop_sampler)
@@ -244,7 +240,8 @@ def crop_views(shape, read_window, seed, size, cfg: AugmentConfig):
           crop_view(shape, read_window, s[1], size, cfg, 1))
 
 
-def _slicer(image):
+def slicer(image):
+  """The `read_window` of a decoded image: its pixels in a box."""
   return lambda begin, size: tf.slice(image, begin, size)
 
 
@@ -257,11 +254,5 @@ def coloured(half):
 def two_views(image, seed, size, cfg: AugmentConfig):
   """(view1, view2) of one uint8 or float image [H, W, 3]; the two views use independent seeds
   split from `seed`."""
-  return two_views_windows(tf.shape(image), _slicer(image), seed, size, cfg)
-
-
-def two_views_windows(shape, read_window, seed, size, cfg: AugmentConfig):
-  """`two_views` of an image not decoded yet: `shape` is its [H, W, 3] and `read_window(begin,
-  size)` returns its pixels in that box (int32 [3] each), e.g. by decoding only that window of a
-  JPEG. The boxes, and so the views, are those `two_views` makes of the decoded image."""
-  return tuple(coloured(half) for half in crop_views(shape, read_window, seed, size, cfg))
+  return tuple(coloured(half) for half in crop_views(tf.shape(image), slicer(image), seed, size,
+                                                      cfg))

@@ -195,14 +195,9 @@ def stages_of(cfg, view: int) -> tuple:
   return tuple(name for name in ALL_STAGES if probs[name] > 0)
 
 
-def _to_float(images):
-  x = tf.cast(images, tf.float32)
-  return x * (1.0 / 255.0) if images.dtype == tf.uint8 else x
-
-
 def colour_jitter_grayscale(images, params, schedule="vectorised", stages=ALL_STAGES):
   """The jitter and grayscale stages of `apply` (the part before the blur), float32."""
-  x = _to_float(images)
+  x = tf.image.convert_image_dtype(images, tf.float32)
   if "jitter" not in stages and "grayscale" not in stages:
     return x
   rgb = _planes(x)
@@ -275,7 +270,7 @@ def apply_on_host(images, params, stages=ALL_STAGES):
   if "jitter" in stages or "grayscale" in stages:
     x = _jitter_grayscale_xla(images, params, tuple(stages))
   else:
-    x = _to_float(images)
+    x = tf.image.convert_image_dtype(images, tf.float32)
   x = blur_and_solarize(x, params, "host", tuple(s for s in stages if s != "solarize"))
   if "solarize" in stages:
     x = _solarize_xla(x, params)

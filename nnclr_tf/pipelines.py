@@ -34,7 +34,7 @@ def _encoded_views(data, views, fused):
 
   def whole():
     image = decode_image(data)
-    return views(tf.shape(image), lambda begin, crop: tf.slice(image, begin, crop))
+    return views(tf.shape(image), augment.slicer(image))
 
   def jpeg():
     shape = tf.concat([tf.image.extract_jpeg_shape(data)[:2], [3]], 0)
@@ -140,7 +140,7 @@ def pretrain_dataset(source, aug: AugmentConfig, image_size, global_batch, seed,
   def element(item, example_seed, label, encoded):
     if encoded:
       return _halves(crop_views_encoded(item, example_seed, image_size, aug), label)
-    return _halves(augment.crop_views(tf.shape(item), lambda b, c: tf.slice(item, b, c),
+    return _halves(augment.crop_views(tf.shape(item), augment.slicer(item),
                                       example_seed, image_size, aug), label)
 
   return _positional_stream(source, global_batch, seed, start_step, input_context, element,
@@ -461,7 +461,7 @@ def pretraining_stream(dataset, aug: AugmentConfig | None = None, image_size=32,
     image, label = element
     if image.shape[-1] == 1:
       image = tf.image.grayscale_to_rgb(image)
-    return _halves(augment.crop_views(tf.shape(image), lambda b, c: tf.slice(image, b, c),
+    return _halves(augment.crop_views(tf.shape(image), augment.slicer(image),
                                       example_seed, image_size, aug), tf.cast(label, tf.int32))
 
   stream = dataset.repeat(epochs) if epochs is not None else dataset.repeat()

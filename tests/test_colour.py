@@ -2,7 +2,6 @@
 (tests/colour_oracle.py), on real JPEGs, in both schedules, with and without XLA."""
 
 import dataclasses
-import functools
 import glob
 import os
 import sys
@@ -43,7 +42,7 @@ def _halves(cfg, size, n=24):
   for i, data in enumerate(_jpegs(n)):
     image = tf.io.decode_jpeg(data, channels=3)
     seed = tf.constant([11, i], tf.int64)
-    read = functools.partial(tf.slice, image)
+    read = augment.slicer(image)
     for v, (u8, p) in enumerate(augment.crop_views(tf.shape(image), read, seed, size, cfg)):
       images.append(u8)
       params.append(p)
