@@ -92,6 +92,50 @@ def test_the_schedules_agree_with_and_without_xla_and_a_view_does_not_depend_on_
                                  graph[lo:hi], atol=2e-6)
 
 
+def test_the_host_path_when_every_view_is_blurred():
+  """BYOL's first view blurs every image: apply_on_host then transposes back, clips and
+  solarizes in one XLA pass, which must give apply's views (solarize on half the rows)."""
+  images, params, _, _ = _halves(CONFIGS["even"], 32, 8)
+  p = params.numpy()
+  p[:, colour.BLUR] = 1.0
+  p[:, colour.SOLARIZE] = np.arange(len(p)) % 2
+  for stages in (colour.ALL_STAGES, ("jitter", "grayscale", "blur")):
+    want = colour.apply(images, p, "vectorised", stages).numpy()
+    np.testing.assert_allclose(colour.apply_on_host(images, p, stages).numpy(), want,
+                               atol=2e-6)
+
+
+def test_the_blur_cut_at_four_sigma_is_the_full_kernel():
+  """At 224 px the kernel is 17 taps, not the 23 of the 10% rule: against numpy's 23-tap
+  separable blur (zero padded), no pixel moves by more than the dropped taps' mass."""
+  assert colour.blur_radius(224) == 8 and colour.blur_radius(40) == 2
+  rng = np.random.default_rng(0)
+  x = rng.uniform(size=(2, 224, 224, 3)).astype(np.float32)
+  x[:, 100:120, 100:120] = 1.0  # a bright square: an edge where the tails count
+  sigma = np.array([2.0, 1.3], np.float32)
+  want = np.empty_like(x, dtype=np.float64)
+  taps = np.arange(-11, 12)
+  for i, s in enumerate(sigma):
+    k = np.exp(-taps ** 2 / (2.0 * float(s) ** 2))
+    k /= k.sum()
+    y = np.pad(x[i].astype(np.float64), ((11, 11), (11, 11), (0, 0)))
+    y = sum(w * y[j:j + 224] for j, w in enumerate(k))  # down the columns: [224, 246, 3]
+    want[i] = sum(w * y[:, j:j + 224] for j, w in enumerate(k))  # along the rows
+  got = colour.blur(tf.constant(x), tf.constant(sigma)).numpy()
+  assert np.abs(got - want).max() < 5e-5, np.abs(got - want).max()
+
+
+def test_saturation_without_the_hexcone_is_tf_image_adjust_saturation():
+  rng = np.random.default_rng(1)
+  x = rng.uniform(size=(16, 16, 3)).astype(np.float32)
+  x[0] = 0.3  # grey pixels (no chroma) and black ones stay as they are
+  x[1] = 0.0
+  rgb = tuple(tf.constant(x[..., c]) for c in range(3))
+  for factor in (0.0, 0.2, 1.0, 1.8, 5.0):  # BYOL draws from [0.2, 1.8]; 5 clamps S at 1
+    got = np.stack([c.numpy() for c in colour.saturation(rgb, factor)], -1)
+    np.testing.assert_allclose(got, tf.image.adjust_saturation(x, factor).numpy(), atol=1e-5)
+
+
 def test_a_coin_of_zero_or_one_draws_nothing_and_off_stages_leave_the_view_as_cropped():
   seeds = augment.split_seed(tf.constant([1, 2], tf.int64), 6)
   off = augment.crop_flip(AugmentConfig())
