@@ -102,9 +102,8 @@ def saturation_hue(rgb, factor, delta):
   chroma = v - tf.minimum(tf.minimum(r, g), b)
   grey = chroma <= 0.0
   safe = tf.where(grey, 1.0, chroma)
-  # One division per pixel: the sector's difference is picked before dividing.
-  h6 = (tf.where(v == r, g - b, tf.where(v == g, b - r, r - g)) / safe
-        + tf.where(v == r, 0.0, tf.where(v == g, 2.0, 4.0)))
+  h6 = tf.where(v == r, (g - b) / safe, tf.where(v == g, 2.0 + (b - r) / safe,
+                                                  4.0 + (r - g) / safe))
   h = h6 / 6.0 + delta
   h6 = 6.0 * (h - tf.floor(h))
   chroma = tf.minimum(chroma * factor, v)
