@@ -222,9 +222,6 @@ def parser():
   ap.add_argument("--cores", default="", help="comma-separated core counts (default 1..all)")
   ap.add_argument("--warmup_batches", type=int, default=2)
   ap.add_argument("--batches", type=int, default=4)
-  ap.add_argument("--intra_op_threads", type=int, default=0,
-                  help="> 0: TF's intra-op pool this size (tf.config.threading); 0 keeps TF's "
-                       "default (one thread per CPU)")
   ap.add_argument("--stage_profile", action="store_true",
                   help="also profile the large set's stages on one core (ms per pair)")
   ap.add_argument("--imagenet_images", type=int, default=0,
@@ -254,8 +251,6 @@ def main(argv=None):
            else list(range(1, available + 1)))
   load_before = peak.load_average()
   import tensorflow as tf
-  if args.intra_op_threads:
-    tf.config.threading.set_intra_op_parallelism_threads(args.intra_op_threads)
 
   from nnclr_tf import data
 
