@@ -21,8 +21,9 @@ Two schedules give the same views (tests/test_colour.py):
     per example, the one its order names; blur is one depthwise convolution for the whole batch,
     kept where the coin says. Static shapes, no data-dependent control flow beyond skipping a
     stage no example uses: the accelerator schedule (`--augment_on=device`).
-  host: the jitter rounds loop over examples and switch to the one op each needs, and only the
-    examples whose coin says blur are blurred (gathered, one depthwise convolution, scattered
+  host: a loop over examples takes each from its uint8 crop to its float jittered and greyed
+    view (switching to the one op each jitter round needs; its passes stay in cache), and only
+    the examples whose coin says blur are blurred (gathered, one depthwise convolution, scattered
     back). On a CPU the vectorised schedule's 4x jitter work and blurring every example of a view
     whose blur probability is 0.1 cost more than the loop (benchmarks/RESULTS.md).
 """
