@@ -134,7 +134,7 @@ def solarize(rgb, threshold=0.5):
 
 def blur_radius(size):
   """The blur kernel's half width: 10% of the image side (BYOL: 23 taps at 224 px), cut at 4
-  sigma (scipy.ndimage.gaussian_filter's default truncation): at 224 px, the 6 outer taps of
+  sigma (scipy.ndimage.gaussian_filter's default truncation): at 224 px, the 3 outer taps on
   each side hold under 2e-5 of the kernel at sigma 2, so leaving them out moves no pixel by
   more than 4e-5 (1% of a level) and saves a quarter of the convolution."""
   return max(1, min(int(size * BLUR_KERNEL_FRACTION) // 2, math.ceil(4 * BLUR_SIGMA[1])))
@@ -251,24 +251,35 @@ def colour_jitter_grayscale(images, params, schedule="vectorised", stages=ALL_ST
 
 
 def blur_and_solarize(x, params, schedule="vectorised", stages=ALL_STAGES):
-  """The blur and solarize stages of `apply`, on colour_jitter_grayscale's output."""
+  """The blur and solarize stages of `apply`, on colour_jitter_grayscale's output. The host
+  schedule blurs only the examples whose coin says so, and runs all but the convolution under
+  XLA: when every example is blurred (BYOL's first view), the transpose back from the blur's
+  layout, the clip and the solarize are one XLA pass (0.11 ms an image at 224 px against 0.28
+  for TF's transpose and clip and a solarize pass)."""
   on = params[:, BLUR] > 0
-  if "blur" in stages and schedule == "vectorised":
+  solarize = "solarize" in stages
+  if schedule == "host":
+    def solarized(y):
+      return _solarize_xla(y, params) if solarize else y
+
+    if "blur" not in stages:
+      return solarized(x)
+    which = tf.where(on)
+
+    def every():
+      return _from_channels_xla(_blurred_channels(x, params[:, SIGMA]), params, solarize)
+
+    def some():
+      return solarized(tf.tensor_scatter_nd_update(
+          x, which, blur(tf.gather_nd(x, which), tf.gather_nd(params[:, SIGMA], which))))
+
+    return tf.cond(tf.reduce_all(on), every,
+                   lambda: tf.cond(tf.size(which) > 0, some, lambda: solarized(x)))
+  if "blur" in stages:
     x = tf.cond(tf.reduce_any(on),
                 lambda: tf.where(on[:, None, None, None], blur(x, params[:, SIGMA]), x),
                 lambda: x)
-  elif "blur" in stages:
-    which = tf.where(on)
-
-    def some():
-      return tf.tensor_scatter_nd_update(
-          x, which, blur(tf.gather_nd(x, which), tf.gather_nd(params[:, SIGMA], which)))
-
-    x = tf.cond(tf.reduce_all(on), lambda: blur(x, params[:, SIGMA]),
-                lambda: tf.cond(tf.size(which) > 0, some, lambda: x))
-  if "solarize" in stages:
-    x = _solarize(x, params)
-  return x
+  return _solarize(x, params) if solarize else x
 
 
 def _solarize(x, params):
@@ -294,8 +305,6 @@ _jitter_grayscale_xla = tf.function(
 _solarize_xla = tf.function(_solarize, jit_compile=True)
 
 
-# When every image of a view is blurred (BYOL's first view), the transpose back from the blur's
-# layout, the clip and the solarize are one XLA pass: half the time of TF's transpose alone.
 _from_channels_xla = tf.function(
     lambda y, params, solarize: _solarize(_from_channels(y), params) if solarize
     else _from_channels(y), jit_compile=True)
@@ -308,17 +317,4 @@ def apply_on_host(images, params, stages=ALL_STAGES):
     x = _jitter_grayscale_xla(images, params, tuple(stages))
   else:
     x = tf.image.convert_image_dtype(images, tf.float32)
-  solarize = "solarize" in stages
-
-  def some_blurred():
-    y = blur_and_solarize(x, params, "host", ("blur",))
-    return _solarize_xla(y, params) if solarize else y
-
-  if "blur" in stages:
-    x = tf.cond(tf.reduce_all(params[:, BLUR] > 0),
-                lambda: _from_channels_xla(_blurred_channels(x, params[:, SIGMA]), params,
-                                           solarize),
-                some_blurred)
-  elif solarize:
-    x = _solarize_xla(x, params)
-  return tf.ensure_shape(x, images.shape)
+  return tf.ensure_shape(blur_and_solarize(x, params, "host", stages), images.shape)
