@@ -14,7 +14,7 @@ Each op is written once, on the image as three planes [B, S, S] with per-example
 [B, 1, 1], and is TF's op (tf.image.adjust_contrast / adjust_saturation / adjust_hue, the
 per-example path's) in closed form: saturation and hue share one pass through the HSV hexcone,
 which is also why `apply` can run both as the same op in the rounds of the random order.
-tests/oracles.py keeps the per-example path as the oracle.
+tests/colour_oracle.py keeps the per-example path as the oracle.
 
 Two schedules give the same views (tests/test_colour.py):
   vectorised (default): each jitter round computes the four ops for the whole batch and keeps,
@@ -23,9 +23,12 @@ Two schedules give the same views (tests/test_colour.py):
     stage no example uses: the accelerator schedule (`--augment_on=device`).
   host: a loop over examples takes each from its uint8 crop to its float jittered and greyed
     view (switching to the one op each jitter round needs; its passes stay in cache), and only
-    the examples whose coin says blur are blurred (gathered, one depthwise convolution, scattered
-    back). On a CPU the vectorised schedule's 4x jitter work and blurring every example of a view
-    whose blur probability is 0.1 cost more than the loop (benchmarks/RESULTS.md).
+    the examples whose coin says blur are blurred (gathered, padded to a power of two, one
+    depthwise convolution, and put back with the clip and solarize in one XLA pass); a view
+    whose every example is blurred (BYOL's first) is blurred in pieces of 16 images, whose
+    passes stay in cache. On a CPU the vectorised schedule's 4x jitter work and blurring every
+    example of a view whose blur probability is 0.1 cost more than the loop
+    (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -93,24 +96,40 @@ def contrast(rgb, factor):
                for c in rgb for m in [tf.reduce_mean(c, axis=[-2, -1], keepdims=True)])
 
 
-def saturation_hue(rgb, factor, delta):
-  """tf.image.adjust_saturation(factor) and adjust_hue(delta) (they commute: one scales S, the
-  other shifts H, of the same HSV pixel), in closed form on the hexcone: value V = max, chroma
-  C = max - min; S x factor clamped to 1 is chroma min(C x factor, V); the hue of the sector
-  formula, shifted by delta mod 1; the channels back from the hexcone's triangle waves."""
+def _hue_waves(rgb, delta):
+  """The hexcone of adjust_hue(delta) without a division: value V = max, chroma C = max - min,
+  and each output channel's height above V - C, C x the hexcone's triangle wave (clipped to
+  [0, 1]) of the shifted hue. The hue is kept as C x its sixths, [0, 6C): the sector formula
+  times C (the sector's offset 0, 2C or 4C plus a difference of two channels), shifted by
+  6 delta C and wrapped once (delta is first taken to [-0.5, 0.5], the same hue shift). A grey
+  pixel (C = 0) has no height."""
   r, g, b = rgb
   v = tf.maximum(tf.maximum(r, g), b)
   chroma = v - tf.minimum(tf.minimum(r, g), b)
-  grey = chroma <= 0.0
-  safe = tf.where(grey, 1.0, chroma)
-  h6 = tf.where(v == r, (g - b) / safe, tf.where(v == g, 2.0 + (b - r) / safe,
-                                                  4.0 + (r - g) / safe))
-  h = h6 / 6.0 + delta
-  h6 = 6.0 * (h - tf.floor(h))
-  chroma = tf.minimum(chroma * factor, v)
-  low = v - chroma
-  waves = (tf.abs(h6 - 3.0) - 1.0, 2.0 - tf.abs(h6 - 2.0), 2.0 - tf.abs(h6 - 4.0))
-  return tuple(tf.where(grey, c, _clip(low + chroma * _clip(w))) for c, w in zip(rgb, waves))
+  h = tf.where(v == r, g - b, tf.where(v == g, 2.0 * chroma + b - r, 4.0 * chroma + r - g))
+  h = h + (6.0 * (delta - tf.round(delta))) * chroma
+  h = tf.where(h < 0.0, h + 6.0 * chroma, tf.where(h >= 6.0 * chroma, h - 6.0 * chroma, h))
+  waves = (tf.abs(h - 3.0 * chroma) - chroma, 2.0 * chroma - tf.abs(h - 2.0 * chroma),
+           2.0 * chroma - tf.abs(h - 4.0 * chroma))
+  return v, chroma, tuple(tf.clip_by_value(w, 0.0, chroma) for w in waves)
+
+
+def saturation_hue(rgb, factor, delta):
+  """tf.image.adjust_saturation(factor) and adjust_hue(delta) (they commute: one scales S, the
+  other shifts H, of the same HSV pixel), in closed form on the hexcone (_hue_waves): S x factor
+  clamped to 1 is chroma min(C x factor, V), which scales each channel's height by the same
+  ratio."""
+  v, chroma, waves = _hue_waves(rgb, delta)
+  scaled = tf.minimum(chroma * factor, v)
+  ratio = tf.math.divide_no_nan(scaled, chroma)
+  return tuple(_clip(v - scaled + ratio * w) for w in waves)
+
+
+def hue(rgb, delta):
+  """saturation_hue(rgb, 1, delta), the same values (its ratio is exactly 1) without the
+  saturation's division."""
+  v, chroma, waves = _hue_waves(rgb, delta)
+  return tuple(_clip(v - chroma + w) for w in waves)
 
 
 def saturation(rgb, factor):
@@ -140,30 +159,52 @@ def blur_radius(size):
   return max(1, min(int(size * BLUR_KERNEL_FRACTION) // 2, math.ceil(4 * BLUR_SIGMA[1])))
 
 
-def _blurred_channels(images, sigma):
-  """The unclipped blur of float [n, S, S, 3] as [S, S, n, 3]: the batch moved into the
-  channels ([1, S, S, 3n]), so one depthwise convolution per direction gives each image's
-  channels its own kernel."""
-  n, size = tf.shape(images)[0], images.shape[1]
+def _blurred_rows(rows, sigma, size, width):
+  """The unclipped blur of n images as rows [n, S * W * 3] (each image's pixels flat), in the
+  same layout. The rows are turned into channels ([1, S, W, 3n], by a 2-D transpose: 0.08 ms
+  an image at 224 px on a CPU, against 0.2 for the 4-D one that keeps each pixel's 3 channels
+  together), so one depthwise convolution per direction gives each image's channels its own
+  kernel."""
+  n = tf.shape(rows)[0]
   radius = blur_radius(size)
   taps = tf.range(-radius, radius + 1, dtype=tf.float32)
   kernel = tf.exp(-tf.square(taps) / (2.0 * tf.square(sigma[:, tf.newaxis])))
   kernel = kernel / tf.reduce_sum(kernel, axis=1, keepdims=True)  # [n, K]
-  kernel = tf.transpose(tf.repeat(kernel, 3, axis=0))  # [K, 3n]
-  x = tf.reshape(tf.transpose(images, [1, 2, 0, 3]), [1, size, images.shape[2], -1])
+  kernel = tf.tile(tf.transpose(kernel), [1, 3])  # [K, 3n]: channel c * n + image
+  x = tf.reshape(tf.transpose(rows), [1, size, width, -1])
   x = tf.nn.depthwise_conv2d(x, kernel[tf.newaxis, :, :, tf.newaxis], [1, 1, 1, 1], "SAME")
   x = tf.nn.depthwise_conv2d(x, kernel[:, tf.newaxis, :, tf.newaxis], [1, 1, 1, 1], "SAME")
-  return tf.reshape(x, [size, images.shape[2], n, 3])
+  return tf.transpose(tf.reshape(x, [-1, n]))
 
 
-def _from_channels(y):
-  return _clip(tf.transpose(y, [2, 0, 1, 3]))
+def _rows(images):
+  return tf.reshape(images, [tf.shape(images)[0], -1])
 
 
 def blur(images, sigma):
   """Separable Gaussian blur of float [n, S, S, 3] with one sigma per image [n], zero padded
   ("SAME")."""
-  return _from_channels(_blurred_channels(images, sigma))
+  size, width = images.shape[1:3]
+  return _clip(tf.reshape(_blurred_rows(_rows(images), sigma, size, width), tf.shape(images)))
+
+
+# The host blurs a view whose every example is blurred in pieces of consecutive images, a
+# multiple of 16 (48 channels: oneDNN's depthwise convolution runs whole AVX-512 vectors of
+# channels) under this many bytes: each piece's passes (transposes, two convolutions) then stay
+# in the cache. At 224 px, one core, with the clip: pieces of 16 images 0.30-0.32 ms an image,
+# 8: 0.33, 32: 0.37, the whole batch of 64: 0.39; 17 or 21 (51 or 63 channels): 0.40.
+BLUR_PIECE_BYTES = 10 << 20
+
+
+def _blurred_pieces(images, sigma):
+  """blur's unclipped rows of every image, as a list of pieces of consecutive images."""
+  n, size, width = images.shape[:3]
+  piece = max(16, BLUR_PIECE_BYTES // (size * width * 3 * 4) // 16 * 16)
+  rows = _rows(images)
+  starts = range(0, n, piece) if n is not None else [0]
+  return [_blurred_rows(rows[i:i + piece] if n is not None else rows,
+                        sigma[i:i + piece] if n is not None else sigma, size, width)
+          for i in starts]
 
 
 def _planes(x):
@@ -193,7 +234,7 @@ def _jitter_one(rgb, p):
     f = lambda i: p[i]
     return [lambda: brightness(x, f(BRIGHTNESS)), lambda: contrast(x, f(CONTRAST)),
             lambda: saturation(x, f(SATURATION)),
-            lambda: saturation_hue(x, 1.0, f(HUE))]
+            lambda: hue(x, f(HUE))]
 
   for i in range(4):
     rgb = tf.switch_case(tf.cast(p[ORDER[i]], tf.int32), ops(rgb))
@@ -230,7 +271,9 @@ def colour_jitter_grayscale(images, params, schedule="vectorised", stages=ALL_ST
       rgb = tuple(c[tf.newaxis] for c in _planes(tf.image.convert_image_dtype(image, tf.float32)))
       rgb = tf.cond(p[JITTER] > 0, lambda: _jitter_one(rgb, p), lambda: rgb)
       if "grayscale" in stages:
-        rgb = _where(p[GRAYSCALE] > 0, grayscale(rgb), rgb)
+        # A skip, not a select: XLA computes a select's both sides (0.17 against 0.07 ms an
+        # image at 224 px when no example is greyed).
+        rgb = tf.cond(p[GRAYSCALE] > 0, lambda: grayscale(rgb), lambda: rgb)
       return tf.stack([c[0] for c in rgb], axis=-1)
 
     return tf.map_fn(one, (images, params), fn_output_signature=tf.float32)
@@ -252,10 +295,9 @@ def colour_jitter_grayscale(images, params, schedule="vectorised", stages=ALL_ST
 
 def blur_and_solarize(x, params, schedule="vectorised", stages=ALL_STAGES):
   """The blur and solarize stages of `apply`, on colour_jitter_grayscale's output. The host
-  schedule blurs only the examples whose coin says so, and runs all but the convolution under
-  XLA: when every example is blurred (BYOL's first view), the transpose back from the blur's
-  layout, the clip and the solarize are one XLA pass (0.11 ms an image at 224 px against 0.28
-  for TF's transpose and clip and a solarize pass)."""
+  schedule blurs only the examples whose coin says so (when every example is, in pieces:
+  _blurred_pieces) and joins or selects the blurred images into the view, clipped and
+  solarized, in one XLA pass."""
   on = params[:, BLUR] > 0
   solarize = "solarize" in stages
   if schedule == "host":
@@ -267,11 +309,20 @@ def blur_and_solarize(x, params, schedule="vectorised", stages=ALL_STAGES):
     which = tf.where(on)
 
     def every():
-      return _from_channels_xla(_blurred_channels(x, params[:, SIGMA]), params, solarize)
+      return _joined_xla(_blurred_pieces(x, params[:, SIGMA]), params, solarize,
+                        tuple(x.shape))
 
     def some():
-      return solarized(tf.tensor_scatter_nd_update(
-          x, which, blur(tf.gather_nd(x, which), tf.gather_nd(params[:, SIGMA], which))))
+      # The blurred examples' rows, padded with row 0 to a power of two (so that the XLA pass
+      # that puts them in place compiles for a few shapes only), blurred, then selected into
+      # the view with its clip and solarize in one pass: TF's scatter would copy the batch
+      # (0.11 ms an image at 224 px, against 0.04 for the pass).
+      rows = tf.pad(which[:, 0], [[0, _power_of_two(tf.size(which), x.shape[0]) -
+                                   tf.size(which)]])
+      size, width = x.shape[1:3]
+      blurred = _blurred_rows(tf.gather(_rows(x), rows), tf.gather(params[:, SIGMA], rows),
+                              size, width)
+      return _selected_xla(x, blurred, params, solarize)
 
     return tf.cond(tf.reduce_all(on), every,
                    lambda: tf.cond(tf.size(which) > 0, some, lambda: solarized(x)))
@@ -305,9 +356,35 @@ _jitter_grayscale_xla = tf.function(
 _solarize_xla = tf.function(_solarize, jit_compile=True)
 
 
-_from_channels_xla = tf.function(
-    lambda y, params, solarize: _solarize(_from_channels(y), params) if solarize
-    else _from_channels(y), jit_compile=True)
+def _joined(pieces, params, solarize, shape):
+  """_blurred_pieces' pieces as the view of `shape` [n, S, S, 3]: joined, clipped and
+  solarized in one pass."""
+  y = _clip(tf.reshape(tf.concat(pieces, axis=0), [-1, *shape[1:]]))
+  return _solarize(y, params) if solarize else y
+
+
+_joined_xla = tf.function(_joined, jit_compile=True)
+
+
+def _power_of_two(m, n):
+  """The least power of two >= m (int32 scalar, >= 1), at most n when n (static) is known."""
+  powers = tf.bitwise.left_shift(1, tf.range(31))
+  p = tf.reduce_min(tf.where(powers >= m, powers, powers[-1]))
+  return tf.minimum(p, n) if n is not None else p
+
+
+def _selected(x, blurred, params, solarize):
+  """The view from x [n, S, S, 3] and the unclipped blurred rows [>= m, S * S * 3] of its m
+  examples whose coin says blur, in their order: each of those replaced by its blurred image,
+  clipped, then solarized where the coin says, in one pass."""
+  on = params[:, BLUR] > 0
+  rank = tf.maximum(tf.cumsum(tf.cast(on, tf.int32)) - 1, 0)
+  blurred = tf.reshape(blurred, [-1, *x.shape[1:]])
+  y = tf.where(on[:, None, None, None], _clip(tf.gather(blurred, rank)), x)
+  return _solarize(y, params) if solarize else y
+
+
+_selected_xla = tf.function(_selected, jit_compile=True)
 
 
 def apply_on_host(images, params, stages=ALL_STAGES):

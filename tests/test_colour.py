@@ -92,10 +92,14 @@ def test_the_schedules_agree_with_and_without_xla_and_a_view_does_not_depend_on_
                                  graph[lo:hi], atol=2e-6)
 
 
-def test_the_host_path_when_every_view_is_blurred():
-  """BYOL's first view blurs every image: apply_on_host then transposes back, clips and
-  solarizes in one XLA pass, which must give apply's views (solarize on half the rows)."""
-  images, params, _, _ = _halves(CONFIGS["even"], 32, 8)
+def test_the_host_path_when_every_view_is_blurred(monkeypatch):
+  """BYOL's first view blurs every image: apply_on_host then blurs it in pieces of 16 images
+  (here 16, 16 and 8) and joins, clips and solarizes them in one XLA pass, which must give
+  apply's views (solarize on half the rows)."""
+  monkeypatch.setattr(colour, "BLUR_PIECE_BYTES", 1)
+  images, params, _, _ = _halves(CONFIGS["even"], 32, 20)
+  assert [int(p.shape[0]) for p in colour._blurred_pieces(
+      tf.cast(images, tf.float32), params[:, colour.SIGMA])] == [16, 16, 8]
   p = params.numpy()
   p[:, colour.BLUR] = 1.0
   p[:, colour.SOLARIZE] = np.arange(len(p)) % 2
@@ -103,6 +107,28 @@ def test_the_host_path_when_every_view_is_blurred():
     want = colour.apply(images, p, "vectorised", stages).numpy()
     np.testing.assert_allclose(colour.apply_on_host(images, p, stages).numpy(), want,
                                atol=2e-6)
+
+
+def test_the_host_path_when_some_views_are_blurred():
+  """The blurred examples are padded to a power of two, blurred, and selected back: for every
+  count of them (1 to all but one, at odd places), apply_on_host gives apply's views."""
+  images, params, _, _ = _halves(CONFIGS["even"], 32, 6)
+  rng = np.random.default_rng(3)
+  for m in range(1, len(images)):
+    p = params.numpy()
+    p[:, colour.BLUR] = 0.0
+    p[rng.permutation(len(p))[:m], colour.BLUR] = 1.0
+    want = colour.apply(images, p, "vectorised").numpy()
+    np.testing.assert_allclose(colour.apply_on_host(images, p).numpy(), want, atol=2e-6,
+                               err_msg=f"{m} blurred")
+
+
+def test_power_of_two_is_the_least_power_at_or_above():
+  for n in (None, 12, 64):
+    for m in range(1, 70):
+      want = 1 << (m - 1).bit_length()
+      assert int(colour._power_of_two(tf.constant(m), n)) == (want if n is None
+                                                               else min(want, n)), (m, n)
 
 
 def test_the_blur_cut_at_four_sigma_is_the_full_kernel():
@@ -134,6 +160,27 @@ def test_saturation_without_the_hexcone_is_tf_image_adjust_saturation():
   for factor in (0.0, 0.2, 1.0, 1.8, 5.0):  # BYOL draws from [0.2, 1.8]; 5 clamps S at 1
     got = np.stack([c.numpy() for c in colour.saturation(rgb, factor)], -1)
     np.testing.assert_allclose(got, tf.image.adjust_saturation(x, factor).numpy(), atol=1e-5)
+
+
+def test_hue_without_a_division_is_tf_image_adjust_hue():
+  rng = np.random.default_rng(2)
+  x = rng.uniform(size=(32, 32, 3)).astype(np.float32)
+  x[0] = 0.3  # grey and black pixels, and pixels with two channels at the max (sector edges)
+  x[1] = 0.0
+  x[2, :, :2] = 0.8
+  x[3] = np.round(x[3] * 4) / 4
+  rgb = tuple(tf.constant(x[..., c]) for c in range(3))
+  stack = lambda planes: np.stack([c.numpy() for c in planes], -1)
+  for delta in (-1.0, -0.5, -0.37, -0.1, 0.0, 0.05, 0.1, 0.5, 0.74, 1.0):
+    want = tf.image.adjust_hue(x, delta).numpy()
+    np.testing.assert_allclose(stack(colour.hue(rgb, delta)), want, atol=2e-6, err_msg=delta)
+    np.testing.assert_array_equal(stack(colour.saturation_hue(rgb, 1.0, delta)),
+                                  stack(colour.hue(rgb, delta)))
+    for factor in (0.2, 1.8):
+      np.testing.assert_allclose(
+          stack(colour.saturation_hue(rgb, factor, delta)),
+          tf.image.adjust_saturation(tf.image.adjust_hue(x, delta), factor).numpy(),
+          atol=2e-6, err_msg=(delta, factor))
 
 
 def test_a_coin_of_zero_or_one_draws_nothing_and_off_stages_leave_the_view_as_cropped():
