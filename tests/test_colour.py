@@ -112,7 +112,7 @@ def test_the_host_path_when_every_view_is_blurred(monkeypatch):
 def test_the_host_path_when_some_views_are_blurred():
   """The blurred examples are padded to a power of two, blurred, and selected back: for every
   count of them (1 to all but one, at odd places), apply_on_host gives apply's views."""
-  images, params, _, _ = _halves(CONFIGS["even"], 32, 6)
+  images, params, _, _ = _halves(CONFIGS["even"], 32, 10)
   rng = np.random.default_rng(3)
   for m in range(1, len(images)):
     p = params.numpy()
@@ -123,12 +123,12 @@ def test_the_host_path_when_some_views_are_blurred():
                                err_msg=f"{m} blurred")
 
 
-def test_power_of_two_is_the_least_power_at_or_above():
-  for n in (None, 12, 64):
+def test_the_rows_blurred_are_the_least_power_of_two_from_8():
+  for n in (None, 6, 12, 64):
     for m in range(1, 70):
-      want = 1 << (m - 1).bit_length()
-      assert int(colour._power_of_two(tf.constant(m), n)) == (want if n is None
-                                                               else min(want, n)), (m, n)
+      want = max(8, 1 << (m - 1).bit_length())
+      assert int(colour._blur_rows_for(tf.constant(m), n)) == (want if n is None
+                                                                else min(want, n)), (m, n)
 
 
 def test_the_blur_cut_at_four_sigma_is_the_full_kernel():
