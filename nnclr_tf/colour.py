@@ -23,7 +23,7 @@ Two schedules give the same views (tests/test_colour.py):
     stage no example uses: the accelerator schedule (`--augment_on=device`).
   host: a loop over examples takes each from its uint8 crop to its float jittered and greyed
     view (switching to the one op each jitter round needs; its passes stay in cache), and only
-    the examples whose coin says blur are blurred (gathered, padded to a power of two, one
+    the examples whose coin says blur are blurred (gathered, padded to a power of two >= 8, one
     depthwise convolution, and put back with the clip and solarize in one XLA pass); a view
     whose every example is blurred (BYOL's first) is blurred in pieces of 16 images, whose
     passes stay in cache. On a CPU the vectorised schedule's 4x jitter work and blurring every
