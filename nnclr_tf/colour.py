@@ -199,12 +199,12 @@ BLUR_PIECE_BYTES = 10 << 20
 def _blurred_pieces(images, sigma):
   """blur's unclipped rows of every image, as a list of pieces of consecutive images."""
   n, size, width = images.shape[:3]
-  piece = max(16, BLUR_PIECE_BYTES // (size * width * 3 * 4) // 16 * 16)
   rows = _rows(images)
-  starts = range(0, n, piece) if n is not None else [0]
-  return [_blurred_rows(rows[i:i + piece] if n is not None else rows,
-                        sigma[i:i + piece] if n is not None else sigma, size, width)
-          for i in starts]
+  if n is None:  # an unknown batch is one piece
+    return [_blurred_rows(rows, sigma, size, width)]
+  piece = max(16, BLUR_PIECE_BYTES // (size * width * 3 * 4) // 16 * 16)
+  return [_blurred_rows(rows[i:i + piece], sigma[i:i + piece], size, width)
+          for i in range(0, n, piece)]
 
 
 def _planes(x):
