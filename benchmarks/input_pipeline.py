@@ -11,9 +11,10 @@ Two image sets:
           with decode + crop + resize + flip only (`decode_only`), and full / decode_only: how
           close augmentation is to free on the host.
 
-Each core count c runs the pipeline on a private tf.data thread pool of c threads, with every
-thread of the process held to c CPUs (XLA's CPU runtime, which colours the batch, has its own
-threads). --stage_profile adds, on one core, what each colour stage of the 224 px pipeline costs.
+Each core count c runs in a process of its own started on c CPUs (as on a machine with c cores:
+TensorFlow sizes its thread pools, which the colour stage's convolutions and XLA loops use, from
+the CPUs it starts on), the pipeline on a private tf.data thread pool of c threads.
+--stage_profile adds, on one core, what each colour stage of the 224 px pipeline costs.
 
   python benchmarks/input_pipeline.py --image_dir=../shared/data/cifar10/train
 """
@@ -231,6 +232,66 @@ def parser():
   return ap
 
 
+CHILD = "NNCLR_INPUT_PIPELINE_CHILD"  # set in a core count's process: it runs, never spawns
+
+
+def _without(argv, *names):
+  """argv without the options `names` (--name=value, --name value, or a bare --name flag)."""
+  out, skip = [], False
+  for i, a in enumerate(argv):
+    if skip:
+      skip = False
+      continue
+    name = a.split("=", 1)[0]
+    if name in names:
+      skip = "=" not in a and name != "--stage_profile" and i + 1 < len(argv)
+      continue
+    out.append(a)
+  return out
+
+
+def _merged(a, b):
+  """b's results put into a's: the per-core-count rates side by side, the rest a's (or b's)."""
+  for key, value in b.items():
+    if isinstance(value, dict) and isinstance(a.get(key), dict):
+      _merged(a[key], value)
+    elif key not in a:
+      a[key] = value
+  return a
+
+
+def in_processes(argv, cores, stage_profile, settings):
+  """The benchmark once per core count c, each in a new process started on c CPUs, and one
+  result line of them all. TensorFlow sizes its intra-op pool, which oneDNN's convolutions and
+  XLA's loops use even inside tf.data (they do not keep to its max_intra_op_parallelism), from
+  the CPUs it starts on: a process that started on 2 and is then held to 1 splits the colour
+  stage over two threads on one core (after a 2-core run, 38% of the 1-core run's CPU time was
+  in that pool, and the 224 px pipeline made 677 pairs/s against 784 in a process started on
+  one core). A machine with c cores is a process that starts on c."""
+  import subprocess
+  allowed = sorted(os.sched_getaffinity(0))
+  if max(cores) > len(allowed):
+    raise SystemExit(f"--cores={','.join(map(str, cores))}: this process has {len(allowed)} "
+                     "CPUs")
+  base = _without(argv, "--cores", "--stage_profile")
+  out, load_before, rss = None, peak.load_average(), 0.0
+  for c in cores:
+    cpus = set(allowed[:c])
+    child = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), *base, f"--cores={c}",
+         *(["--stage_profile"] if stage_profile and c == 1 else [])],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, CHILD: "1"},
+        preexec_fn=lambda cpus=cpus: os.sched_setaffinity(0, cpus))
+    if child.returncode != 0:
+      raise SystemExit(f"the {c}-core run of input_pipeline.py failed (exit {child.returncode})")
+    line = json.loads(child.stdout.strip().splitlines()[-1])
+    rss = max(rss, line.pop("peak_rss_mb"))
+    out = line if out is None else _merged(out, line)
+  out.update(cores=cores, settings=settings, peak_rss_mb=rss, load_average_before=load_before,
+             load_average_after=peak.load_average(), processes="one per core count")
+  print(json.dumps(out))
+
+
 def main(argv=None):
   ap = parser()
   args, exp = ap.parse(argv)
@@ -249,6 +310,11 @@ def main(argv=None):
   available = len(os.sched_getaffinity(0))
   cores = ([int(c) for c in args.cores.split(",")] if args.cores
            else list(range(1, available + 1)))
+  if args.stage_profile and 1 not in cores:
+    cores = [1, *cores]  # the profile is of one core, in a process that holds one
+  if cores != [available] and not os.environ.get(CHILD):
+    return in_processes(sys.argv[1:] if argv is None else argv, cores, args.stage_profile,
+                        ap.settings(args, exp))
   load_before = peak.load_average()
   import tensorflow as tf
 
@@ -292,7 +358,8 @@ def main(argv=None):
       results[key]["stage_ms_per_pair"] = stage_profile(s, full, args)
   print(json.dumps({
       "benchmark": "input_pipeline", "results": results, "cores": cores,
-      "device": peak.machine(), "tf_version": tf.__version__, "settings": ap.settings(args, exp),
+      "process_cpus_by_cores": {str(cores[0]): available}, "device": peak.machine(),
+      "tf_version": tf.__version__, "settings": ap.settings(args, exp),
       "env": common.environment(), "peak_rss_mb": common.peak_rss_mb(),
       "load_average_before": load_before, "load_average_after": peak.load_average(),
       "date": time.strftime("%Y-%m-%d %H:%M:%S")}))

@@ -80,7 +80,10 @@ def test_input_pipeline_on_a_small_folder(tmp_path, capsys):
                        "--batch_size=4", "--large_size=24", "--large_images=8",
                        f"--large_dir={large}", "--large_batch_size=4", "--cores=1",
                        "--warmup_batches=1", "--batches=1", "--stage_profile"])
-  r = json_line(capsys)["results"]
+  line = json_line(capsys)
+  # Each core count in a process started on that many CPUs (here one, whatever this machine has).
+  assert line["process_cpus_by_cores"] == {"1": 1}
+  r = line["results"]
   assert set(r) == {"16px_cached", "24px_files"}  # 24 px decodes files every time
   profile = r["24px_files"]["stage_ms_per_pair"]
   assert set(profile) == {"full", "decode_only", "jitter", "grayscale", "blur", "solarize"}
@@ -94,6 +97,22 @@ def test_input_pipeline_on_a_small_folder(tmp_path, capsys):
   files = [os.path.join(d, f) for d, _, fs in os.walk(large) for f in fs]
   assert len(files) == 8
   assert tf.io.decode_jpeg(tf.io.read_file(files[0])).shape == (24, 24, 3)
+
+
+def test_the_options_a_core_count_s_process_is_started_without():
+  argv = ["--cores=1,2", "--images", "8", "--stage_profile", "--cores", "2", "--batches=3",
+          "--stage_profile_x=1"]
+  assert input_pipeline._without(argv, "--cores", "--stage_profile") == [
+      "--images", "8", "--batches=3", "--stage_profile_x=1"]
+
+
+def test_core_counts_results_are_merged_side_by_side():
+  one = {"results": {"a": {"images": 8, "by_cores": {"1": 10.0}}}, "cores": [1]}
+  two = {"results": {"a": {"images": 8, "by_cores": {"2": 19.0}, "profile": {"x": 1}}},
+         "cores": [2]}
+  assert input_pipeline._merged(one, two) == {
+      "results": {"a": {"images": 8, "by_cores": {"1": 10.0, "2": 19.0}, "profile": {"x": 1}}},
+      "cores": [1]}
 
 
 def test_peak_measures_both_dtypes():
