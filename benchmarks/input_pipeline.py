@@ -86,40 +86,25 @@ def make_large_jpegs(source, out_dir, size, quality=90):
   return out_dir
 
 
-def pin_threads(cpus):
-  """Every thread of this process (and so every thread they start) on `cpus`: a core count then
-  bounds all the work, tf.data's pool and any other (XLA's CPU runtime has its own)."""
-  for tid in os.listdir("/proc/self/task"):
-    try:
-      os.sched_setaffinity(int(tid), cpus)
-    except OSError:  # a thread that has just ended
-      pass
-
-
 def pairs_per_sec(source, aug, image_size, batch, cores, warmup_batches, batches, seed=0,
                   make=None):
   """Pairs/s of pretrain_dataset (or of the dataset `make()` returns) on a private pool of
-  `cores` threads, after warm-up batches, with the whole process held to `cores` CPUs."""
+  `cores` threads, after warm-up batches (main runs it in a process that holds `cores` CPUs)."""
   import tensorflow as tf
 
   from nnclr_tf import data
-  allowed = sorted(os.sched_getaffinity(0))
-  pin_threads(set(allowed[:cores]))
-  try:
-    ds = make() if make else data.pretrain_dataset(source, aug, image_size, batch, seed)
-    options = tf.data.Options()
-    options.threading.private_threadpool_size = cores
-    options.threading.max_intra_op_parallelism = 1
-    it = iter(ds.with_options(options))
-    for _ in range(warmup_batches):
-      next(it)
-    t = time.perf_counter()
-    for _ in range(batches):
-      b = next(it)
-    b["view1"].numpy()
-    return batch * batches / (time.perf_counter() - t)
-  finally:
-    pin_threads(set(allowed))
+  ds = make() if make else data.pretrain_dataset(source, aug, image_size, batch, seed)
+  options = tf.data.Options()
+  options.threading.private_threadpool_size = cores
+  options.threading.max_intra_op_parallelism = 1
+  it = iter(ds.with_options(options))
+  for _ in range(warmup_batches):
+    next(it)
+  t = time.perf_counter()
+  for _ in range(batches):
+    b = next(it)
+  b["view1"].numpy()
+  return batch * batches / (time.perf_counter() - t)
 
 
 def imagenet_shaped_jpegs(out_dir, images):
@@ -235,18 +220,17 @@ def parser():
 CHILD = "NNCLR_INPUT_PIPELINE_CHILD"  # set in a core count's process: it runs, never spawns
 
 
-def _without(argv, *names):
-  """argv without the options `names` (--name=value, --name value, or a bare --name flag)."""
+def _without(argv, options=(), flags=()):
+  """argv without the `options` (--name=value or --name value) and the bare `flags`."""
   out, skip = [], False
-  for i, a in enumerate(argv):
-    if skip:
-      skip = False
-      continue
+  for a in argv:
     name = a.split("=", 1)[0]
-    if name in names:
-      skip = "=" not in a and name != "--stage_profile" and i + 1 < len(argv)
-      continue
-    out.append(a)
+    if skip or name in flags:
+      skip = False
+    elif name in options:
+      skip = "=" not in a
+    else:
+      out.append(a)
   return out
 
 
@@ -273,7 +257,7 @@ def in_processes(argv, cores, stage_profile, settings):
   if max(cores) > len(allowed):
     raise SystemExit(f"--cores={','.join(map(str, cores))}: this process has {len(allowed)} "
                      "CPUs")
-  base = _without(argv, "--cores", "--stage_profile")
+  base = _without(argv, options=("--cores",), flags=("--stage_profile",))
   out, load_before, rss = None, peak.load_average(), 0.0
   for c in cores:
     cpus = set(allowed[:c])
@@ -285,7 +269,7 @@ def in_processes(argv, cores, stage_profile, settings):
     if child.returncode != 0:
       raise SystemExit(f"the {c}-core run of input_pipeline.py failed (exit {child.returncode})")
     line = json.loads(child.stdout.strip().splitlines()[-1])
-    rss = max(rss, line.pop("peak_rss_mb"))
+    rss = max(rss, line.pop("peak_rss_mb", 0.0))
     out = line if out is None else _merged(out, line)
   out.update(cores=cores, settings=settings, peak_rss_mb=rss, load_average_before=load_before,
              load_average_after=peak.load_average(), processes="one per core count")
@@ -296,27 +280,28 @@ def main(argv=None):
   ap = parser()
   args, exp = ap.parse(argv)
   image_dir, size, batch = exp.data.image_dir, exp.data.image_size, exp.train.batch_size
-  if args.imagenet_images and not args.modes and not args.large_size:
-    import tensorflow as tf
-    cores = [int(c) for c in args.cores.split(",")] if args.cores else [2]
-    print(json.dumps({"benchmark": "input_pipeline_224_imagenet_shaped",
-                      "results": compare_224(args, cores), "device": peak.machine(),
-                      "tf_version": tf.__version__, "settings": ap.settings(args, exp),
-                      "env": common.environment(), "load_average": peak.load_average(),
-                      "date": time.strftime("%Y-%m-%d %H:%M:%S")}))
-    return
-  if not os.path.isdir(image_dir):
+  imagenet_only = args.imagenet_images and not args.modes and not args.large_size
+  if not imagenet_only and not os.path.isdir(image_dir):
     ap.error(f"--image_dir={image_dir} is not a directory; point it at CIFAR-10 train")
   available = len(os.sched_getaffinity(0))
   cores = ([int(c) for c in args.cores.split(",")] if args.cores
-           else list(range(1, available + 1)))
-  if args.stage_profile and 1 not in cores:
+           else [2] if imagenet_only else list(range(1, available + 1)))
+  if args.stage_profile and not imagenet_only and 1 not in cores:
     cores = [1, *cores]  # the profile is of one core, in a process that holds one
   if cores != [available] and not os.environ.get(CHILD):
     return in_processes(sys.argv[1:] if argv is None else argv, cores, args.stage_profile,
                         ap.settings(args, exp))
-  load_before = peak.load_average()
   import tensorflow as tf
+  if imagenet_only:
+    print(json.dumps({"benchmark": "input_pipeline_224_imagenet_shaped",
+                      "results": compare_224(args, cores),
+                      "process_cpus_by_cores": {str(cores[0]): available},
+                      "device": peak.machine(), "tf_version": tf.__version__,
+                      "settings": ap.settings(args, exp), "env": common.environment(),
+                      "load_average": peak.load_average(),
+                      "date": time.strftime("%Y-%m-%d %H:%M:%S")}))
+    return
+  load_before = peak.load_average()
 
   from nnclr_tf import data
 

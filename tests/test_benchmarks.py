@@ -102,7 +102,7 @@ def test_input_pipeline_on_a_small_folder(tmp_path, capsys):
 def test_the_options_a_core_count_s_process_is_started_without():
   argv = ["--cores=1,2", "--images", "8", "--stage_profile", "--cores", "2", "--batches=3",
           "--stage_profile_x=1"]
-  assert input_pipeline._without(argv, "--cores", "--stage_profile") == [
+  assert input_pipeline._without(argv, ("--cores",), ("--stage_profile",)) == [
       "--images", "8", "--batches=3", "--stage_profile_x=1"]
 
 
